@@ -1,0 +1,25 @@
+"""LoRA-Mixer for Hugging Face PEFT: token-routed mixtures of LoRA experts on attention and SSM projections.
+
+Importing this package registers the method with PEFT, so `get_peft_model`, `PeftModel.from_pretrained` and
+`AutoPeftModel*` handle `LoraMixerConfig` like any built-in method.
+"""
+
+from .config import LoraMixerConfig, LoraMixerPeftType
+from .layer import ExpertSpec, LoraMixerLayer
+from .model import LoraMixerModel
+from .registration import register
+from .targets import DEFAULT_TARGET_MODULES
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "ExpertSpec",
+    "LoraMixerConfig",
+    "LoraMixerLayer",
+    "LoraMixerModel",
+    "LoraMixerPeftType",
+    "register",
+]

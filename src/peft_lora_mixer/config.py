@@ -1,0 +1,116 @@
+"""`LoraMixerConfig`: the PEFT config of a mixture of LoRA experts routed token by token."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+ROUTING_MODES = ("hard_soft", "soft", "topk")
+
+
+class LoraMixerPeftType(str, enum.Enum):
+    """Our own PEFT type: PEFT's `PeftType` is a closed enum, so a plugin brings its own member.
+
+    The member's name equals its value, so it hashes and compares like the plain string written to
+    `adapter_config.json`, and PEFT's mappings find it under either.
+    """
+
+    LORAMIXER = "LORAMIXER"
+
+
+@dataclass
+class LoraMixerConfig(PeftConfig):
+    """Configuration of a LoRA-Mixer adapter (arXiv 2507.00029).
+
+    Each adapted projection gets `num_experts` LoRA experts and one linear router fed the projection's own input;
+    the output is `W x + sum_e g_e(x) * s_e * B_e A_e x`, with the gates `g` chosen per token by `routing`.
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
+    lora_alpha: float = field(default=8, metadata={"help": "LoRA alpha; each expert is scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input (not the router's)."})
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Scale experts by lora_alpha / sqrt(r) (rank-stabilised LoRA)."}
+    )
+    num_experts: int = field(default=4, metadata={"help": "Number of LoRA experts on each adapted projection."})
+    top_k: int = field(default=2, metadata={"help": "Experts kept per token by the `topk` and `hard_soft` modes."})
+    routing: Literal["hard_soft", "soft", "topk"] = field(
+        default="hard_soft",
+        metadata={
+            "help": (
+                "'soft': softmax over all experts. 'topk': the top_k of the softmax, renormalised, gradient "
+                "through the kept experts only. 'hard_soft': forward as 'topk', backward as 'soft' "
+                "(straight-through, the paper's differentiable hard-soft top-k). Ties go to the lower index."
+            )
+        },
+    )
+    router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router logits."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Module names (suffix match) or a regex to adapt. None: the attention / SSM projections of the "
+                "model's `model_type` (see peft_lora_mixer.targets). 'all-linear': every linear layer but the "
+                "output head."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list that `layers_to_transform` indexes, e.g. 'layers'."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the adapters to train and save whole, e.g. a new head."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True: every expert's B starts at zero, so the model's output is unchanged until training. "
+                "False: B is random too (useful for tests)."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LoraMixerPeftType.LORAMIXER
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        self._validate()
+
+    def _validate(self) -> None:
+        """Refuse values that cannot work, before any model is touched."""
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
+        if not isinstance(self.num_experts, int) or self.num_experts <= 0:
+            raise ValueError(f"`num_experts` must be a positive integer, got {self.num_experts!r}.")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"`top_k` must be an integer between 1 and num_experts={self.num_experts}, got {self.top_k!r}."
+            )
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"Unknown `routing` {self.routing!r}; choose one of {', '.join(ROUTING_MODES)}.")
+        if not self.router_temperature > 0:
+            raise ValueError(f"`router_temperature` must be > 0, got {self.router_temperature!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` only applies together with `layers_to_transform`.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be combined with a regex `target_modules`.")
+
+    @property
+    def expert_scaling(self) -> float:
+        """The factor s applied to every expert's B A x."""
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)

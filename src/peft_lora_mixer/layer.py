@@ -1,0 +1,160 @@
+"""The LoRA-Mixer layer: one projection, its LoRA experts concatenated into one wide LoRA, and its router."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .routing import forced_gates, gates_from_probs
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Shape and scale of one expert on one projection; rank 0 means the expert is absent there."""
+
+    r: int
+    scaling: float
+
+
+def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported projection, or a clear error for anything else."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if isinstance(base_layer, Conv1D):  # GPT-2 style: weight is (in, out)
+        in_features, out_features = base_layer.weight.shape
+        return in_features, out_features
+    raise TypeError(
+        f"LoRA-Mixer adapts torch.nn.Linear and transformers' Conv1D projections, not {type(base_layer).__name__}. "
+        "Remove this module from `target_modules` (or add it to `exclude_modules`)."
+    )
+
+
+class LoraMixerLayer(nn.Module, BaseTunerLayer):
+    """Wraps a projection `W` and adds `sum_e g_e(x) s_e B_e A_e x`, computed as one wide LoRA.
+
+    The experts' A matrices are stacked into `A_cat` (sum r_e x in) and their B matrices into `B_cat`
+    (out x sum r_e); each rank slot carries the index of its expert and that expert's scaling. The forward is
+    then two matrix multiplies whatever the number of experts: `h = x A_cat^T`, `h *= gate[slot_expert] * scale`,
+    `delta = h B_cat^T`. The router is fed the undropped input and runs in float32.
+    """
+
+    adapter_layer_names = ("loramixer_A", "loramixer_B", "loramixer_router")
+    other_param_names = ("loramixer_slot_expert", "loramixer_slot_scaling", "loramixer_logit_mask")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, experts: Sequence[ExpertSpec], **update_kwargs):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.loramixer_A = nn.ParameterDict()
+        self.loramixer_B = nn.ParameterDict()
+        self.loramixer_router = nn.ModuleDict()
+        self.loramixer_dropout = nn.ModuleDict()
+        # derived from the experts' specs at construction, so they are not saved (persistent=False)
+        self.loramixer_slot_expert = BufferDict(persistent=False)
+        self.loramixer_slot_scaling = BufferDict(persistent=False)
+        self.loramixer_logit_mask = BufferDict(persistent=False)
+        self.routing: dict[str, tuple[str, int, float]] = {}
+        self.forced_expert_ids: Optional[torch.Tensor] = None
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, experts, **update_kwargs)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        experts: Sequence[ExpertSpec],
+        routing: str,
+        top_k: int,
+        router_temperature: float,
+        lora_dropout: float,
+        init_weights: bool,
+    ) -> None:
+        """Add (or replace) the experts and router of `adapter_name` on this projection."""
+        ranks = [expert.r for expert in experts]
+        if not any(ranks):
+            raise ValueError(f"Adapter {adapter_name!r} has no expert on this projection.")
+        slot_expert = torch.repeat_interleave(torch.arange(len(experts)), torch.tensor(ranks))
+        slot_scaling = torch.repeat_interleave(torch.tensor([e.scaling for e in experts], dtype=torch.float32),
+                                               torch.tensor(ranks))
+        logit_mask = torch.tensor([0.0 if r else -math.inf for r in ranks], dtype=torch.float32)
+
+        weight = self.get_base_layer().weight
+        total_rank = int(sum(ranks))
+        self.loramixer_A[adapter_name] = nn.Parameter(torch.empty(total_rank, self.in_features))
+        self.loramixer_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, total_rank))
+        self.loramixer_router[adapter_name] = nn.Linear(self.in_features, len(experts))
+        self.loramixer_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.loramixer_slot_expert[adapter_name] = slot_expert
+        self.loramixer_slot_scaling[adapter_name] = slot_scaling
+        self.loramixer_logit_mask[adapter_name] = logit_mask
+        self.routing[adapter_name] = (routing, top_k, router_temperature)
+        self.reset_parameters(adapter_name, ranks, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name, device=weight.device)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, ranks: Sequence[int], init_weights: bool) -> None:
+        """Each expert's A as PEFT LoRA initialises it; B zero when `init_weights` (a no-op at start)."""
+        for block in self.loramixer_A[adapter_name].split(list(ranks)):
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.loramixer_B[adapter_name])
+        else:
+            nn.init.normal_(self.loramixer_B[adapter_name], std=0.1)
+
+    def router_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Softmax of the router logits in float32, absent experts masked out."""
+        router = self.loramixer_router[adapter_name]
+        _, _, temperature = self.routing[adapter_name]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), router.weight.float(), router.bias.float())
+            logits = logits + self.loramixer_logit_mask[adapter_name]
+            return torch.softmax(logits / temperature, dim=-1)
+
+    def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Per-token expert weights (float32), or the forced one-hot of `route_to`."""
+        num_experts = self.loramixer_router[adapter_name].out_features
+        if self.forced_expert_ids is not None:
+            return forced_gates(self.forced_expert_ids, num_experts, like=x)
+        routing, top_k, _ = self.routing[adapter_name]
+        return gates_from_probs(self.router_probs(x, adapter_name), routing, top_k)
+
+    def mixture_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """sum_e g_e(x) s_e B_e A_e dropout(x), as two matrix multiplies."""
+        lora_A = self.loramixer_A[adapter_name]
+        slot_gates = self.gates(x, adapter_name).index_select(-1, self.loramixer_slot_expert[adapter_name])
+        slot_gates = slot_gates * self.loramixer_slot_scaling[adapter_name]
+        hidden = F.linear(self.loramixer_dropout[adapter_name](self._cast_input_dtype(x, lora_A.dtype)), lora_A)
+        return F.linear(hidden * slot_gates.to(hidden.dtype), self.loramixer_B[adapter_name])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.loramixer_A:
+                result = result + self.mixture_delta(x, adapter_name).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def __repr__(self) -> str:
+        return "loramixer." + super().__repr__()
+
+
+MERGE_ERROR = (
+    "LoRA-Mixer cannot be merged into the base weights: its experts are weighted per token by a router that "
+    "depends on the input, so no single weight matrix reproduces it. Keep the adapter unmerged (its routing costs "
+    "two small matrix multiplies per projection), or call `unload()` to get the base model back without it."
+)

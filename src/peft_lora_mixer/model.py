@@ -1,0 +1,134 @@
+"""`LoraMixerModel`: the PEFT tuner that injects LoRA-Mixer layers and exposes forced routing."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
+from peft.utils import _get_submodules
+from torch import nn
+
+from .config import LoraMixerConfig
+from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
+from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
+from .targets import DEFAULT_TARGET_MODULES
+
+
+class LoraMixerModel(BaseTuner):
+    """Replaces each targeted projection by a `LoraMixerLayer`; everything else is PEFT's own machinery.
+
+    Use through `peft.get_peft_model(model, LoraMixerConfig(...))`. Besides the usual PEFT methods it offers
+    `route_to(expert_ids)`, the forced routing of stage-1 expert training.
+    """
+
+    prefix = "loramixer_"
+    tuner_layer_cls = LoraMixerLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: LoraMixerConfig, model_config: dict) -> LoraMixerConfig:
+        if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
+            raise ValueError(
+                f"LoRA-Mixer has no default target modules for model_type {model_config.get('model_type')!r}. "
+                "Pass `target_modules`, e.g. the names of the attention projections (['q_proj', 'v_proj', ...]) "
+                f"or 'all-linear'. Types with defaults: {', '.join(sorted(self.target_module_mapping))}."
+            )
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        self._check_targets(model, self.peft_config[adapter_name])  # before the model is touched
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> None:
+        """Raise on any matched module that cannot be adapted, so injection never stops half-way."""
+        config = self._prepare_adapter_config(copy.deepcopy(peft_config), self.get_model_config(model))
+        config = _maybe_include_all_linear_layers(config, model)
+        for key, module in model.named_modules():
+            match = check_target_module_exists(config, key) if key else None
+            if not match or isinstance(match, _ExcludedModule) or isinstance(module, LoraMixerLayer):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                raise ValueError(
+                    f"{key!r} already holds an adapter of another PEFT method ({type(module).__name__}); "
+                    "LoRA-Mixer cannot wrap it. Unload or merge that adapter first."
+                )
+            try:
+                in_out_features(module)
+            except TypeError as error:
+                raise TypeError(f"Cannot adapt {key!r}: {error}") from None
+            parent, _, target_name = _get_submodules(model, key)
+            check_supported_ssm_target(parent, target_name, key)
+
+    def _create_and_replace(
+        self,
+        peft_config: LoraMixerConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        experts = [ExpertSpec(peft_config.r, peft_config.expert_scaling)] * peft_config.num_experts
+        layer_kwargs = dict(
+            routing=peft_config.routing,
+            top_k=peft_config.top_k,
+            router_temperature=peft_config.router_temperature,
+            lora_dropout=peft_config.lora_dropout,
+            init_weights=peft_config.init_weights,
+        )
+        if isinstance(target, LoraMixerLayer):
+            target.update_layer(adapter_name, experts, **layer_kwargs)
+        else:
+            new_module = LoraMixerLayer(target, adapter_name, experts, **layer_kwargs)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+        if needs_guard(parent, target_name):
+            guard_fused_mixer(parent)
+
+    def _mixer_layers(self) -> Iterator[LoraMixerLayer]:
+        return (module for module in self.model.modules() if isinstance(module, LoraMixerLayer))
+
+    @contextmanager
+    def route_to(self, expert_ids: Union[int, Sequence[int], torch.Tensor]) -> Iterator[None]:
+        """Send every token of sample b to expert `expert_ids[b]` (an int: all samples to that expert).
+
+        This is the forced routing of stage-1 training: each expert learns its own domain, the routers are
+        bypassed (and get no gradient).
+        """
+        ids = torch.as_tensor(expert_ids, dtype=torch.long)
+        if ids.dim() > 1:
+            raise ValueError(f"route_to() takes one expert id per sample, got a tensor of shape {tuple(ids.shape)}.")
+        num_experts = min(self.peft_config[name].num_experts for name in self.active_adapters)
+        if ids.numel() == 0 or ids.min() < 0 or ids.max() >= num_experts:
+            raise ValueError(
+                f"route_to() expert ids must lie in [0, {num_experts}), got {ids.tolist()}."
+            )
+        layers = list(self._mixer_layers())
+        previous = [layer.forced_expert_ids for layer in layers]
+        for layer in layers:
+            layer.forced_expert_ids = ids
+        try:
+            yield
+        finally:
+            for layer, ids_before in zip(layers, previous):
+                layer.forced_expert_ids = ids_before
+
+    def _check_merge_allowed(self) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def unload(self) -> nn.Module:
+        """The base model with every mixer layer removed and the Mamba mixers' hooks taken off."""
+        model = super().unload()
+        unguard_fused_mixers(model)
+        return model

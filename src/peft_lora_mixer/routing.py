@@ -1,0 +1,54 @@
+"""Token-level gates from router logits: the routing modes of LoRA-Mixer as pure functions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest probabilities per token; ties go to the lower expert index.
+
+    A stable descending sort makes the choice deterministic across devices, which `torch.topk` does not promise.
+    """
+    return torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def sparse_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k of `probs`, renormalised to sum to one per token, zeros elsewhere."""
+    index = top_k_indices(probs, k)
+    kept = probs.gather(-1, index)
+    return torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+
+
+def gates_from_probs(probs: torch.Tensor, routing: str, top_k: int) -> torch.Tensor:
+    """Mixture weights for every expert, from the router's softmax probabilities.
+
+    - `soft`: the probabilities themselves.
+    - `topk`: the renormalised top-k; the router's gradient flows through the kept experts only.
+    - `hard_soft`: the forward value of `topk`, the gradient of `soft` (straight-through estimator).
+    With `top_k` equal to the number of experts every mode is `soft`.
+    """
+    if routing == "soft" or top_k >= probs.shape[-1]:
+        return probs
+    if routing == "topk":
+        return sparse_top_k(probs, top_k)
+    if routing == "hard_soft":
+        return sparse_top_k(probs.detach(), top_k) + probs - probs.detach()
+    raise ValueError(f"Unknown routing mode {routing!r}.")
+
+
+def forced_gates(expert_ids: torch.Tensor, num_experts: int, like: torch.Tensor) -> torch.Tensor:
+    """One-hot gates sending every token of sample b to expert `expert_ids[b]` (stage-1 expert training).
+
+    `like` is the layer input (batch first); the gates broadcast over all its token dimensions. A single id
+    (a 0-d tensor) sends every sample to that expert.
+    """
+    if expert_ids.dim() == 0 and like.dim() >= 2:
+        expert_ids = expert_ids.expand(like.shape[0])
+    if like.dim() < 2 or like.shape[0] != expert_ids.shape[0]:
+        raise ValueError(
+            f"route_to() was given {expert_ids.shape[0]} expert ids but a routed layer received input of shape "
+            f"{tuple(like.shape)}; pass one expert id per sample of the batch (batch dimension first)."
+        )
+    one_hot = torch.nn.functional.one_hot(expert_ids.to(like.device), num_experts).to(torch.float32)
+    return one_hot.view(expert_ids.shape[0], *([1] * (like.dim() - 2)), num_experts)
