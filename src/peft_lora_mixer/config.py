@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -80,6 +81,48 @@ class LoraMixerConfig(PeftConfig):
         },
     )
 
+    add_routing_loss: bool = field(
+        default=True,
+        metadata={"help": "Add the Routing Specialization Loss to `outputs.loss` when training with labels."},
+    )
+    rsl_balance_weight: float = field(
+        default=0.01, metadata={"help": "alpha: weight of the RSL balance term alpha * E * sum_i pbar_i * fbar_i."}
+    )
+    rsl_entropy_weight: float = field(
+        default=0.01,
+        metadata={"help": "lambda: weight of the per-token routing entropy (the start value when adaptive)."},
+    )
+    rsl_entropy_sign: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "+1 minimises the mean per-token entropy (sharp, input-aware routing; the paper's text). "
+                "-1 maximises it (the sign printed in the paper's equation)."
+            )
+        },
+    )
+    rsl_entropy_target: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Target mean per-token entropy in nats, in [0, log(num_experts)]. When set, lambda is adapted after "
+                "every training forward: lambda <- max(0, lambda + rsl_entropy_adapt_rate * sign * (H - target))."
+            )
+        },
+    )
+    rsl_entropy_adapt_rate: float = field(
+        default=0.01, metadata={"help": "Step size of the adaptive lambda (used with `rsl_entropy_target`)."}
+    )
+    rsl_preservation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "beta: weight of beta * sum_e ||theta_e - theta_e(0)||^2 over the experts that stay trainable, "
+                "theta_e(0) being their weights when `set_trainable` was called."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LoraMixerPeftType.LORAMIXER
@@ -109,6 +152,24 @@ class LoraMixerConfig(PeftConfig):
             raise ValueError("`layers_pattern` only applies together with `layers_to_transform`.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be combined with a regex `target_modules`.")
+        self._validate_routing_loss()
+
+    def _validate_routing_loss(self) -> None:
+        for name in ("rsl_balance_weight", "rsl_entropy_weight", "rsl_entropy_adapt_rate", "rsl_preservation_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if self.rsl_entropy_sign not in (1, -1) or isinstance(self.rsl_entropy_sign, bool):
+            raise ValueError(
+                f"`rsl_entropy_sign` must be 1 (minimise per-token entropy) or -1 (maximise it), "
+                f"got {self.rsl_entropy_sign!r}."
+            )
+        target = self.rsl_entropy_target
+        if target is not None and not 0 <= target <= math.log(self.num_experts):
+            raise ValueError(
+                f"`rsl_entropy_target` must lie in [0, log(num_experts)] = [0, {math.log(self.num_experts):.4f}] "
+                f"nats, got {target!r}."
+            )
 
     @property
     def expert_scaling(self) -> float:

@@ -64,6 +64,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_logit_mask = BufferDict(persistent=False)
         self.routing: dict[str, tuple[str, int, float]] = {}
         self.forced_expert_ids: Optional[torch.Tensor] = None
+        self.routing_observer = None  # set by the tuner while the RSL or routing statistics are wanted
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -127,7 +128,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         if self.forced_expert_ids is not None:
             return forced_gates(self.forced_expert_ids, num_experts, like=x)
         routing, top_k, _ = self.routing[adapter_name]
-        return gates_from_probs(self.router_probs(x, adapter_name), routing, top_k)
+        probs = self.router_probs(x, adapter_name)
+        if self.routing_observer is not None:
+            probs = self.routing_observer.observe(self, adapter_name, probs)
+        return gates_from_probs(probs, routing, top_k)
 
     def mixture_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """sum_e g_e(x) s_e B_e A_e dropout(x), as two matrix multiplies."""

@@ -22,13 +22,15 @@ from .config import LoraMixerConfig
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .targets import DEFAULT_TARGET_MODULES
+from .training import RoutingTrainingMixin
 
 
-class LoraMixerModel(BaseTuner):
+class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
     """Replaces each targeted projection by a `LoraMixerLayer`; everything else is PEFT's own machinery.
 
     Use through `peft.get_peft_model(model, LoraMixerConfig(...))`. Besides the usual PEFT methods it offers
-    `route_to(expert_ids)`, the forced routing of stage-1 expert training.
+    `route_to(expert_ids)`, the forced routing of stage-1 expert training, and the training API of
+    `RoutingTrainingMixin` (routing loss, routing statistics, `set_trainable`).
     """
 
     prefix = "loramixer_"
@@ -47,6 +49,7 @@ class LoraMixerModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         self._check_targets(model, self.peft_config[adapter_name])  # before the model is touched
         super().inject_adapter(model, adapter_name, **kwargs)
+        self._install_training_hooks()
 
     def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> None:
         """Raise on any matched module that cannot be adapted, so injection never stops half-way."""
@@ -129,6 +132,7 @@ class LoraMixerModel(BaseTuner):
 
     def unload(self) -> nn.Module:
         """The base model with every mixer layer removed and the Mamba mixers' hooks taken off."""
+        self._remove_training_hooks()
         model = super().unload()
         unguard_fused_mixers(model)
         return model
