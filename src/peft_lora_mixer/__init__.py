@@ -8,6 +8,9 @@ from .config import LoraMixerConfig, LoraMixerPeftType
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
 from .registration import register
+from .rsl import RoutingLoss
+from .stats import ModuleRoutingStats
+from .trainer import ExpertIdsCollator, RoutingCallback
 from .targets import DEFAULT_TARGET_MODULES
 
 register()
@@ -21,5 +24,9 @@ __all__ = [
     "LoraMixerLayer",
     "LoraMixerModel",
     "LoraMixerPeftType",
+    "ModuleRoutingStats",
+    "ExpertIdsCollator",
+    "RoutingCallback",
+    "RoutingLoss",
     "register",
 ]
