@@ -57,8 +57,8 @@ def valid_tokens(probs: torch.Tensor, token_mask: Optional[torch.Tensor]) -> tor
 
 
 def token_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy in nats; experts with probability 0 contribute 0."""
-    return -torch.special.xlogy(probs, probs).sum(-1)
+    """Per-token entropy in nats; experts with probability 0 contribute 0, with a finite gradient."""
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
 
 
 def top_k_fraction(probs: torch.Tensor, top_k: int) -> torch.Tensor:
