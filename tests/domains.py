@@ -48,7 +48,8 @@ def mixer_model(**config) -> PeftModel:
             rows = slice(domain * SPAN, (domain + 1) * SPAN)
             base.model.embed_tokens.weight[rows, domain] += 1.0
             base.lm_head.weight[rows, NUM_DOMAINS + domain] += 1.0
-    defaults = dict(r=8, lora_alpha=16, num_experts=NUM_DOMAINS, top_k=1, target_modules=["q_proj", "v_proj"])
+    defaults = dict(r=8, lora_alpha=16, num_experts=NUM_DOMAINS, top_k=1, target_modules=["v_proj", "o_proj"],
+                    rsl_balance_weight=0.1, rsl_entropy_weight=0.1)
     return get_peft_model(base, LoraMixerConfig(**{**defaults, **config}))
 
 
@@ -61,9 +62,14 @@ def train(model: PeftModel, samples: list[dict], output_dir: str, steps: int, lr
         remove_unused_columns=False, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=TrainingArguments(**{**defaults, **args}), train_dataset=samples,
-                      data_collator=ExpertIdsCollator() if forced else default_data_collator)
+                      data_collator=ExpertIdsCollator() if forced else collate_without_domain)
     trainer.train()
     return trainer
+
+
+def collate_without_domain(features: list[dict]) -> dict:
+    """Stage 2 and later: the routers decide, so the domain column stays out of the batch."""
+    return default_data_collator([{k: v for k, v in f.items() if k != "expert_id"} for f in features])
 
 
 @torch.no_grad()
