@@ -107,7 +107,8 @@ def main() -> None:
     if not stage2.is_world_process_zero():
         return
     logs = [[h for h in trainer.state.log_history if "loss" in h] for trainer in (stage1, stage2)]
-    print(f"processes: {stage2.args.world_size}, global batch: {stage2.args.world_size * args.batch_size * args.grad_accum}")
+    world_size = stage2.args.world_size
+    print(f"processes: {world_size}, global batch: {world_size * args.batch_size * args.grad_accum}")
     print(f"stage 1 loss {logs[0][0]['loss']:.3f} -> {logs[0][-1]['loss']:.3f}")
     print(f"stage 2 loss {logs[1][0]['loss']:.3f} -> {logs[1][-1]['loss']:.3f}, last logs: {logs[1][-1]}")
     accuracy, by_domain = routing_accuracy(model)

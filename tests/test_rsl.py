@@ -108,7 +108,8 @@ class ProbeRouters:
         LoraMixerLayer.router_probs = self.original
 
     def rsl(self, mask, top_k=2, alpha=0.5, lam=0.3, sign=1):
-        return torch.stack([specialization_loss(valid_tokens(p, mask), top_k, alpha, lam, sign) for p in self.probs]).mean()
+        losses = [specialization_loss(valid_tokens(p, mask), top_k, alpha, lam, sign) for p in self.probs]
+        return torch.stack(losses).mean()
 
 
 def test_added_loss_equals_routing_loss_and_an_independent_computation():

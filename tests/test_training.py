@@ -86,8 +86,8 @@ def resumable_run(output_dir: Path, resume: bool = False) -> dict[str, torch.Ten
         learning_rate=1e-2, weight_decay=0.0, logging_steps=1, report_to=[], use_cpu=True, seed=0,
         remove_unused_columns=False, disable_tqdm=True, save_only_model=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=mixed_samples(8, seed=3), data_collator=collate_without_domain,
-                      callbacks=[RoutingCallback()])
+    trainer = Trainer(model=model, args=args, train_dataset=mixed_samples(8, seed=3),
+                      data_collator=collate_without_domain, callbacks=[RoutingCallback()])
     forwards = []
     model.get_base_model().register_forward_hook(lambda *args: forwards.append(1))
     trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-3") if resume else None)

@@ -19,13 +19,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "ExpertIdsCollator",
     "ExpertSpec",
     "LoraMixerConfig",
     "LoraMixerLayer",
     "LoraMixerModel",
     "LoraMixerPeftType",
     "ModuleRoutingStats",
-    "ExpertIdsCollator",
     "RoutingCallback",
     "RoutingLoss",
     "register",

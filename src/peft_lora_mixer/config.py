@@ -155,6 +155,7 @@ class LoraMixerConfig(PeftConfig):
         self._validate_routing_loss()
 
     def _validate_routing_loss(self) -> None:
+        """The RSL weights are non-negative finite numbers; the sign picks the direction instead."""
         for name in ("rsl_balance_weight", "rsl_entropy_weight", "rsl_entropy_adapt_rate", "rsl_preservation_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:

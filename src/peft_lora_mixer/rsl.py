@@ -37,15 +37,19 @@ class RoutingLoss:
     entropy_weight: torch.Tensor
     scale: torch.Tensor
 
-    def as_logs(self, prefix: str = "rsl/") -> dict[str, float]:
-        """Plain floats for a training log."""
+    def as_tensors(self, prefix: str = "rsl/") -> dict[str, torch.Tensor]:
+        """The parts as 0-d tensors, left on their device (summing them needs no synchronisation)."""
         return {
-            f"{prefix}total": self.total.item(),
-            f"{prefix}balance": self.balance.item(),
-            f"{prefix}entropy": self.entropy.item(),
-            f"{prefix}preservation": self.preservation.item(),
-            f"{prefix}entropy_weight": self.entropy_weight.item(),
+            f"{prefix}total": self.total,
+            f"{prefix}balance": self.balance,
+            f"{prefix}entropy": self.entropy,
+            f"{prefix}preservation": self.preservation,
+            f"{prefix}entropy_weight": self.entropy_weight,
         }
+
+    def as_logs(self, prefix: str = "rsl/") -> dict[str, float]:
+        """The parts as plain floats for a training log."""
+        return {key: value.item() for key, value in self.as_tensors(prefix).items()}
 
 
 def valid_tokens(probs: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:

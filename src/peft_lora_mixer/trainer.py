@@ -58,7 +58,7 @@ class RoutingCallback(TrainerCallback, ExportableState):
     def __init__(self, record_stats: bool = True) -> None:
         self.record_stats = record_stats
         self._mixer = None
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
         self._state: dict[str, Any] = {}
 
@@ -83,14 +83,14 @@ class RoutingCallback(TrainerCallback, ExportableState):
         loss = self._mixer.routing_loss() if self._mixer is not None else None
         if loss is None:
             return
-        for key, value in loss.as_logs().items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
+        for key, value in loss.as_tensors().items():
+            self._sums[key] = self._sums.get(key, 0.0) + value.float()
         self._steps += 1
 
     def on_log(self, args, state, control, logs: Optional[dict] = None, **kwargs):
         if self._mixer is None or logs is None or "loss" not in logs:
             return
-        extra = {key: value / self._steps for key, value in self._sums.items()} if self._steps else {}
+        extra = {key: (value / self._steps).item() for key, value in self._sums.items()} if self._steps else {}
         extra.update(summarize(self._mixer.routing_stats(reset=True)))
         self._sums, self._steps = {}, 0
         logs.update(extra)

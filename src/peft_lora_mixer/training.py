@@ -36,6 +36,7 @@ class RoutingTrainingMixin:
         The hooks take `expert_ids` out of the keyword arguments (forced routing, as `route_to`, so a plain
         `transformers.Trainer` can run stage 1 from a dataset column) and add the RSL to the loss afterwards.
         """
+        self._collector().step = None  # layers added by this injection get attached at the next recorded forward
         if getattr(self, "_training_hook_handles", None):
             return
         self._training_hook_handles = (
