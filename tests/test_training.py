@@ -20,7 +20,7 @@ from domains import (
 )
 from transformers import Trainer, TrainingArguments
 
-from peft_lora_mixer import RoutingCallback
+from peft_lora_mixer import ExpertIdsCollator, LoraMixerLayer, RoutingCallback
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,3 +130,43 @@ def test_ddp_matches_single_process_with_the_same_global_batch(tmp_path):
         assert len(stage_single) == len(stage_ddp) == 8
         assert stage_ddp == pytest.approx(stage_single, abs=1e-4)
     assert single_losses[0][-1] < single_losses[0][0]  # it did train
+
+
+def test_usage_heatmap_png(tmp_path):
+    from peft_lora_mixer.plot import plot_usage_heatmap
+
+    stats = routing_by_domain(mixer_model(), seed=2, count=2)
+    path = plot_usage_heatmap({f"domain {d}": s for d, s in stats.items()}, tmp_path / "usage.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="collect them"):
+        plot_usage_heatmap({"empty": {}}, tmp_path / "empty.png")
+
+
+def test_expert_ids_collator_needs_its_column():
+    collator = ExpertIdsCollator(column="domain")
+    batch = collator([{"input_ids": torch.tensor([1, 2]), "domain": 3}, {"input_ids": torch.tensor([3, 4]), "domain": 0}])
+    assert batch["expert_ids"].tolist() == [3, 0] and "domain" not in batch
+    with pytest.raises(KeyError, match="remove_unused_columns=False"):
+        collator([{"input_ids": torch.tensor([1, 2])}])
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_trainer_with_gradient_checkpointing_trains_like_without(tmp_path, reentrant):
+    def run(**checkpointing):
+        model = mixer_model()
+        model.set_trainable(routers=True, experts=True)
+        calls = []
+        next(m for m in model.modules() if isinstance(m, LoraMixerLayer)).register_forward_hook(
+            lambda *args: calls.append(1)
+        )
+        train(model, mixed_samples(4, seed=0), str(tmp_path), steps=3, lr=1e-2, **checkpointing)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+    plain, plain_calls = run()
+    checkpointed, checkpointed_calls = run(
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
+    assert checkpointed_calls == 2 * plain_calls  # the layers really were recomputed in backward
+    assert any("router" in name for name in plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, atol=1e-6, rtol=1e-5, msg=name)
