@@ -144,7 +144,9 @@ def test_usage_heatmap_png(tmp_path):
 
 def test_expert_ids_collator_needs_its_column():
     collator = ExpertIdsCollator(column="domain")
-    batch = collator([{"input_ids": torch.tensor([1, 2]), "domain": 3}, {"input_ids": torch.tensor([3, 4]), "domain": 0}])
+    batch = collator(
+        [{"input_ids": torch.tensor([1, 2]), "domain": 3}, {"input_ids": torch.tensor([3, 4]), "domain": 0}]
+    )
     assert batch["expert_ids"].tolist() == [3, 0] and "domain" not in batch
     with pytest.raises(KeyError, match="remove_unused_columns=False"):
         collator([{"input_ids": torch.tensor([1, 2])}])

@@ -10,8 +10,8 @@ from .model import LoraMixerModel
 from .registration import register
 from .rsl import RoutingLoss
 from .stats import ModuleRoutingStats
-from .trainer import ExpertIdsCollator, RoutingCallback
 from .targets import DEFAULT_TARGET_MODULES
+from .trainer import ExpertIdsCollator, RoutingCallback
 
 register()
 
