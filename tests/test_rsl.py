@@ -164,7 +164,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     def gradients(checkpointing):
         model = mixer()
         if checkpointing:
-            model.get_base_model().activation_checkpointing_enable({"use_reentrant": reentrant})
+            model.get_base_model().gradient_checkpointing_enable({"use_reentrant": reentrant})
             model.enable_input_require_grads()
         calls = []
         for layer in model.modules():
