@@ -1,7 +1,11 @@
-import pytest
-import torch
+import os
 
-import peft_lora_mixer  # noqa: F401  (registers LoRA-Mixer with PEFT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network; set before huggingface_hub loads
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import peft_lora_mixer  # noqa: E402,F401  (registers LoRA-Mixer with PEFT)
 
 
 @pytest.fixture(autouse=True)
