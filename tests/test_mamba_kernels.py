@@ -1,26 +1,38 @@
 """Adapters on Mamba projections are never skipped by the fused training kernel."""
 
+import pytest
 import torch
 from peft import get_peft_model
 from tiny_models import VOCAB, tiny_model
+from transformers.models.bamba import modeling_bamba
 from transformers.models.mamba import modeling_mamba
+from transformers.models.mamba2 import modeling_mamba2
 
 from peft_lora_mixer import LoraMixerConfig
 
+# the fused training function of each mixer, which receives out_proj.weight instead of calling out_proj
+FUSED_KERNELS = {
+    "mamba": (modeling_mamba, "mamba_inner_fn"),
+    "mamba2": (modeling_mamba2, "mamba2_split_conv1d_scan_combined"),
+    "bamba": (modeling_bamba, "mamba2_split_conv1d_scan_combined"),
+}
 
-def test_fused_training_kernel_is_not_taken_when_out_proj_is_adapted(monkeypatch):
+
+@pytest.mark.parametrize("model_type", sorted(FUSED_KERNELS))
+def test_fused_training_kernel_is_not_taken_when_out_proj_is_adapted(monkeypatch, model_type):
     calls = []
 
     def fused_kernel_that_ignores_adapters(*args, **kwargs):
         calls.append(1)
         raise AssertionError("the fused kernel reads out_proj.weight and would skip the adapter")
 
-    monkeypatch.setattr(modeling_mamba, "mamba_inner_fn", fused_kernel_that_ignores_adapters)
-    model = get_peft_model(tiny_model("mamba"), LoraMixerConfig(num_experts=2, r=2, lora_dropout=0.5)).train()
+    monkeypatch.setattr(*FUSED_KERNELS[model_type], fused_kernel_that_ignores_adapters)
+    config = LoraMixerConfig(num_experts=2, r=2, lora_dropout=0.5, target_modules=["in_proj", "out_proj"])
+    model = get_peft_model(tiny_model(model_type), config).train()
     ids = torch.randint(0, VOCAB, (2, 6))
     model(input_ids=ids, labels=ids).loss.backward()
     assert not calls
-    mixer = model.base_model.model.backbone.layers[0].mixer
+    mixer = next(m for m in model.modules() if hasattr(m, "A_log"))
     assert mixer.training and mixer.out_proj.training  # flags restored; adapters' dropout stayed in training
     assert mixer.out_proj.loramixer_B["default"].grad.abs().sum() > 0
 
