@@ -107,7 +107,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
     def reset_parameters(self, adapter_name: str, ranks: Sequence[int], init_weights: bool) -> None:
         """Each expert's A as PEFT LoRA initialises it; B zero when `init_weights` (a no-op at start)."""
         for block in self.loramixer_A[adapter_name].split(list(ranks)):
-            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+            if block.numel():
+                nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         if init_weights:
             nn.init.zeros_(self.loramixer_B[adapter_name])
         else:
