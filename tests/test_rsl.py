@@ -112,8 +112,9 @@ class ProbeRouters:
         return torch.stack(losses).mean()
 
 
-def test_added_loss_equals_routing_loss_and_an_independent_computation():
-    model, inputs = mixer(), batch()
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])  # PeftModel and PeftModelForCausalLM forward differently
+def test_added_loss_equals_routing_loss_and_an_independent_computation(task_type):
+    model, inputs = mixer(task_type=task_type), batch()
     with ProbeRouters() as probe:
         with_rsl = model(**inputs).loss
     routing = model.routing_loss()
@@ -246,8 +247,9 @@ def test_set_trainable_freezes_single_experts_and_preservation_term():
         model.set_trainable(routers=True, experts=[4])
 
 
-def test_forced_routing_by_keyword_matches_route_to():
-    model, inputs = mixer(), batch()
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_forced_routing_by_keyword_matches_route_to(task_type):
+    model, inputs = mixer(task_type=task_type), batch()
     model.eval()
     with torch.no_grad():
         by_keyword = model(**inputs, expert_ids=torch.tensor([2, 0])).logits
