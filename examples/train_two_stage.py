@@ -45,8 +45,8 @@ def build_model() -> PeftModel:
         for domain in range(DOMAINS):
             base.model.embed_tokens.weight[domain * SPAN:(domain + 1) * SPAN, domain] += 1.0
             base.lm_head.weight[domain * SPAN:(domain + 1) * SPAN, DOMAINS + domain] += 1.0
-    mixer = LoraMixerConfig(r=8, lora_alpha=16, num_experts=DOMAINS, top_k=1, target_modules=["v_proj", "o_proj"],
-                            rsl_balance_weight=0.1, rsl_entropy_weight=0.1)
+    mixer = LoraMixerConfig(r=8, lora_alpha=16, num_experts=DOMAINS, top_k=1, target_modules=["o_proj"],
+                            rsl_balance_weight=0.1, rsl_entropy_weight=0.3)
     return get_peft_model(base, mixer)
 
 

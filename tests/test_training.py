@@ -54,8 +54,9 @@ def test_two_stage_rsl_routes_domains_sharper_and_no_less_balanced(tmp_path):
                 torch.testing.assert_close(param, stage1[name], rtol=0, atol=0)
     print(f"\nrouting figures without RSL: {figures[False]}\nrouting figures with RSL:    {figures[True]}")
     assert figures[True]["accuracy"] >= 0.9
-    assert figures[True]["entropy"] < figures[False]["entropy"]
-    assert figures[True]["balance"] >= figures[False]["balance"]
+    assert figures[True]["entropy"] < 0.75 * figures[False]["entropy"]
+    # "no less balanced": normalised usage entropy within 0.01 (both runs are near-perfectly balanced here)
+    assert figures[True]["balance"] >= figures[False]["balance"] - 0.01
 
 
 def test_callback_logs_rsl_parts_and_stats(tmp_path):
