@@ -258,3 +258,16 @@ def test_forced_routing_by_keyword_matches_route_to(task_type):
         routed = model(**inputs).logits
     torch.testing.assert_close(by_keyword, by_context)
     assert not torch.allclose(by_keyword, routed)
+
+
+def test_training_only_stats_leave_out_eval_forwards():
+    model, inputs = mixer(), batch()
+    model.record_routing_stats(True, training_only=True)
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+    assert model.routing_stats() == {}
+    model.train()
+    model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # no labels: stats only
+    assert model.routing_loss() is None
+    assert {m.tokens for m in model.routing_stats().values()} == {int(inputs["attention_mask"].sum())}

@@ -37,6 +37,7 @@ class RoutingStep:
     token_mask: Optional[torch.Tensor]
     settings: dict[str, RouterLossSettings]
     inject_gradient: bool
+    record_stats: bool
     num_routers: int = 0
     parts: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     gradient_scale: Optional[torch.Tensor] = None
@@ -101,6 +102,7 @@ class RoutingCollector:
         self.step: Optional[RoutingStep] = None
         self.collecting = False
         self.record_stats = False
+        self.stats_training_only = False
         self.stats = RoutingStatsAccumulator()
 
     def observe(self, layer, adapter_name: str, probs: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ class RoutingCollector:
             if adapter_name in step.settings:
                 step.num_routers += 1
                 step.parts.append((adapter_name, *router_loss_parts(valid, top_k)))
-            if self.record_stats:
+            if step.record_stats:
                 self.stats.add(self.module_names.get(id(layer), type(layer).__name__), valid, top_k)
         if step.inject_gradient and adapter_name in step.settings and probs.requires_grad:
             probs = _InjectRoutingGradient.apply(probs, token_mask, step, top_k, adapter_name)

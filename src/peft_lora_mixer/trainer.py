@@ -50,7 +50,8 @@ class RoutingCallback(TrainerCallback, ExportableState):
 
     Logged keys: `rsl/total`, `rsl/balance`, `rsl/entropy`, `rsl/preservation`, `rsl/entropy_weight` (means over
     the optimizer steps since the last log, each step contributing its last micro-batch), `routing/entropy` and
-    `routing/balance` (see `stats.summarize`) over every training token since the last log (this process only).
+    `routing/balance` (see `stats.summarize`) over every training token since the last log (this process only;
+    evaluation forwards are left out).
     The lambdas go to `trainer_state.json` with each checkpoint and come back on resume. Callbacks run after the
     Trainer's reporting integrations, so these keys reach `trainer.state.log_history` and the callbacks after it.
     """
@@ -76,7 +77,7 @@ class RoutingCallback(TrainerCallback, ExportableState):
         saved = saved.get("attributes", {}).get("_state") if isinstance(saved, dict) else None
         if saved:  # resuming: the checkpoint's lambdas (a fresh run keeps the model's current ones)
             self._mixer.load_routing_loss_state(saved)
-        self._mixer.record_routing_stats(self.record_stats)
+        self._mixer.record_routing_stats(self.record_stats, training_only=True)
         self._mixer.routing_stats(reset=True)
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -57,7 +57,8 @@ class RoutingTrainingMixin:
         self._forced_routing_stack.append(forced)
         collector = self._collector()
         settings = self._loss_settings() if self.training and kwargs.get("labels") is not None else {}
-        if not settings and not collector.record_stats:
+        record_stats = collector.record_stats and (self.training or not collector.stats_training_only)
+        if not settings and not record_stats:
             if collector.step is not None:
                 self._attach(None)
             return args, kwargs
@@ -67,6 +68,7 @@ class RoutingTrainingMixin:
             token_mask=self._token_mask(kwargs.get("attention_mask")),
             settings=settings,
             inject_gradient=bool(settings) and torch.is_grad_enabled(),
+            record_stats=record_stats,
         )
         collector.collecting = True
         return args, kwargs
@@ -189,9 +191,11 @@ class RoutingTrainingMixin:
         finally:
             self.record_routing_stats(False)
 
-    def record_routing_stats(self, enabled: bool) -> None:
-        """Switch statistics recording on or off for the forwards to come (the counts are kept)."""
-        self._collector().record_stats = enabled
+    def record_routing_stats(self, enabled: bool, training_only: bool = False) -> None:
+        """Switch statistics recording on or off for the forwards to come (the counts are kept);
+        `training_only` leaves out forwards in eval mode (e.g. the Trainer's evaluation during training)."""
+        collector = self._collector()
+        collector.record_stats, collector.stats_training_only = enabled, training_only
 
     def routing_stats(self, reset: bool = False) -> dict[str, ModuleRoutingStats]:
         """Per-module expert usage and mean entropy over the tokens recorded so far (padding excluded)."""
