@@ -243,6 +243,13 @@ def test_set_trainable_freezes_single_experts_and_preservation_term():
     assert routing.total.item() == pytest.approx(
         0.5 * routing.balance.item() + 0.3 * routing.entropy.item() + 2.0 * routing.preservation.item(), rel=1e-5
     )
+    # the preservation gradient is 2 * beta * (theta - theta(0)), pulling expert 1 back to where it started
+    with_preservation = grad_A.clone()
+    model.zero_grad()
+    model.peft_config["default"].rsl_preservation_weight = 0.0
+    model(**inputs).loss.backward()
+    difference = with_preservation - layer.loramixer_A["default"].grad
+    torch.testing.assert_close(difference[r : 2 * r], torch.full_like(difference[r : 2 * r], 2 * 2.0 * 0.1))
     with pytest.raises(ValueError, match="Expert indices"):
         model.set_trainable(routers=True, experts=[4])
 
