@@ -252,6 +252,9 @@ def test_set_trainable_freezes_single_experts_and_preservation_term():
     torch.testing.assert_close(difference[r : 2 * r], torch.full_like(difference[r : 2 * r], 2 * 2.0 * 0.1))
     with pytest.raises(ValueError, match="Expert indices"):
         model.set_trainable(routers=True, experts=[4])
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        model.set_trainable(routers=True, experts=True, adapter_name="other")
+    assert not layer.loramixer_router["default"].weight.requires_grad  # the refused calls changed nothing
 
 
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
@@ -277,4 +280,11 @@ def test_training_only_stats_leave_out_eval_forwards():
     model.train()
     model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # no labels: stats only
     assert model.routing_loss() is None
-    assert {m.tokens for m in model.routing_stats().values()} == {int(inputs["attention_mask"].sum())}
+    assert {m.tokens for m in model.routing_stats(reset=True).values()} == {int(inputs["attention_mask"].sum())}
+    model.eval()
+    with torch.no_grad():
+        with model.collect_routing_stats():  # an explicit request records eval forwards too...
+            model(**inputs)
+        assert model.routing_stats(reset=True)
+        model(**inputs)  # ...and leaves the training-only recording as it was
+    assert model.routing_stats() == {}

@@ -184,12 +184,14 @@ class RoutingTrainingMixin:
 
     @contextmanager
     def collect_routing_stats(self) -> Iterator[None]:
-        """Record routing statistics during the forwards inside the block (training records only if asked)."""
+        """Record the routing statistics of every forward inside the block, in eval or training mode."""
+        collector = self._collector()
+        previous = collector.record_stats, collector.stats_training_only
         self.record_routing_stats(True)
         try:
             yield
         finally:
-            self.record_routing_stats(False)
+            collector.record_stats, collector.stats_training_only = previous
 
     def record_routing_stats(self, enabled: bool, training_only: bool = False) -> None:
         """Switch statistics recording on or off for the forwards to come (the counts are kept);
@@ -217,17 +219,19 @@ class RoutingTrainingMixin:
         preservation term. Call it before building the optimizer (e.g. the Trainer); `set_adapter` resets it.
         """
         names = [adapter_name] if adapter_name is not None else list(self.active_adapters)
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"Unknown adapter {name!r}; adapters: {sorted(self.peft_config)}.")
-            kept = _kept_experts(experts, self.peft_config[name].num_experts)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter {unknown[0]!r}; adapters: {sorted(self.peft_config)}.")
+        selections = {name: _kept_experts(experts, self.peft_config[name].num_experts) for name in names}
+        for name, kept in selections.items():
             self._remove_expert_hooks(name)
             anchors = self._preservation_anchors()
             anchors.pop(name, None)
             for module_name, layer in self._named_mixer_layers(name):
                 layer.loramixer_router[name].requires_grad_(routers)
                 lora_A, lora_B = layer.loramixer_A[name], layer.loramixer_B[name]
-                keep = torch.isin(layer.loramixer_slot_expert[name], torch.tensor(kept, device=lora_A.device))
+                kept_ids = torch.tensor(kept, dtype=torch.long, device=lora_A.device)
+                keep = torch.isin(layer.loramixer_slot_expert[name], kept_ids)
                 for param in (lora_A, lora_B):
                     param.requires_grad_(bool(kept))
                 if kept and not bool(keep.all()):
