@@ -143,14 +143,6 @@ class LoraMixerConfig(PeftConfig):
 
     def _validate(self) -> None:
         """Refuse values that cannot work, before any model is touched."""
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.num_experts, int) or self.num_experts <= 0:
-            raise ValueError(f"`num_experts` must be a positive integer, got {self.num_experts!r}.")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"`top_k` must be an integer between 1 and num_experts={self.num_experts}, got {self.top_k!r}."
-            )
         if self.experts is not None:
             if not isinstance(self.experts, (list, tuple)) or not self.experts:
                 raise ValueError(f"`experts` must be a non-empty list of adapter sources, got {self.experts!r}.")
@@ -161,6 +153,14 @@ class LoraMixerConfig(PeftConfig):
                 )
             for source in self.experts:
                 ExpertSource.parse(source)  # a malformed source fails here, not when the model is built
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
+        if not isinstance(self.num_experts, int) or self.num_experts <= 0:
+            raise ValueError(f"`num_experts` must be a positive integer, got {self.num_experts!r}.")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"`top_k` must be an integer between 1 and num_experts={self.num_experts}, got {self.top_k!r}."
+            )
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"Unknown `routing` {self.routing!r}; choose one of {', '.join(ROUTING_MODES)}.")
         if not self.router_temperature > 0:

@@ -1,0 +1,95 @@
+"""An offline stand-in for the Hugging Face Hub, so huggingface_hub's real resolution and upload code runs in tests.
+
+- `HubCache` lays repositories out in a Hugging Face cache exactly as downloads would
+  (`models--org--name/{blobs/<hash>, snapshots/<sha>/<file> -> ../../blobs/<hash>, refs/<name>}`).
+- `HubServer` answers the HTTP requests `push_to_hub` makes (create repo, read the card, validate it, pre-upload,
+  commit) in memory, recording the files of each commit; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import httpx2
+from huggingface_hub.utils import _http
+
+
+class HubCache:
+    """A Hugging Face cache directory that tests fill with repositories."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def publish(self, repo_id: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",)) -> str:
+        """Store one commit of `repo_id` holding `files` (path in repo -> content); returns its sha."""
+        digest = hashlib.sha1(repo_id.encode())
+        for path, content in sorted(files.items()):
+            digest.update(path.encode() + content)
+        sha = digest.hexdigest()
+        repo = self.root / f"models--{repo_id.replace('/', '--')}"
+        for path, content in files.items():
+            blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(content)
+            link = repo / "snapshots" / sha / path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        for ref in refs:
+            (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+            (repo / "refs" / ref).write_text(sha)
+        return sha
+
+    def publish_folder(self, repo_id: str, folder: str, subfolder: Optional[str] = None, **kwargs) -> str:
+        """Publish every file of a local folder (optionally under `subfolder` in the repository)."""
+        prefix = f"{subfolder}/" if subfolder else ""
+        files = {prefix + name: Path(folder, name).read_bytes() for name in os.listdir(folder)}
+        return self.publish(repo_id, files, **kwargs)
+
+
+class HubServer:
+    """The Hub's HTTP API, as far as `push_to_hub` uses it, answering from memory."""
+
+    def __init__(self):
+        self.commits: dict[str, list[dict[str, bytes]]] = {}
+        self.unexpected: list[str] = []
+
+    def client(self) -> httpx2.Client:
+        return httpx2.Client(
+            transport=httpx2.MockTransport(self.handle),
+            event_hooks={"request": [_http.hf_request_event_hook]},
+            follow_redirects=True,
+        )
+
+    def handle(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        if request.method == "POST" and path == "/api/repos/create":
+            name = json.loads(request.content)
+            repo_id = f"{name['organization']}/{name['name']}" if name.get("organization") else name["name"]
+            return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo_id}", "name": repo_id})
+        if "/resolve/" in path and path.endswith("/README.md"):
+            return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "not found"})
+        if path == "/api/validate-yaml":
+            return httpx2.Response(200, json={})
+        if request.method == "POST" and "/preupload/" in path:
+            files = json.loads(request.content)["files"]
+            answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            return httpx2.Response(200, json={"files": answer})
+        if request.method == "POST" and "/commit/" in path:
+            repo_id = path.removeprefix("/api/models/").split("/commit/")[0]
+            lines = [json.loads(line) for line in request.read().splitlines() if line]
+            files = {
+                item["value"]["path"]: base64.b64decode(item["value"]["content"])
+                for item in lines
+                if item["key"] == "file"
+            }
+            self.commits.setdefault(repo_id, []).append(files)
+            oid = hashlib.sha1(repr(sorted(files)).encode()).hexdigest()
+            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo_id}/commit/{oid}",
+                                              "commitOid": oid})
+        self.unexpected.append(f"{request.method} {request.url}")
+        return httpx2.Response(500, json={"error": "unexpected request in test"})
