@@ -96,6 +96,17 @@ def test_router_only_save_loads_by_hub_id_bitwise(hub, hub_experts, tmp_path):
     assert loaded.peft_config["default"].resolved_experts == mixer.peft_config["default"].resolved_experts
 
 
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_router_only_reload_keeps_experts_frozen(hub, hub_experts, tmp_path, low_cpu_mem_usage):
+    mixer = trained_mixer(hub_experts)
+    mixer.save_pretrained(tmp_path / "router")
+    loaded = PeftModel.from_pretrained(base_model(), str(tmp_path / "router"), is_trainable=True,
+                                       low_cpu_mem_usage=low_cpu_mem_usage)
+    assert torch.equal(logits(loaded), logits(mixer))
+    trainable = {name for name, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable and all(".loramixer_router." in name for name in trainable)
+
+
 def test_router_only_load_names_an_expert_it_cannot_fetch(hub, hub_experts, tmp_path, monkeypatch):
     trained_mixer(hub_experts).save_pretrained(tmp_path / "router")
     elsewhere = HubCache(tmp_path / "fresh-cache")  # a machine that has the router but never fetched the experts

@@ -93,7 +93,7 @@ class Expert:
 
 
 class ExpertSet:
-    """The experts of one mixer adapter, in router order, checked against the model they will be added to."""
+    """The experts of one mixer adapter, in router order."""
 
     def __init__(self, experts: Sequence[Expert]):
         self.experts = list(experts)
@@ -120,37 +120,36 @@ class ExpertSet:
                 "experts adapts. Leave `target_modules` unset to target exactly the modules the experts adapt."
             )
 
+    def factors(self, module_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The experts' A and B on `module_name`, concatenated in slot order; None when only their layout is known."""
+        blocks = [expert.blocks[module_name] for expert in self.experts if module_name in expert.blocks]
+        if not blocks or any(block.lora_A is None for block in blocks):
+            return None
+        return torch.cat([block.lora_A for block in blocks]), torch.cat([block.lora_B for block in blocks], dim=1)
+
     @torch.no_grad()
     def copy_into(self, layer: LoraMixerLayer, adapter_name: str, module_name: str) -> None:
-        """Write the experts' factors into their blocks of the layer's concatenated A and B."""
-        ranks = [spec.r for spec in self.specs(module_name)]
-        slots_A = layer.loramixer_A[adapter_name].split(ranks, dim=0)
-        slots_B = layer.loramixer_B[adapter_name].split(ranks, dim=1)
-        for expert, slot_A, slot_B in zip(self.experts, slots_A, slots_B):
-            block = expert.blocks.get(module_name)
-            if block is not None and block.lora_A is not None:
-                slot_A.copy_(block.lora_A)
-                slot_B.copy_(block.lora_B)
+        """Write the experts' factors into the layer (every rank slot of A and B belongs to an expert)."""
+        factors = self.factors(module_name)
+        if factors is not None:
+            layer.loramixer_A[adapter_name].copy_(factors[0])
+            layer.loramixer_B[adapter_name].copy_(factors[1])
+
+    def check_against(self, model: nn.Module) -> None:
+        for expert in self.experts:
+            check_against_model(expert, model)
 
     @classmethod
-    def load(
-        cls,
-        sources: Sequence[ExpertSource],
-        model: nn.Module,
-        allow_pickle: bool = False,
-        hub_kwargs: Optional[dict[str, Any]] = None,
+    def read(
+        cls, sources: Sequence[ExpertSource], allow_pickle: bool = False, hub_kwargs: Optional[dict[str, Any]] = None
     ) -> ExpertSet:
-        """Fetch and read every expert, then check each one against `model`."""
-        experts = [read_expert(source, allow_pickle, hub_kwargs or {}) for source in sources]
-        for expert in experts:
-            check_against_model(expert, model)
-        return cls(experts)
+        """Fetch and read every expert."""
+        return cls([read_expert(source, allow_pickle, hub_kwargs or {}) for source in sources])
 
     @classmethod
     def from_references(
         cls,
         references: Sequence[dict[str, Any]],
-        model: nn.Module,
         fetch_weights: bool,
         allow_pickle: bool = False,
         hub_kwargs: Optional[dict[str, Any]] = None,
@@ -158,10 +157,8 @@ class ExpertSet:
         """The experts a saved mixer pins, fetched again at their pinned revisions when `fetch_weights`."""
         pinned = [Expert.from_reference(reference) for reference in references]
         if not fetch_weights:
-            for expert in pinned:
-                check_against_model(expert, model)
             return cls(pinned)
-        fetched = cls.load([expert.source for expert in pinned], model, allow_pickle, hub_kwargs).experts
+        fetched = cls.read([expert.source for expert in pinned], allow_pickle, hub_kwargs).experts
         for recorded, expert in zip(pinned, fetched):
             if _layout(expert) != _layout(recorded):
                 raise ExpertError(
@@ -171,8 +168,8 @@ class ExpertSet:
         return cls([Expert(e.source, recorded.requested_revision, e.blocks) for recorded, e in zip(pinned, fetched)])
 
 
-def load_experts(config: LoraMixerConfig, model: nn.Module) -> Optional[ExpertSet]:
-    """The experts `config` names, checked against `model`; None for a mixer of new experts.
+def read_experts(config: LoraMixerConfig) -> Optional[ExpertSet]:
+    """The experts `config` names; None for a mixer of new experts.
 
     A config saved by a mixer carries `resolved_experts`: its experts are then fetched again at the pinned commits,
     unless the checkpoint holds their weights, in which case only their layout is needed.
@@ -182,9 +179,17 @@ def load_experts(config: LoraMixerConfig, model: nn.Module) -> Optional[ExpertSe
     options = dict(allow_pickle=config.allow_pickle_experts, hub_kwargs=config.hub_kwargs)
     if config.resolved_experts:
         return ExpertSet.from_references(
-            config.resolved_experts, model, fetch_weights=not config.stores_expert_weights, **options
+            config.resolved_experts, fetch_weights=not config.stores_expert_weights, **options
         )
-    return ExpertSet.load(config.expert_sources, model, **options)
+    return ExpertSet.read(config.expert_sources, **options)
+
+
+def load_experts(config: LoraMixerConfig, model: nn.Module) -> Optional[ExpertSet]:
+    """`read_experts`, each expert checked against `model`."""
+    experts = read_experts(config)
+    if experts is not None:
+        experts.check_against(model)
+    return experts
 
 
 def _layout(expert: Expert) -> dict[str, tuple[int, float]]:

@@ -19,7 +19,7 @@ from peft.utils import _get_submodules
 from torch import nn
 
 from .config import LoraMixerConfig
-from .experts import ExpertSet, load_experts
+from .experts import ExpertSet, load_experts, read_experts
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .targets import DEFAULT_TARGET_MODULES
@@ -35,7 +35,7 @@ class LoraMixerModel(BaseTuner):
     prefix = "loramixer_"
     tuner_layer_cls = LoraMixerLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
-    _experts: Optional[ExpertSet] = None  # the adapter's experts while it is being injected
+    _experts: Optional[ExpertSet] = None  # the experts of the adapter being injected, for their ranks and scalings
 
     def _prepare_adapter_config(self, peft_config: LoraMixerConfig, model_config: dict) -> LoraMixerConfig:
         if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
@@ -61,7 +61,17 @@ class LoraMixerModel(BaseTuner):
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         finally:
-            self._experts = None  # the experts' tensors now live in the layers only
+            self._experts = None
+        if experts is not None:  # outside PEFT's meta-device context of low_cpu_mem_usage, so the weights are real
+            self._load_experts_into_layers(model, adapter_name, experts)
+
+    def _load_experts_into_layers(self, model: nn.Module, adapter_name: str, experts: ExpertSet) -> None:
+        trainable = self.peft_config[adapter_name].trainable_experts
+        for key, module in model.named_modules():
+            if isinstance(module, LoraMixerLayer) and adapter_name in module.loramixer_A:
+                experts.copy_into(module, adapter_name, key)
+                if not trainable:
+                    module.freeze_experts(adapter_name)
 
     def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> list[str]:
         """Raise on any matched module that cannot be adapted, so injection never stops half-way.
@@ -114,16 +124,11 @@ class LoraMixerModel(BaseTuner):
         )
         if isinstance(target, LoraMixerLayer):
             target.update_layer(adapter_name, experts, **layer_kwargs)
-            layer = target
         else:
-            layer = LoraMixerLayer(target, adapter_name, experts, **layer_kwargs)
+            new_module = LoraMixerLayer(target, adapter_name, experts, **layer_kwargs)
             if adapter_name not in self.active_adapters:
-                layer.requires_grad_(False)
-            self._replace_module(parent, target_name, layer, target)
-        if self._experts is not None:
-            self._experts.copy_into(layer, adapter_name, current_key)
-            if not peft_config.trainable_experts:
-                layer.freeze_experts(adapter_name)
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
         if needs_guard(parent, target_name):
             guard_fused_mixer(parent)
 
@@ -178,8 +183,10 @@ class LoraMixerModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         if config.stores_expert_weights:
             return remapped
-        fetched = {key: value for key, value in model.state_dict().items() if _is_expert_weight(key, adapter_name)}
-        return {**fetched, **remapped}
+        experts = {key: value for key, value in model.state_dict().items() if _is_expert_weight(key, adapter_name)}
+        if any(value.is_meta for value in experts.values()):  # low_cpu_mem_usage: the layers hold placeholders
+            experts = _read_expert_weights(model, config, adapter_name, like=experts)
+        return {**experts, **remapped}
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(MERGE_ERROR)
@@ -189,6 +196,22 @@ class LoraMixerModel(BaseTuner):
         model = super().unload()
         unguard_fused_mixers(model)
         return model
+
+
+def _read_expert_weights(
+    model: nn.Module, config: LoraMixerConfig, adapter_name: str, like: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The experts' weights read again from their (cached) sources, keyed and typed as the placeholders `like`."""
+    experts = read_experts(config)
+    weights = {}
+    for key, module in model.named_modules():
+        if isinstance(module, LoraMixerLayer) and adapter_name in module.loramixer_A:
+            device = module.get_base_layer().weight.device
+            lora_A, lora_B = experts.factors(key.removeprefix("base_model.model."))
+            for name, value in (("loramixer_A", lora_A), ("loramixer_B", lora_B)):
+                state_key = f"{key}.{name}.{adapter_name}"
+                weights[state_key] = value.to(device=device, dtype=like[state_key].dtype)
+    return weights
 
 
 def _is_expert_weight(key: str, adapter_name: str) -> bool:
