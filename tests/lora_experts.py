@@ -17,6 +17,15 @@ def save_lora(folder: str, seed: int, base: nn.Module | None = None, **lora_kwar
     return str(folder)
 
 
+def save_pickle_lora(folder: str, seed: int = 0) -> str:
+    """A LoRA saved as PEFT's pickle checkpoint (adapter_model.bin) only, as old adapters are."""
+    base = tiny_model("llama")
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, r=2, target_modules=["q_proj"]))
+    model.save_pretrained(folder, safe_serialization=False)
+    return str(folder)
+
+
 def snapshot(model: nn.Module) -> tuple[dict[str, type], dict[str, torch.Tensor]]:
     """The module types and a copy of the state dict, to check later that nothing changed."""
     types = {name: type(module) for name, module in model.named_modules()}

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 from huggingface_hub import constants
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fake_hub import HubCache
-from lora_experts import assert_unchanged, save_lora, snapshot
+from lora_experts import assert_unchanged, save_lora, save_pickle_lora, snapshot
 from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
 from tiny_models import VOCAB, tiny_model
 
@@ -196,13 +196,6 @@ def _corrupt_config(folder):
     return str(folder)
 
 
-def _pickle_only(folder):
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_model("llama"), LoraConfig(init_lora_weights=False, r=2, target_modules=["q_proj"]))
-    model.save_pretrained(folder, safe_serialization=False)
-    return str(folder)
-
-
 BAD_EXPERTS = {
     "dora": (_dora, "DoRA"),
     "non-lora": (_ia3, "IA3 adapter"),
@@ -213,7 +206,7 @@ BAD_EXPERTS = {
     "missing-weights": (_no_weights, "no adapter_model.safetensors"),
     "corrupt-weights": (_corrupt_weights, "damaged"),
     "corrupt-config": (_corrupt_config, "adapter_config.json cannot be read"),
-    "pickle-only": (_pickle_only, "only a pickle checkpoint"),
+    "pickle-only": (save_pickle_lora, "only a pickle checkpoint"),
 }
 
 
@@ -239,7 +232,7 @@ def test_bad_expert_added_to_an_existing_mixer_leaves_it_intact(tmp_path, folder
 
 
 def test_pickle_checkpoint_loads_when_allowed(tmp_path):
-    folder = _pickle_only(tmp_path / "pickle")
+    folder = save_pickle_lora(tmp_path / "pickle")
     mixer = get_peft_model(tiny_model("llama"), LoraMixerConfig(experts=[folder], top_k=1, allow_pickle_experts=True))
     with torch.no_grad():
         expected = PeftModel.from_pretrained(tiny_model("llama"), folder)(INPUT).logits
@@ -257,7 +250,7 @@ def test_unresolvable_hub_expert_names_it(source, hub, folders):
 
 
 def test_hub_pickle_only_expert_is_refused(hub, tmp_path):
-    hub.publish_folder("org/old-lora", _pickle_only(tmp_path / "pickle"))
+    hub.publish_folder("org/old-lora", save_pickle_lora(tmp_path / "pickle"))
     with pytest.raises(ExpertError, match="'org/old-lora' has only a pickle checkpoint"):
         get_peft_model(tiny_model("llama"), LoraMixerConfig(experts=["org/old-lora"], top_k=1))
 

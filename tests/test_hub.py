@@ -10,11 +10,11 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 from fake_hub import HubCache, HubServer
-from lora_experts import save_lora
+from lora_experts import save_lora, save_pickle_lora
 from peft_lora_mixer import ExpertError, LoraMixerConfig
 from peft_lora_mixer.card import SECTION_END, SECTION_START
 from tiny_models import VOCAB, tiny_model
@@ -139,6 +139,28 @@ def test_explicit_choice_of_saved_form(hub, hub_experts, folders, tmp_path, save
     assert torch.equal(logits(PeftModel.from_pretrained(base_model(), str(tmp_path / "saved"))), expected)
 
 
+def test_pickle_trust_is_decided_by_whoever_loads(tmp_path):
+    folder = save_pickle_lora(tmp_path / "pickle")
+    mixer = trained_mixer([folder], allow_pickle_experts=True, save_expert_weights=False)
+    mixer.save_pretrained(tmp_path / "router")
+    assert "allow_pickle_experts" not in json.loads((tmp_path / "router" / "adapter_config.json").read_text())
+    with pytest.raises(ExpertError, match="only a pickle checkpoint"):
+        PeftModel.from_pretrained(base_model(), str(tmp_path / "router"))
+    loaded = PeftModel.from_pretrained(base_model(), str(tmp_path / "router"), allow_pickle_experts=True)
+    assert torch.equal(logits(loaded), logits(mixer))
+
+
+def test_router_only_save_refuses_to_drop_trained_experts(hub, hub_experts, tmp_path):
+    mixer = trained_mixer(hub_experts)
+    for name, parameter in mixer.named_parameters():
+        if ".loramixer_B." in name:
+            parameter.requires_grad_(True)  # the user unfroze the experts to train them
+    with pytest.raises(ValueError, match="save_expert_weights=True"):
+        mixer.save_pretrained(tmp_path / "router")
+    with pytest.raises(ValueError, match="lose the trained experts"):
+        LoraMixerConfig(experts=hub_experts, top_k=1, trainable_experts=True, save_expert_weights=False)
+
+
 def test_changed_local_expert_is_detected_on_router_only_load(folders, tmp_path):
     local = shutil.copytree(folders["math"], tmp_path / "math")
     trained_mixer([str(local)], save_expert_weights=False).save_pretrained(tmp_path / "router")
@@ -193,8 +215,6 @@ def test_card_section_is_rewritten_not_repeated_and_user_text_kept(hub, hub_expe
 
 
 def test_other_peft_models_keep_peft_card(tmp_path):
-    from peft import LoraConfig
-
     model = get_peft_model(base_model(), LoraConfig(target_modules=["q_proj"]))
     model.save_pretrained(tmp_path / "lora")
     assert SECTION_START not in (tmp_path / "lora" / "README.md").read_text()

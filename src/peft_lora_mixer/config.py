@@ -124,7 +124,8 @@ class LoraMixerConfig(PeftConfig):
         metadata={
             "help": (
                 "Accept experts that only have a pickle checkpoint (adapter_model.bin). Off by default: unpickling "
-                "can run arbitrary code. Such files are read with torch.load(weights_only=True)."
+                "can run arbitrary code. Such files are read with torch.load(weights_only=True). Never saved: whoever "
+                "loads a mixer decides again (`PeftModel.from_pretrained(..., allow_pickle_experts=True)`)."
             )
         },
     )
@@ -153,6 +154,11 @@ class LoraMixerConfig(PeftConfig):
                 )
             for source in self.experts:
                 ExpertSource.parse(source)  # a malformed source fails here, not when the model is built
+            if self.trainable_experts and self.save_expert_weights is False:
+                raise ValueError(
+                    "`trainable_experts=True` with `save_expert_weights=False` would save the routers with the "
+                    "original experts' references and lose the trained experts; leave `save_expert_weights` unset."
+                )
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
         if not isinstance(self.num_experts, int) or self.num_experts <= 0:
@@ -185,6 +191,12 @@ class LoraMixerConfig(PeftConfig):
         if self.save_expert_weights is not None:
             return self.save_expert_weights
         return self.trainable_experts or not all(source.is_hub for source in self.expert_sources)
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict, without `allow_pickle_experts`: trusting pickle files is the loading user's decision."""
+        config = super().to_dict()
+        del config["allow_pickle_experts"]
+        return config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

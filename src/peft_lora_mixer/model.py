@@ -173,6 +173,14 @@ class LoraMixerModel(BaseTuner):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.stores_expert_weights:
             return selected
+        parameters = model.named_parameters()
+        trained = [name for name, p in parameters if p.requires_grad and _is_expert_weight(name, adapter_name)]
+        if trained:
+            raise ValueError(
+                f"The experts of adapter {adapter_name!r} are trainable ({trained[0]!r}, ...), but the checkpoint "
+                "would hold only the routers and the original experts' references, losing what the experts learned. "
+                "Set `save_expert_weights=True` in its config (or freeze the experts) before saving."
+            )
         return {key: value for key, value in selected.items() if not _is_expert_weight(key, adapter_name)}
 
     @classmethod
