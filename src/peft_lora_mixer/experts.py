@@ -36,6 +36,7 @@ from .sources import ExpertSource
 
 _PEFT_KEY_PREFIX = "base_model.model."
 _ABSENT = ExpertSpec(0, 0.0)
+_SOURCE_KEYS = ("id", "revision", "subfolder", "path")
 
 # LoRA options that make the adapter something other than `W x + s B A x` on linear projections
 _UNSUPPORTED_FEATURES: dict[str, str] = {
@@ -87,7 +88,7 @@ class Expert:
     @classmethod
     def from_reference(cls, reference: dict[str, Any]) -> Expert:
         """The expert a pinned reference describes, without its weights (they come from the mixer's checkpoint)."""
-        source = ExpertSource.parse({k: v for k, v in reference.items() if k in ("id", "revision", "subfolder", "path")})
+        source = ExpertSource.parse({key: reference[key] for key in _SOURCE_KEYS if key in reference})
         blocks = {name: ExpertBlock(int(r), float(scaling)) for name, (r, scaling) in reference["modules"].items()}
         return cls(source, reference.get("requested_revision"), blocks)
 
@@ -199,12 +200,11 @@ def _layout(expert: Expert) -> dict[str, tuple[int, float]]:
 def read_expert(source: ExpertSource, allow_pickle: bool, hub_kwargs: dict[str, Any]) -> Expert:
     """Fetch an adapter's files, refuse anything that is not a plain linear LoRA, and split it per module."""
     config_path = _fetch(source, CONFIG_NAME, hub_kwargs)
+    commit = _commit_of(config_path, source, hub_kwargs) if source.is_hub else None
     lora_config = _read_lora_config(source, config_path)
-    weights_path = _fetch_weights(source, allow_pickle, hub_kwargs)
+    weights_path = _fetch_weights(source, allow_pickle, hub_kwargs, commit)  # the same commit, even if a branch moved
     tensors = _read_tensors(source, weights_path)
-    resolved = source
-    if source.is_hub:
-        resolved = ExpertSource(source.repo_id, _commit_of(config_path, source, hub_kwargs), source.subfolder)
+    resolved = ExpertSource(source.repo_id, commit, source.subfolder) if source.is_hub else source
     return Expert(resolved, source.revision, _blocks(source, lora_config, tensors))
 
 
@@ -239,8 +239,11 @@ class _Missing(ExpertError):
     """A file the expert needs is absent (or not cached while offline)."""
 
 
-def _fetch(source: ExpertSource, filename: str, hub_kwargs: dict[str, Any]) -> str:
-    """Local path of one of the adapter's files, from its folder or through the Hugging Face cache."""
+def _fetch(source: ExpertSource, filename: str, hub_kwargs: dict[str, Any], commit: Optional[str] = None) -> str:
+    """Local path of one of the adapter's files, from its folder or through the Hugging Face cache.
+
+    `commit` overrides the source's revision (errors still name the source as the user wrote it).
+    """
     label = source.label
     if not source.is_hub:
         if not os.path.isdir(source.path):
@@ -251,7 +254,7 @@ def _fetch(source: ExpertSource, filename: str, hub_kwargs: dict[str, Any]) -> s
         return path
     try:
         return hf_hub_download(
-            source.repo_id, filename, subfolder=source.subfolder, revision=source.revision, **hub_kwargs
+            source.repo_id, filename, subfolder=source.subfolder, revision=commit or source.revision, **hub_kwargs
         )
     except LocalEntryNotFoundError:
         raise _Missing(
@@ -267,13 +270,15 @@ def _fetch(source: ExpertSource, filename: str, hub_kwargs: dict[str, Any]) -> s
         raise ExpertError(f"Expert {label!r}: fetching {filename} failed: {error}") from None
 
 
-def _fetch_weights(source: ExpertSource, allow_pickle: bool, hub_kwargs: dict[str, Any]) -> str:
+def _fetch_weights(
+    source: ExpertSource, allow_pickle: bool, hub_kwargs: dict[str, Any], commit: Optional[str] = None
+) -> str:
     """The safetensors weights; a pickle checkpoint only when there are none and the user opted in."""
     try:
-        return _fetch(source, SAFETENSORS_WEIGHTS_NAME, hub_kwargs)
+        return _fetch(source, SAFETENSORS_WEIGHTS_NAME, hub_kwargs, commit)
     except _Missing as no_safetensors:
         try:
-            pickle_path = _fetch(source, WEIGHTS_NAME, hub_kwargs)
+            pickle_path = _fetch(source, WEIGHTS_NAME, hub_kwargs, commit)
         except _Missing:
             raise no_safetensors from None
     if not allow_pickle:
