@@ -129,12 +129,17 @@ class ExpertSet:
         return torch.cat([block.lora_A for block in blocks]), torch.cat([block.lora_B for block in blocks], dim=1)
 
     @torch.no_grad()
-    def copy_into(self, layer: LoraMixerLayer, adapter_name: str, module_name: str) -> None:
-        """Write the experts' factors into the layer (every rank slot of A and B belongs to an expert)."""
-        factors = self.factors(module_name)
-        if factors is not None:
-            layer.loramixer_A[adapter_name].copy_(factors[0])
-            layer.loramixer_B[adapter_name].copy_(factors[1])
+    def load_into(self, model: nn.Module, adapter_name: str, frozen: bool) -> None:
+        """Write the experts' factors into the adapter's layers (every rank slot of A and B is an expert's)."""
+        for key, layer in model.named_modules():
+            if not isinstance(layer, LoraMixerLayer) or adapter_name not in layer.loramixer_A:
+                continue
+            factors = self.factors(key)
+            if factors is not None:
+                layer.loramixer_A[adapter_name].copy_(factors[0])
+                layer.loramixer_B[adapter_name].copy_(factors[1])
+            if frozen:
+                layer.freeze_experts(adapter_name)
 
     def check_against(self, model: nn.Module) -> None:
         for expert in self.experts:

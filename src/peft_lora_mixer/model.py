@@ -19,7 +19,8 @@ from peft.utils import _get_submodules
 from torch import nn
 
 from .config import LoraMixerConfig
-from .experts import ExpertSet, load_experts, read_experts
+from .checkpoint import pinned_expert_weights, without_expert_weights
+from .experts import ExpertSet, load_experts
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .targets import DEFAULT_TARGET_MODULES
@@ -63,15 +64,7 @@ class LoraMixerModel(BaseTuner):
         finally:
             self._experts = None
         if experts is not None:  # outside PEFT's meta-device context of low_cpu_mem_usage, so the weights are real
-            self._load_experts_into_layers(model, adapter_name, experts)
-
-    def _load_experts_into_layers(self, model: nn.Module, adapter_name: str, experts: ExpertSet) -> None:
-        trainable = self.peft_config[adapter_name].trainable_experts
-        for key, module in model.named_modules():
-            if isinstance(module, LoraMixerLayer) and adapter_name in module.loramixer_A:
-                experts.copy_into(module, adapter_name, key)
-                if not trainable:
-                    module.freeze_experts(adapter_name)
+            experts.load_into(model, adapter_name, frozen=not config.trainable_experts)
 
     def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> list[str]:
         """Raise on any matched module that cannot be adapted, so injection never stops half-way.
@@ -171,30 +164,17 @@ class LoraMixerModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """PEFT's selection, minus the experts' weights when the config's pinned references stand for them."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if config.stores_expert_weights:
-            return selected
-        parameters = model.named_parameters()
-        trained = [name for name, p in parameters if p.requires_grad and _is_expert_weight(name, adapter_name)]
-        if trained:
-            raise ValueError(
-                f"The experts of adapter {adapter_name!r} are trainable ({trained[0]!r}, ...), but the checkpoint "
-                "would hold only the routers and the original experts' references, losing what the experts learned. "
-                "Set `save_expert_weights=True` in its config (or freeze the experts) before saving."
-            )
-        return {key: value for key, value in selected.items() if not _is_expert_weight(key, adapter_name)}
+        return selected if config.stores_expert_weights else without_expert_weights(model, selected, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: LoraMixerConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """A router-only checkpoint keeps the experts fetched at their pinned commits when the adapter was built."""
+        """A router-only checkpoint gets the experts fetched at their pinned commits when the adapter was built."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         if config.stores_expert_weights:
             return remapped
-        experts = {key: value for key, value in model.state_dict().items() if _is_expert_weight(key, adapter_name)}
-        if any(value.is_meta for value in experts.values()):  # low_cpu_mem_usage: the layers hold placeholders
-            experts = _read_expert_weights(model, config, adapter_name, like=experts)
-        return {**experts, **remapped}
+        return {**pinned_expert_weights(model, config, adapter_name), **remapped}
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(MERGE_ERROR)
@@ -205,22 +185,3 @@ class LoraMixerModel(BaseTuner):
         unguard_fused_mixers(model)
         return model
 
-
-def _read_expert_weights(
-    model: nn.Module, config: LoraMixerConfig, adapter_name: str, like: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The experts' weights read again from their (cached) sources, keyed and typed as the placeholders `like`."""
-    experts = read_experts(config)
-    weights = {}
-    for key, module in model.named_modules():
-        if isinstance(module, LoraMixerLayer) and adapter_name in module.loramixer_A:
-            device = module.get_base_layer().weight.device
-            lora_A, lora_B = experts.factors(key.removeprefix("base_model.model."))
-            for name, value in (("loramixer_A", lora_A), ("loramixer_B", lora_B)):
-                state_key = f"{key}.{name}.{adapter_name}"
-                weights[state_key] = value.to(device=device, dtype=like[state_key].dtype)
-    return weights
-
-
-def _is_expert_weight(key: str, adapter_name: str) -> bool:
-    return key.endswith((f".loramixer_A.{adapter_name}", f".loramixer_B.{adapter_name}"))
