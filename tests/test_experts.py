@@ -86,6 +86,26 @@ def test_forced_expert_equals_that_lora_alone(hub, sources):
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "model_type, targets",
+    [("gpt2", (["c_attn"], ["c_attn", "attn.c_proj"])), ("mamba", (["in_proj"], ["in_proj", "x_proj"]))],
+)
+def test_forced_expert_equals_that_lora_alone_on_other_architectures(tmp_path, model_type, targets):
+    """Conv1D projections (GPT-2) and SSM projections (Mamba) compose exactly too."""
+    folders = [
+        save_lora(tmp_path / f"e{i}", seed=i, base=tiny_model(model_type), r=2 + 2 * i, lora_alpha=4,
+                  target_modules=target)
+        for i, target in enumerate(targets)
+    ]
+    mixer = from_experts(tiny_model(model_type), folders, top_k=1)
+    for index, folder in enumerate(folders):
+        with torch.no_grad(), mixer.base_model.route_to(index):
+            logits = mixer(INPUT).logits
+        with torch.no_grad():
+            expected = PeftModel.from_pretrained(tiny_model(model_type), folder)(INPUT).logits
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
 def test_targets_union_and_absent_experts_are_masked(sources):
     mixer = get_peft_model(tiny_model("llama"), LoraMixerConfig(experts=sources, top_k=2))
     config = mixer.peft_config["default"]
