@@ -28,6 +28,6 @@ def from_experts(
     fetch the experts from the Hub, which are not part of the saved config (a token must never be).
     """
     config = LoraMixerConfig(experts=list(experts), **config_kwargs)
-    hub_kwargs = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only or None)
-    config.hub_kwargs = {key: value for key, value in hub_kwargs.items() if value is not None}
+    hub_kwargs = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    config.hub_kwargs = {key: value for key, value in hub_kwargs.items() if value}
     return get_peft_model(model, config, adapter_name=adapter_name)
