@@ -52,11 +52,20 @@ class HubCache:
 
 
 class HubServer:
-    """The Hub's HTTP API, as far as `push_to_hub` uses it, answering from memory."""
+    """The Hub's HTTP API, as far as file downloads and `push_to_hub` use it, answering from memory."""
 
     def __init__(self):
+        self.repos: dict[str, tuple[str, dict[str, bytes]]] = {}  # repo id -> (commit sha, files) at `main`
         self.commits: dict[str, list[dict[str, bytes]]] = {}
+        self.requests: list[httpx2.Request] = []
         self.unexpected: list[str] = []
+
+    def serve(self, repo_id: str, folder: str) -> str:
+        """Make the files of `folder` downloadable as `repo_id` at `main`; returns the commit sha."""
+        files = {name: Path(folder, name).read_bytes() for name in os.listdir(folder)}
+        sha = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+        self.repos[repo_id] = (sha, files)
+        return sha
 
     def client(self) -> httpx2.Client:
         return httpx2.Client(
@@ -66,13 +75,16 @@ class HubServer:
         )
 
     def handle(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
         path = request.url.path
+        if "/resolve/" in path:
+            return self._resolve(request)
         if request.method == "POST" and path == "/api/repos/create":
             name = json.loads(request.content)
             repo_id = f"{name['organization']}/{name['name']}" if name.get("organization") else name["name"]
             return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo_id}", "name": repo_id})
-        if "/resolve/" in path and path.endswith("/README.md"):
-            return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "not found"})
+        if path == "/api/agent-harnesses":  # huggingface_hub's user-agent registry: unavailable, so nothing is cached
+            return httpx2.Response(503)
         if path == "/api/validate-yaml":
             return httpx2.Response(200, json={})
         if request.method == "POST" and "/preupload/" in path:
@@ -93,3 +105,14 @@ class HubServer:
                                               "commitOid": oid})
         self.unexpected.append(f"{request.method} {request.url}")
         return httpx2.Response(500, json={"error": "unexpected request in test"})
+
+    def _resolve(self, request: httpx2.Request) -> httpx2.Response:
+        repo_id, _, rest = request.url.path.lstrip("/").partition("/resolve/")
+        revision, _, filename = rest.partition("/")
+        sha, files = self.repos.get(repo_id, (None, {}))
+        if filename not in files or revision not in ("main", sha):
+            return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "not found"})
+        content = files[filename]
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(content).hexdigest()}"',
+                   "Content-Length": str(len(content))}
+        return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else content)

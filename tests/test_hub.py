@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 
 from fake_hub import HubCache, HubServer
 from lora_experts import save_lora, save_pickle_lora
-from peft_lora_mixer import ExpertError, LoraMixerConfig
+from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
 from peft_lora_mixer.card import SECTION_END, SECTION_START
 from tiny_models import VOCAB, tiny_model
 
@@ -178,6 +178,18 @@ def server(monkeypatch) -> HubServer:
     _http.set_client_factory(server.client)
     yield server
     _http.set_client_factory(_http.default_client_factory)
+
+
+def test_online_fetch_sends_the_token_and_pins_the_served_commit(folders, server, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # only the in-memory server answers
+    sha = server.serve("org/private-lora", folders["math"])
+    mixer = from_experts(base_model(), ["org/private-lora"], top_k=1, token="hf_secret", cache_dir=str(tmp_path))
+    assert server.unexpected == []
+    fetches = [request for request in server.requests if "/org/private-lora/" in request.url.path]
+    assert fetches and all(request.headers["authorization"] == "Bearer hf_secret" for request in fetches)
+    assert mixer.peft_config["default"].resolved_experts[0]["revision"] == sha
+    mixer.save_pretrained(tmp_path / "router")
+    assert "hf_secret" not in (tmp_path / "router" / "adapter_config.json").read_text()
 
 
 def test_push_to_hub_uploads_a_loadable_router_with_our_card(hub, hub_experts, server, monkeypatch):
