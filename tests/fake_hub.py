@@ -2,8 +2,9 @@
 
 - `HubCache` lays repositories out in a Hugging Face cache exactly as downloads would
   (`models--org--name/{blobs/<hash>, snapshots/<sha>/<file> -> ../../blobs/<hash>, refs/<name>}`).
-- `HubServer` answers the HTTP requests `push_to_hub` makes (create repo, read the card, validate it, pre-upload,
-  commit) in memory, recording the files of each commit; nothing leaves the machine.
+- `HubServer` answers in memory the HTTP requests of file downloads (resolve) and of `push_to_hub` (create repo,
+  read the card, validate it, pre-upload, commit), recording requests and committed files; nothing leaves the
+  machine.
 """
 
 from __future__ import annotations
