@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 import httpx2
+import pytest
+from huggingface_hub import constants
 from huggingface_hub.utils import _http
 
 
@@ -25,6 +27,14 @@ class HubCache:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    @classmethod
+    def offline(cls, root: Path, monkeypatch: pytest.MonkeyPatch) -> HubCache:
+        """An empty cache at `root` that huggingface_hub resolves every id from, offline, for one test."""
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import by huggingface_hub
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+        return cls(root)
 
     def publish(self, repo_id: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",)) -> str:
         """Store one commit of `repo_id` holding `files` (path in repo -> content); returns its sha."""

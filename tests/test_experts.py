@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from huggingface_hub import constants
 from peft import IA3Config, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -21,12 +20,7 @@ INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch) -> HubCache:
-    """An empty Hugging Face cache, offline: huggingface_hub resolves every id from it."""
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import by huggingface_hub
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return HubCache(cache)
+    return HubCache.offline(tmp_path / "hf-cache", monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +145,8 @@ def test_trainable_experts_option(sources):
         assert any(part in name for name in trainable)
 
 
-def test_hub_options_reach_huggingface_hub(tmp_path, monkeypatch, folders):
+def test_hub_options_reach_huggingface_hub(hub, tmp_path, folders):
     """`cache_dir` is honoured: the experts resolve from a cache that is not the default one."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-default"))
     other = HubCache(tmp_path / "elsewhere")
     other.publish_folder("org/lora-math", folders["math"])
     with pytest.raises(ExpertError, match="org/lora-math"):

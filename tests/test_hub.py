@@ -26,11 +26,7 @@ BASE_ID = "test-org/tiny-llama"
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch) -> HubCache:
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import by huggingface_hub
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return HubCache(cache)
+    return HubCache.offline(tmp_path / "hf-cache", monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +106,7 @@ def test_router_only_reload_keeps_experts_frozen(hub, hub_experts, tmp_path, low
 
 def test_router_only_load_names_an_expert_it_cannot_fetch(hub, hub_experts, tmp_path, monkeypatch):
     trained_mixer(hub_experts).save_pretrained(tmp_path / "router")
-    elsewhere = HubCache(tmp_path / "fresh-cache")  # a machine that has the router but never fetched the experts
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(elsewhere.root))
+    elsewhere = HubCache.offline(tmp_path / "fresh-cache", monkeypatch)  # has the router, never fetched the experts
     elsewhere.publish("me/router", folder_files(tmp_path / "router"))
     with pytest.raises(ExpertError, match=r"Expert 'org/lora-math@[0-9a-f]{40}' cannot be resolved"):
         PeftModel.from_pretrained(base_model(), "me/router")
