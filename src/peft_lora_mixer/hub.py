@@ -45,8 +45,8 @@ def _card_step(create_or_update_model_card: Callable) -> Callable:
 
 def _upload_step(upload_modified_files: Callable) -> Callable:
     @functools.wraps(upload_modified_files)
-    def wrapper(self: Any, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(self, PeftModel) and _mixer_configs(self):
+    def wrapper(self: PeftModel, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        if _mixer_configs(self):
             self.create_or_update_model_card(working_dir, repo_id=repo_id)
         return upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
 

@@ -63,7 +63,7 @@ class LoraMixerModel(BaseTuner):
             super().inject_adapter(model, adapter_name, **kwargs)
         finally:
             self._experts = None
-        if experts is not None:  # outside PEFT's meta-device context of low_cpu_mem_usage, so the weights are real
+        if experts is not None:  # layers created empty (low_cpu_mem_usage) get the weights on load: see checkpoint
             experts.load_into(model, adapter_name, frozen=not config.trainable_experts)
 
     def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> list[str]:
