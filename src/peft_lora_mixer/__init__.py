@@ -5,8 +5,10 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 """
 
 from .config import LoraMixerConfig, LoraMixerPeftType
+from .experts import ExpertError
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
+from .plug_and_play import from_experts
 from .registration import register
 from .targets import DEFAULT_TARGET_MODULES
 
@@ -16,10 +18,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "ExpertError",
     "ExpertSpec",
     "LoraMixerConfig",
     "LoraMixerLayer",
     "LoraMixerModel",
     "LoraMixerPeftType",
+    "from_experts",
     "register",
 ]
