@@ -5,8 +5,10 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 """
 
 from .config import LoraMixerConfig, LoraMixerPeftType
+from .experts import ExpertError
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
+from .plug_and_play import from_experts
 from .registration import register
 from .rsl import RoutingLoss
 from .stats import ModuleRoutingStats
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "ExpertError",
     "ExpertIdsCollator",
     "ExpertSpec",
     "LoraMixerConfig",
@@ -28,5 +31,6 @@ __all__ = [
     "ModuleRoutingStats",
     "RoutingCallback",
     "RoutingLoss",
+    "from_experts",
     "register",
 ]

@@ -103,11 +103,18 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name, device=weight.device)
         self.set_adapter(self.active_adapters)
 
+    def freeze_experts(self, adapter_name: str) -> None:
+        """Keep the adapter's experts frozen (only its router trains), also through later `set_adapter` calls."""
+        frozen = dict(self.frozen_peft_weight_names)
+        frozen[adapter_name] = ("loramixer_A", "loramixer_B")
+        self.frozen_peft_weight_names = frozen
+        self._freeze_non_trainable_peft_weights(adapter_name)
+
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, ranks: Sequence[int], init_weights: bool) -> None:
         """Each expert's A as PEFT LoRA initialises it; B zero when `init_weights` (a no-op at start)."""
         for block in self.loramixer_A[adapter_name].split(list(ranks)):
-            if block.numel():
+            if block.numel():  # an expert absent from this projection has an empty block
                 nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         if init_weights:
             nn.init.zeros_(self.loramixer_B[adapter_name])
