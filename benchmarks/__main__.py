@@ -24,7 +24,7 @@ from .measure import Subject
 from .variants import REFERENCE, Variant, apply_variant, default_variants, parse_only
 from .workloads import WORKLOADS, Workload, default_workloads
 
-QUICK_ROWS = ["base", "lora-r8", "lora-r64", "xlora-8x8-k2", "mixer-e8-k2", "mixer-e64-k2"]
+QUICK_ROWS = ["base", "lora-r8", "lora-r64", "xlora-8x8-k2", "mixer-e8-k2", "mixer-e64-k2", "mixer-e64-k2-topk"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,11 +40,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per row first")
     parser.add_argument("--quick", action="store_true",
                         help=f"only {', '.join(QUICK_ROWS)}, 3 repeats, 1 generation call, 1 warm-up step")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: its own choice); 1 gives steadier ratios on a busy machine")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation measurement")
     parser.add_argument("--json", default="benchmark_results.json", help="where to write the results")
     args = parser.parse_args()
     if args.quick:
         args.rows = args.rows or QUICK_ROWS
+        args.routing = sorted(set(args.routing) | {"topk"})
         args.repeats, args.gen_repeats, args.warmup = 3, 1, 1
     return args
 
@@ -104,6 +107,8 @@ def format_table(workload: Workload, results: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,

@@ -45,14 +45,14 @@ WORKLOADS: dict[str, Workload] = {
         config=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=8, vocab_size=4096, max_position_embeddings=1024),
         target_modules=_QKVO,
-        batch=4, seq_len=256, prompt_len=64, new_tokens=64,
+        batch=4, seq_len=256, prompt_len=192, new_tokens=64,
     ),
     "mamba-cpu": Workload(
         name="mamba-cpu",
         model_type="mamba",
         config=dict(hidden_size=512, num_hidden_layers=4, state_size=16, expand=2, conv_kernel=4, vocab_size=4096),
         target_modules=("in_proj", "out_proj"),
-        batch=4, seq_len=256, prompt_len=64, new_tokens=64,
+        batch=4, seq_len=256, prompt_len=192, new_tokens=64,
     ),
     # TinyLlama-like shapes (~1.1B parameters), bf16 weights
     "llama-1b-gpu": Workload(

@@ -121,9 +121,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         router = self.loramixer_router[adapter_name]
         _, _, temperature = self.routing[adapter_name]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), router.weight.float(), router.bias.float())
-            logits = logits + self.loramixer_logit_mask[adapter_name]
-            return torch.softmax(logits / temperature, dim=-1)
+            logits = F.linear(_float32(x), _float32(router.weight), _float32(router.bias))
+            if self.expert_rank[adapter_name] is None:  # some expert may be absent (rank 0) on this projection
+                logits = logits + self.loramixer_logit_mask[adapter_name]
+            return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
     def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Per-token expert weights (float32), or the forced one-hot of `route_to`."""
@@ -148,9 +149,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             top_k = 1
         elif routing == "soft" or top_k >= num_experts or (routing == "hard_soft" and torch.is_grad_enabled()):
             return None
-        if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
-            return None
         if not prefer_selected_experts(x.numel() // x.shape[-1], num_experts, top_k):
+            return None
+        if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
             return None
         gates = self.gates(x, adapter_name).expand(*x.shape[:-1], num_experts)
         index = top_k_indices(gates, top_k)
@@ -195,6 +196,11 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "loramixer." + super().__repr__()
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor.float()` without a dispatcher call when it is float32 already (it runs on every decoding step)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 MERGE_ERROR = (
