@@ -53,7 +53,7 @@ def default_variants(routings: tuple[str, ...] = ("hard_soft",)) -> list[Variant
 
 def apply_variant(model: PreTrainedModel, variant: Variant, workload: Workload) -> PreTrainedModel:
     """`model` with the row's adapter on the workload's target modules (trainable as each method trains)."""
-    targets = list(workload.target_modules)
+    targets = list(workload.target_modules if variant.kind == "mixer" else workload.lora_target_modules)
     if variant.kind == "base":
         return model
     if variant.kind == "lora":
@@ -73,7 +73,7 @@ def _xlora(model: PreTrainedModel, variant: Variant, workload: Workload) -> Peft
     adapters = {}
     for i in range(variant.num_experts):
         lora = get_peft_model(model, LoraConfig(r=variant.r, lora_alpha=variant.r, target_modules=list(
-            workload.target_modules), init_lora_weights=False))
+            workload.lora_target_modules), init_lora_weights=False))
         lora.save_pretrained(folder / str(i))
         model = lora.unload()
         adapters[str(i)] = str(folder / str(i))

@@ -16,6 +16,7 @@ class Workload:
     model_type: str
     config: dict
     target_modules: tuple[str, ...]
+    lora_target_modules: tuple[str, ...]  # for PEFT LoRA and X-LoRA, which refuse Mamba's out_proj
     batch: int
     seq_len: int
     prompt_len: int
@@ -45,6 +46,7 @@ WORKLOADS: dict[str, Workload] = {
         config=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=8, vocab_size=4096, max_position_embeddings=1024),
         target_modules=_QKVO,
+        lora_target_modules=_QKVO,
         batch=4, seq_len=256, prompt_len=192, new_tokens=64,
     ),
     "mamba-cpu": Workload(
@@ -52,6 +54,7 @@ WORKLOADS: dict[str, Workload] = {
         model_type="mamba",
         config=dict(hidden_size=512, num_hidden_layers=4, state_size=16, expand=2, conv_kernel=4, vocab_size=4096),
         target_modules=("in_proj", "out_proj"),
+        lora_target_modules=("in_proj",),
         batch=4, seq_len=256, prompt_len=192, new_tokens=64,
     ),
     # TinyLlama-like shapes (~1.1B parameters), bf16 weights
@@ -61,6 +64,7 @@ WORKLOADS: dict[str, Workload] = {
         config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
         target_modules=_QKVO,
+        lora_target_modules=_QKVO,
         batch=8, seq_len=1024, prompt_len=256, new_tokens=128,
         device="cuda", dtype=torch.bfloat16,
     ),
