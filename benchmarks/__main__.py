@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"only {', '.join(QUICK_ROWS)}, 3 repeats, 1 generation call, 1 warm-up step")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (default: its own choice); 1 gives steadier ratios on a busy machine")
+                        help="CPU threads for PyTorch (default: its own); 1 gives steadier ratios on a busy machine")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation measurement")
     parser.add_argument("--json", default="benchmark_results.json", help="where to write the results")
     args = parser.parse_args()
@@ -95,9 +95,9 @@ def add_ratios(results: list[dict]) -> None:
 def format_table(workload: Workload, results: list[dict]) -> str:
     header = ("| row | train step ms | x LoRA r=8 | gen tok/s | x LoRA r=8 | peak train MiB | x LoRA r=8 | "
               "trainable params |")
-    lines = [f"{workload.name}: batch {workload.batch} x seq {workload.seq_len}; generation {workload.batch} x "
-             f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)", "", header,
-             "|" + "---|" * (header.count("|") - 1)]
+    title = (f"{workload.name}: batch {workload.batch} x seq {workload.seq_len}; generation {workload.batch} x "
+             f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)")
+    lines = [title, "", header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         gen = f"{r['gen_tok_s']:.0f} | {r['gen_ratio']:.2f}" if r["gen_tok_s"] else "- | -"
         lines.append(f"| {r['row']} | {r['train_ms']:.1f} | {r['train_ratio']:.2f} | {gen} | "
@@ -114,7 +114,7 @@ def main() -> None:
         torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
         machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
         cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        args={k: v for k, v in vars(args).items()}, workloads={},
+        args=vars(args), workloads={},
     )
     for name in args.workloads or default_workloads():
         workload = WORKLOADS[name]

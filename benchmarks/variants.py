@@ -5,7 +5,6 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from peft import LoraConfig, PeftModel, XLoraConfig, get_peft_model
 from transformers import PreTrainedModel
@@ -83,7 +82,7 @@ def _xlora(model: PreTrainedModel, variant: Variant, workload: Workload) -> Peft
     return get_peft_model(model, config)
 
 
-def parse_only(names: Optional[list[str]], rows: list[Variant]) -> list[Variant]:
+def parse_only(names: list[str] | None, rows: list[Variant]) -> list[Variant]:
     """The rows named in `names` (the reference row is always kept, since ratios need it)."""
     if not names:
         return rows

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 # Set by `python -m benchmarks.crossover` (one 512 -> 512 projection, rank-8 experts, `topk`, fp32, one CPU thread
-# of a shared 2-core machine; time of the selected-experts path / the dense path, training step, then inference):
-#   1024 tokens: E=8 k=1 0.95, 1.00 | E=16 k=2 1.03, 1.05 | E=16 k=1 0.60, 0.87 | E=32 k=2 0.78, 0.88 | E=64 k=2 0.64, 0.64
-#    256 tokens: E=8 k=1 0.98, 1.04 | E=16 k=2 0.93, 1.06 | E=16 k=1 0.79, 0.83 | E=32 k=2 0.86, 0.85 | E=64 k=2 0.73, 0.69
+# of a shared 2-core machine). Time of the selected-experts path / the dense path, for a training step, inference:
+#   1024 tokens: E=8 k=1 0.95, 1.00 | E=16 k=2 1.03, 1.05 | E=16 k=1 0.60, 0.87 | E=32 k=2 0.78, 0.88
+#                E=64 k=2 0.64, 0.64
+#    256 tokens: E=8 k=1 0.98, 1.04 | E=16 k=2 0.93, 1.06 | E=16 k=1 0.79, 0.83 | E=32 k=2 0.86, 0.85
+#                E=64 k=2 0.73, 0.69
 #      4 tokens: 1.2 to 1.8 for every E up to 64 (the fixed cost of grouping the rows dominates)
 # so it wins once E / k >= 16 with a few hundred tokens per call, and is break-even at E / k = 8.
 MIN_EXPERTS_PER_SELECTED = 16
