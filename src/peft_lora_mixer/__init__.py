@@ -5,10 +5,15 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 """
 
 from .config import LoraMixerConfig, LoraMixerPeftType
+from .experts import ExpertError
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
+from .plug_and_play import from_experts
 from .registration import register
+from .rsl import RoutingLoss
+from .stats import ModuleRoutingStats
 from .targets import DEFAULT_TARGET_MODULES
+from .trainer import ExpertIdsCollator, RoutingCallback
 
 register()
 
@@ -16,10 +21,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "ExpertError",
+    "ExpertIdsCollator",
     "ExpertSpec",
     "LoraMixerConfig",
     "LoraMixerLayer",
     "LoraMixerModel",
     "LoraMixerPeftType",
+    "ModuleRoutingStats",
+    "RoutingCallback",
+    "RoutingLoss",
+    "from_experts",
     "register",
 ]

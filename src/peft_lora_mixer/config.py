@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
+
+from .sources import ExpertSource, ExpertSourceLike
 
 ROUTING_MODES = ("hard_soft", "soft", "topk")
 
@@ -35,7 +38,10 @@ class LoraMixerConfig(PeftConfig):
     use_rslora: bool = field(
         default=False, metadata={"help": "Scale experts by lora_alpha / sqrt(r) (rank-stabilised LoRA)."}
     )
-    num_experts: int = field(default=4, metadata={"help": "Number of LoRA experts on each adapted projection."})
+    num_experts: Optional[int] = field(
+        default=None,
+        metadata={"help": "Number of LoRA experts on each adapted projection. Default: len(experts), else 4."},
+    )
     top_k: int = field(default=2, metadata={"help": "Experts kept per token by the `topk` and `hard_soft` modes."})
     routing: Literal["hard_soft", "soft", "topk"] = field(
         default="hard_soft",
@@ -80,17 +86,121 @@ class LoraMixerConfig(PeftConfig):
         },
     )
 
+    experts: Optional[list[ExpertSourceLike]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Existing PEFT LoRA adapters to use as frozen experts, in router order: Hub ids ('org/name', "
+                "'org/name@revision'), local folders, or dicts {'id', 'revision', 'subfolder'} / {'path'}. Ranks, "
+                "alphas, rsLoRA and target modules may differ; by default the mixer targets every module any expert "
+                "adapts. None: the experts are new LoRAs of rank `r` (the joint training regime)."
+            )
+        },
+    )
+    resolved_experts: Optional[list[dict[str, Any]]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Written when the adapter is created from `experts`: each expert pinned to the commit that was "
+                "resolved, with its rank and scaling per module. Loading uses these pins, never the moving "
+                "references in `experts`."
+            )
+        },
+    )
+    save_expert_weights: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Whether `save_pretrained` writes the experts' weights next to the routers. None: only when an expert "
+                "is a local folder or `trainable_experts` is set; frozen Hub experts are then saved as their pinned "
+                "references, so the checkpoint holds only the routers."
+            )
+        },
+    )
+    trainable_experts: bool = field(
+        default=False, metadata={"help": "Train the experts from `experts` together with the routers."}
+    )
+    allow_pickle_experts: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Accept experts that only have a pickle checkpoint (adapter_model.bin). Off by default: unpickling "
+                "can run arbitrary code. Such files are read with torch.load(weights_only=True). Never saved: whoever "
+                "loads a mixer decides again (`PeftModel.from_pretrained(..., allow_pickle_experts=True)`)."
+            )
+        },
+    )
+    add_routing_loss: bool = field(
+        default=True,
+        metadata={"help": "Add the Routing Specialization Loss to `outputs.loss` when training with labels."},
+    )
+    rsl_balance_weight: float = field(
+        default=0.01, metadata={"help": "alpha: weight of the RSL balance term alpha * E * sum_i pbar_i * fbar_i."}
+    )
+    rsl_entropy_weight: float = field(
+        default=0.01,
+        metadata={"help": "lambda: weight of the per-token routing entropy (the start value when adaptive)."},
+    )
+    rsl_entropy_sign: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "+1 minimises the mean per-token entropy (sharp, input-aware routing; the paper's text). "
+                "-1 maximises it (the sign printed in the paper's equation)."
+            )
+        },
+    )
+    rsl_entropy_target: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Target mean per-token entropy in nats, in [0, log(num_experts)]. When set, lambda is adapted after "
+                "every training forward: lambda <- max(0, lambda + rsl_entropy_adapt_rate * sign * (H - target))."
+            )
+        },
+    )
+    rsl_entropy_adapt_rate: float = field(
+        default=0.01, metadata={"help": "Step size of the adaptive lambda (used with `rsl_entropy_target`)."}
+    )
+    rsl_preservation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "beta: weight of beta * sum_e ||theta_e - theta_e(0)||^2 over the experts that stay trainable, "
+                "theta_e(0) being their weights when `set_trainable` was called."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.hub_kwargs: dict[str, Any] = {}  # cache_dir / token for fetching experts; never saved
         self.peft_type = LoraMixerPeftType.LORAMIXER
         self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
+        if self.num_experts is None:
+            self.num_experts = len(self.experts) if self.experts else 4
         self._validate()
 
     def _validate(self) -> None:
         """Refuse values that cannot work, before any model is touched."""
+        if self.experts is not None:
+            if not isinstance(self.experts, (list, tuple)) or not self.experts:
+                raise ValueError(f"`experts` must be a non-empty list of adapter sources, got {self.experts!r}.")
+            if self.num_experts != len(self.experts):
+                raise ValueError(
+                    f"`num_experts`={self.num_experts} but {len(self.experts)} `experts` were given; leave "
+                    "`num_experts` unset, it follows the list."
+                )
+            for source in self.experts:
+                ExpertSource.parse(source)  # a malformed source fails here, not when the model is built
+            if self.trainable_experts and self.save_expert_weights is False:
+                raise ValueError(
+                    "`trainable_experts=True` with `save_expert_weights=False` would save the routers with the "
+                    "original experts' references and lose the trained experts; leave `save_expert_weights` unset."
+                )
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
         if not isinstance(self.num_experts, int) or self.num_experts <= 0:
@@ -109,6 +219,53 @@ class LoraMixerConfig(PeftConfig):
             raise ValueError("`layers_pattern` only applies together with `layers_to_transform`.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be combined with a regex `target_modules`.")
+        self._validate_routing_loss()
+
+    def _validate_routing_loss(self) -> None:
+        """The RSL weights are non-negative finite numbers; the sign picks the direction instead."""
+        for name in ("rsl_balance_weight", "rsl_entropy_weight", "rsl_entropy_adapt_rate", "rsl_preservation_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if self.rsl_entropy_sign not in (1, -1) or isinstance(self.rsl_entropy_sign, bool):
+            raise ValueError(
+                f"`rsl_entropy_sign` must be 1 (minimise per-token entropy) or -1 (maximise it), "
+                f"got {self.rsl_entropy_sign!r}."
+            )
+        target = self.rsl_entropy_target
+        if target is not None and not 0 <= target <= math.log(self.num_experts):
+            raise ValueError(
+                f"`rsl_entropy_target` must lie in [0, log(num_experts)] = [0, {math.log(self.num_experts):.4f}] "
+                f"nats, got {target!r}."
+            )
+
+    @property
+    def expert_sources(self) -> list[ExpertSource]:
+        """The parsed `experts`, in router order."""
+        return [ExpertSource.parse(source) for source in self.experts or ()]
+
+    @property
+    def stores_expert_weights(self) -> bool:
+        """Whether the checkpoint carries the experts' weights (else only the routers and the pinned references)."""
+        if not self.experts:
+            return True
+        if self.save_expert_weights is not None:
+            return self.save_expert_weights
+        return self.trainable_experts or not all(source.is_hub for source in self.expert_sources)
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict, without `allow_pickle_experts`: trusting pickle files is the loading user's decision."""
+        config = super().to_dict()
+        del config["allow_pickle_experts"]
+        return config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loader, keeping `cache_dir` / `token` / `local_files_only` to fetch the experts the same way."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        hub_keys = ("cache_dir", "token", "local_files_only")
+        config.hub_kwargs = {key: kwargs[key] for key in hub_keys if kwargs.get(key) is not None}
+        return config
 
     @property
     def expert_scaling(self) -> float:

@@ -68,6 +68,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.routing: dict[str, tuple[str, int, float]] = {}
         self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
         self.forced_expert_ids: Optional[torch.Tensor] = None
+        self.routing_observer = None  # set by the tuner while the RSL or routing statistics are wanted
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -106,11 +107,19 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name, device=weight.device)
         self.set_adapter(self.active_adapters)
 
+    def freeze_experts(self, adapter_name: str) -> None:
+        """Keep the adapter's experts frozen (only its router trains), also through later `set_adapter` calls."""
+        frozen = dict(self.frozen_peft_weight_names)
+        frozen[adapter_name] = ("loramixer_A", "loramixer_B")
+        self.frozen_peft_weight_names = frozen
+        self._freeze_non_trainable_peft_weights(adapter_name)
+
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, ranks: Sequence[int], init_weights: bool) -> None:
         """Each expert's A as PEFT LoRA initialises it; B zero when `init_weights` (a no-op at start)."""
         for block in self.loramixer_A[adapter_name].split(list(ranks)):
-            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+            if block.numel():  # an expert absent from this projection has an empty block
+                nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         if init_weights:
             nn.init.zeros_(self.loramixer_B[adapter_name])
         else:
@@ -132,7 +141,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         if self.forced_expert_ids is not None:
             return forced_gates(self.forced_expert_ids, num_experts, like=x)
         routing, top_k, _ = self.routing[adapter_name]
-        return gates_from_probs(self.router_probs(x, adapter_name), routing, top_k)
+        probs = self.router_probs(x, adapter_name)
+        if self.routing_observer is not None:
+            probs = self.routing_observer.observe(self, adapter_name, probs)
+        return gates_from_probs(probs, routing, top_k)
 
     def selected_routes(self, x: torch.Tensor, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(expert index, gate) of the experts each token uses, when computing only those is exact and faster.

@@ -19,21 +19,26 @@ from peft.utils import _get_submodules
 from torch import nn
 
 from .config import LoraMixerConfig
+from .checkpoint import pinned_expert_weights, without_expert_weights
+from .experts import ExpertSet, load_experts
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .targets import DEFAULT_TARGET_MODULES
+from .training import RoutingTrainingMixin
 
 
-class LoraMixerModel(BaseTuner):
+class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
     """Replaces each targeted projection by a `LoraMixerLayer`; everything else is PEFT's own machinery.
 
     Use through `peft.get_peft_model(model, LoraMixerConfig(...))`. Besides the usual PEFT methods it offers
-    `route_to(expert_ids)`, the forced routing of stage-1 expert training.
+    `route_to(expert_ids)`, the forced routing of stage-1 expert training, and the training API of
+    `RoutingTrainingMixin` (routing loss, routing statistics, `set_trainable`).
     """
 
     prefix = "loramixer_"
     tuner_layer_cls = LoraMixerLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
+    _experts: Optional[ExpertSet] = None  # the experts of the adapter being injected, for their ranks and scalings
 
     def _prepare_adapter_config(self, peft_config: LoraMixerConfig, model_config: dict) -> LoraMixerConfig:
         if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
@@ -45,16 +50,39 @@ class LoraMixerModel(BaseTuner):
         return super()._prepare_adapter_config(peft_config, model_config)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        self._check_targets(model, self.peft_config[adapter_name])  # before the model is touched
-        super().inject_adapter(model, adapter_name, **kwargs)
+        config = self.peft_config[adapter_name]
+        experts = load_experts(config, model)  # fetched and checked before the model is touched
+        if experts is None:
+            self._check_targets(model, config)
+        else:
+            targets = set(experts.module_names) if config.target_modules is None else config.target_modules
+            checked = copy.copy(config)
+            checked.target_modules = targets
+            experts.check_covers(self._check_targets(model, checked))
+            config.target_modules, config.resolved_experts = targets, experts.references()
+        self._experts = experts
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        finally:
+            self._experts = None
+        if experts is not None:  # layers created empty (low_cpu_mem_usage) get the weights on load: see checkpoint
+            experts.load_into(model, adapter_name, frozen=not config.trainable_experts)
+        self._install_training_hooks()
 
-    def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> None:
-        """Raise on any matched module that cannot be adapted, so injection never stops half-way."""
+    def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> list[str]:
+        """Raise on any matched module that cannot be adapted, so injection never stops half-way.
+
+        Returns the names of the modules the config matches.
+        """
         config = self._prepare_adapter_config(copy.deepcopy(peft_config), self.get_model_config(model))
         config = _maybe_include_all_linear_layers(config, model)
+        matched = []
         for key, module in model.named_modules():
             match = check_target_module_exists(config, key) if key else None
-            if not match or isinstance(match, _ExcludedModule) or isinstance(module, LoraMixerLayer):
+            if not match or isinstance(match, _ExcludedModule):
+                continue
+            matched.append(key)
+            if isinstance(module, LoraMixerLayer):
                 continue
             if isinstance(module, BaseTunerLayer):
                 raise ValueError(
@@ -67,6 +95,7 @@ class LoraMixerModel(BaseTuner):
                 raise TypeError(f"Cannot adapt {key!r}: {error}") from None
             parent, _, target_name = _get_submodules(model, key)
             check_supported_ssm_target(parent, target_name, key)
+        return matched
 
     def _create_and_replace(
         self,
@@ -78,7 +107,10 @@ class LoraMixerModel(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
-        experts = [ExpertSpec(peft_config.r, peft_config.expert_scaling)] * peft_config.num_experts
+        if self._experts is None:
+            experts = [ExpertSpec(peft_config.r, peft_config.expert_scaling)] * peft_config.num_experts
+        else:
+            experts = self._experts.specs(current_key)
         layer_kwargs = dict(
             routing=peft_config.routing,
             top_k=peft_config.top_k,
@@ -124,11 +156,36 @@ class LoraMixerModel(BaseTuner):
             for layer, ids_before in zip(layers, previous):
                 layer.forced_expert_ids = ids_before
 
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: LoraMixerConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's selection, minus the experts' weights when the config's pinned references stand for them."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return selected if config.stores_expert_weights else without_expert_weights(model, selected, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: LoraMixerConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A router-only checkpoint gets the experts fetched at their pinned commits when the adapter was built."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        if config.stores_expert_weights:
+            return remapped
+        return {**pinned_expert_weights(model, config, adapter_name), **remapped}
+
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(MERGE_ERROR)
 
     def unload(self) -> nn.Module:
         """The base model with every mixer layer removed and the Mamba mixers' hooks taken off."""
+        self._remove_training_hooks()
         model = super().unload()
         unguard_fused_mixers(model)
         return model
+

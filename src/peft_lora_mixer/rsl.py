@@ -1,0 +1,110 @@
+"""The Routing Specialization Loss (RSL) of LoRA-Mixer as pure functions of one router's probabilities.
+
+For one router with probabilities `p` (tokens x E) over its valid tokens:
+
+    RSL = alpha * E * sum_i pbar_i * fbar_i  +  sign * lambda * mean_t H(p_t)
+
+`pbar_i` is the mean probability of expert i and `fbar_i` the fraction of tokens whose top-k holds i (not
+differentiable: the balance gradient flows through `pbar`, as in Switch Transformers). With perfectly even
+routing the balance term equals `alpha * top_k`. `E` counts the experts present on the router (absent ones have
+probability 0). The model averages the RSL over its routers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .routing import top_k_indices
+
+
+@dataclass(frozen=True)
+class RoutingLoss:
+    """The last training forward's RSL and its parts (detached scalars), as added to `outputs.loss`.
+
+    `balance` and `entropy` are the unweighted terms averaged over the routers, `preservation` the unweighted
+    sum of squared distances. `outputs.loss` received `scale * total`, where (one adapter)
+    `total = alpha * balance + sign * entropy_weight * entropy + beta * preservation`; `scale` is 1, or the
+    micro-batch's share of the label tokens when the Trainer normalises the loss by token count.
+    """
+
+    total: torch.Tensor
+    balance: torch.Tensor
+    entropy: torch.Tensor
+    preservation: torch.Tensor
+    entropy_weight: torch.Tensor
+    scale: torch.Tensor
+
+    def as_tensors(self, prefix: str = "rsl/") -> dict[str, torch.Tensor]:
+        """The parts as 0-d tensors, left on their device (summing them needs no synchronisation)."""
+        return {
+            f"{prefix}total": self.total,
+            f"{prefix}balance": self.balance,
+            f"{prefix}entropy": self.entropy,
+            f"{prefix}preservation": self.preservation,
+            f"{prefix}entropy_weight": self.entropy_weight,
+        }
+
+    def as_logs(self, prefix: str = "rsl/") -> dict[str, float]:
+        """The parts as plain floats for a training log."""
+        return {key: value.item() for key, value in self.as_tensors(prefix).items()}
+
+
+def valid_tokens(probs: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The probabilities of the tokens that count, flattened to (tokens, E); padding dropped by `token_mask`."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    if token_mask is None:
+        return flat
+    return flat[token_mask.reshape(-1).to(device=flat.device, dtype=torch.bool)]
+
+
+def token_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy in nats; experts with probability 0 contribute 0, with a finite gradient."""
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
+
+
+def top_k_fraction(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """fbar: for each expert, the fraction of tokens whose top-k holds it (sums to top_k)."""
+    chosen = torch.zeros_like(probs).scatter(-1, top_k_indices(probs.detach(), top_k), 1.0)
+    return chosen.mean(0)
+
+
+def balance_term(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """E * sum_i pbar_i * fbar_i over the experts present (those with any probability mass)."""
+    num_present = (probs.detach() > 0).any(0).sum().clamp_min(1)
+    return num_present * (probs.mean(0) * top_k_fraction(probs, top_k)).sum()
+
+
+def router_loss_parts(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(balance term, mean per-token entropy) of one router's valid-token probabilities (tokens x E)."""
+    if probs.shape[0] == 0:
+        zero = probs.sum() * 0.0
+        return zero, zero
+    return balance_term(probs, top_k), token_entropy(probs).mean()
+
+
+def specialization_loss(
+    probs: torch.Tensor, top_k: int, balance_weight: float, entropy_weight: float, entropy_sign: int
+) -> torch.Tensor:
+    """One router's RSL: alpha * balance + sign * lambda * entropy."""
+    balance, entropy = router_loss_parts(probs, top_k)
+    return balance_weight * balance + entropy_sign * entropy_weight * entropy
+
+
+def preservation_term(current: torch.Tensor, anchor: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """||theta - theta(0)||^2 over the rank slots of the trainable experts (`keep`, a bool mask along `dim`)."""
+    diff = current - anchor
+    shape = [1] * diff.dim()
+    shape[dim] = -1
+    return (diff.square() * keep.view(shape).to(diff.dtype)).sum()
+
+
+def update_entropy_weight(weight: float, entropy: float, target: float, rate: float, sign: int) -> float:
+    """One step of the Lagrange-multiplier controller for lambda, kept >= 0.
+
+    With `sign=+1` the entropy is minimised: an entropy above target raises lambda (pushes harder), one below
+    target lowers it. `sign=-1` mirrors this for maximisation.
+    """
+    return max(0.0, weight + rate * sign * (entropy - target))

@@ -1,0 +1,75 @@
+"""Routing statistics per adapted module: how often each expert is chosen and how sharp the choice is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rsl import token_entropy, top_k_fraction
+
+
+@dataclass(frozen=True)
+class ModuleRoutingStats:
+    """Routing of one module over the tokens seen since the statistics were last reset (padding excluded).
+
+    `usage[i]`: fraction of tokens whose top-1 expert is i (sums to 1). `top_k_usage[i]`: fraction whose top-k
+    holds i. `probability[i]`: mean router probability of i. `entropy`: mean per-token entropy in nats.
+    """
+
+    tokens: int
+    usage: torch.Tensor
+    top_k_usage: torch.Tensor
+    probability: torch.Tensor
+    entropy: float
+
+
+class RoutingStatsAccumulator:
+    """Running sums per module, kept on the routers' device until read (no synchronisation while training)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, probs: torch.Tensor, top_k: int) -> None:
+        """Add one forward's valid-token probabilities (tokens x E) of module `name`."""
+        count = probs.new_tensor(float(probs.shape[0]))
+        top1 = torch.zeros_like(probs).scatter(-1, probs.argmax(-1, keepdim=True), 1.0).sum(0)
+        top_k_hits = top_k_fraction(probs, top_k) * count if probs.shape[0] else torch.zeros_like(top1)
+        new = [count, top1, top_k_hits, probs.sum(0), token_entropy(probs).sum()]
+        old = self._sums.get(name)
+        self._sums[name] = new if old is None else [a + b for a, b in zip(old, new)]
+
+    def summary(self) -> dict[str, ModuleRoutingStats]:
+        result = {}
+        for name, (count, top1, top_k_hits, prob_sum, entropy_sum) in self._sums.items():
+            denominator = count.clamp_min(1.0)
+            result[name] = ModuleRoutingStats(
+                tokens=int(count.item()),
+                usage=(top1 / denominator).cpu(),
+                top_k_usage=(top_k_hits / denominator).cpu(),
+                probability=(prob_sum / denominator).cpu(),
+                entropy=(entropy_sum / denominator).item(),
+            )
+        return result
+
+    def reset(self) -> None:
+        self._sums.clear()
+
+
+def summarize(stats: dict[str, ModuleRoutingStats]) -> dict[str, float]:
+    """Model-wide figures for a log: mean entropy, and the balance of top-1 usage (1 = every expert equally used).
+
+    Balance is the entropy of each module's usage divided by log(E), averaged over modules.
+    """
+    if not stats:
+        return {}
+    entropies = [module.entropy for module in stats.values()]
+    balances = [usage_balance(module.usage) for module in stats.values()]
+    return {"routing/entropy": sum(entropies) / len(entropies), "routing/balance": sum(balances) / len(balances)}
+
+
+def usage_balance(usage: torch.Tensor) -> float:
+    """Normalised entropy of a usage distribution: 1 when uniform over its experts, 0 when one expert takes all."""
+    if usage.numel() < 2:
+        return 1.0
+    return (token_entropy(usage) / torch.log(torch.tensor(float(usage.numel())))).item()

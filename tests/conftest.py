@@ -1,0 +1,16 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network; set before huggingface_hub loads
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import peft_lora_mixer  # noqa: E402,F401  (registers LoRA-Mixer with PEFT)
+
+# Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits slow every op many-fold.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

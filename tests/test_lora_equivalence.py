@@ -1,0 +1,72 @@
+"""A routed expert forced one-hot equals PEFT's own LoRA holding the same A/B weights."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import VOCAB, tiny_model
+
+from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
+
+
+def copy_expert_into_lora(mixer_model, lora_model, expert: int, rank: int) -> None:
+    """Write expert `expert`'s rank slots of every mixer layer into the matching PEFT LoRA layer."""
+    lora_modules = dict(lora_model.named_modules())
+    for name, module in mixer_model.named_modules():
+        if isinstance(module, LoraMixerLayer):
+            lora_layer = lora_modules[name]
+            rows = slice(expert * rank, (expert + 1) * rank)
+            with torch.no_grad():
+                lora_layer.lora_A["default"].weight.copy_(module.loramixer_A["default"][rows])
+                lora_layer.lora_B["default"].weight.copy_(module.loramixer_B["default"][:, rows])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3", "mamba"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forced_expert_equals_peft_lora(model_type, use_rslora):
+    rank, alpha, experts = 4, 12, 3
+    targets = {"gpt2": ["c_attn", "attn.c_proj"], "phi3": ["qkv_proj", "o_proj"], "mamba": ["in_proj"]}  # PEFT LoRA refuses Mamba out_proj
+    target_modules = targets.get(model_type, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    mixer_model = get_peft_model(
+        tiny_model(model_type),
+        LoraMixerConfig(num_experts=experts, r=rank, lora_alpha=alpha, use_rslora=use_rslora,
+                        target_modules=target_modules, init_weights=False),
+    )
+    lora_model = get_peft_model(
+        tiny_model(model_type),
+        LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=target_modules,
+                   fan_in_fan_out=model_type == "gpt2"),
+    )
+    ids = torch.randint(0, VOCAB, (2, 7))
+    for expert in range(experts):
+        copy_expert_into_lora(mixer_model, lora_model, expert, rank)
+        with torch.no_grad(), mixer_model.route_to(expert):
+            routed = mixer_model(input_ids=ids).logits
+        with torch.no_grad():
+            expected = lora_model(input_ids=ids).logits
+        torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_route_to_one_expert_per_sample():
+    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, r=2, init_weights=False))
+    ids = torch.randint(0, VOCAB, (3, 6))
+    with torch.no_grad():
+        with model.route_to([2, 0, 1]):
+            mixed = model(input_ids=ids).logits
+        for sample, expert in enumerate([2, 0, 1]):
+            with model.route_to(expert):
+                alone = model(input_ids=ids[sample : sample + 1]).logits
+            torch.testing.assert_close(mixed[sample : sample + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_route_to_restores_learned_routing_and_checks_ids():
+    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, r=2, init_weights=False))
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        learned = model(input_ids=ids).logits
+        with model.route_to([0, 1]):
+            assert not torch.allclose(model(input_ids=ids).logits, learned)
+        assert torch.equal(model(input_ids=ids).logits, learned)
+    for bad in ([0, 3], [-1], []):
+        with pytest.raises(ValueError, match="expert ids must lie in"):
+            with model.route_to(bad):
+                pass

@@ -1,0 +1,127 @@
+"""The routed computation against an independent per-expert reference, for every routing mode."""
+
+import pytest
+import torch
+from torch import nn
+
+from peft_lora_mixer import ExpertSpec, LoraMixerLayer
+
+IN, OUT, R, E = 12, 10, 3, 5
+
+
+def make_layer(routing: str, top_k: int, num_experts: int = E, temperature: float = 1.0) -> LoraMixerLayer:
+    torch.manual_seed(0)
+    layer = LoraMixerLayer(
+        nn.Linear(IN, OUT),
+        "default",
+        [ExpertSpec(R, 2.0 / R)] * num_experts,
+        routing=routing,
+        top_k=top_k,
+        router_temperature=temperature,
+        lora_dropout=0.0,
+        init_weights=False,
+    )
+    return layer
+
+
+def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
+    """Per-token loop: keep the k largest (lowest index first among equals), renormalise."""
+    if routing == "soft" or k == probs.shape[-1]:
+        return probs.clone()
+    gates = torch.zeros_like(probs)
+    for t in range(probs.shape[0]):
+        order = sorted(range(probs.shape[1]), key=lambda e: (-probs[t, e].item(), e))[:k]
+        total = sum(probs[t, e] for e in order)
+        for e in order:
+            gates[t, e] = probs[t, e] / total
+    return gates
+
+
+def reference_output(layer: LoraMixerLayer, x: torch.Tensor, routing: str, k: int, temperature: float = 1.0):
+    """W x + sum_e g_e s_e B_e A_e x with one loop over experts and plain matrix products."""
+    router = layer.loramixer_router["default"]
+    probs = torch.softmax((x @ router.weight.T + router.bias) / temperature, dim=-1)
+    gates = reference_gates(probs, routing, k)
+    base = layer.base_layer
+    out = x @ base.weight.T + base.bias
+    A, B = layer.loramixer_A["default"], layer.loramixer_B["default"]
+    for e in range(router.out_features):
+        A_e, B_e = A[e * R : (e + 1) * R], B[:, e * R : (e + 1) * R]
+        out = out + gates[:, e : e + 1] * (2.0 / R) * (x @ A_e.T @ B_e.T)
+    return out
+
+
+@pytest.mark.parametrize("routing", ["soft", "topk", "hard_soft"])
+@pytest.mark.parametrize("top_k", [1, 2, E])
+def test_matches_per_expert_reference(routing, top_k):
+    layer = make_layer(routing, top_k, temperature=0.7)
+    x = torch.randn(17, IN)
+    torch.testing.assert_close(layer(x), reference_output(layer, x, routing, top_k, 0.7), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["topk", "hard_soft"])
+def test_ties_go_to_lower_expert_index(routing):
+    layer = make_layer(routing, top_k=2)
+    with torch.no_grad():
+        layer.loramixer_router["default"].weight.zero_()
+        layer.loramixer_router["default"].bias.copy_(torch.tensor([0.0, 1.0, 1.0, 1.0, -1.0]))
+    x = torch.randn(4, IN)
+    gates = layer.gates(x, "default")
+    assert torch.equal(gates[:, 3], torch.zeros(4)) and torch.equal(gates[:, 0], torch.zeros(4))
+    torch.testing.assert_close(gates[:, 1:3], torch.full((4, 2), 0.5))
+    torch.testing.assert_close(layer(x), reference_output(layer, x, routing, 2))
+
+
+@pytest.mark.parametrize("routing", ["topk", "hard_soft"])
+def test_top_k_equal_to_num_experts_is_soft(routing):
+    x = torch.randn(9, IN)
+    torch.testing.assert_close(make_layer(routing, top_k=E)(x), make_layer("soft", top_k=E)(x))
+
+
+def test_hard_soft_forward_is_sparse_and_router_gradient_is_dense_softmax():
+    layer = make_layer("hard_soft", top_k=2)
+    x = torch.randn(6, IN)
+    router = layer.loramixer_router["default"]
+    upstream = torch.randn(6, E)
+
+    gates = layer.gates(x, "default")
+    assert torch.equal((gates > 0).sum(-1), torch.full((6,), 2))
+    torch.testing.assert_close(gates, reference_gates(layer.router_probs(x, "default").detach(), "topk", 2))
+    (gates * upstream).sum().backward()
+    straight_through = router.weight.grad.clone()
+
+    router.weight.grad = None
+    (layer.router_probs(x, "default") * upstream).sum().backward()
+    torch.testing.assert_close(straight_through, router.weight.grad)
+
+
+def test_topk_router_gradient_only_through_kept_experts():
+    layer = make_layer("topk", top_k=1)
+    x = torch.randn(1, IN)
+    gates = layer.gates(x, "default")
+    gates.sum().backward()  # renormalised top-1 is constant 1: no gradient at all reaches the router
+    assert torch.count_nonzero(layer.loramixer_router["default"].weight.grad) == 0
+
+
+def test_forced_routing_is_one_hot_per_sample():
+    layer = make_layer("hard_soft", top_k=2)
+    x = torch.randn(3, 4, IN)
+    layer.forced_expert_ids = torch.tensor([4, 0, 2])
+    gates = layer.gates(x, "default")
+    expected = torch.nn.functional.one_hot(torch.tensor([4, 0, 2]), E).float()[:, None, :].expand(3, 4, E)
+    assert torch.equal(gates.expand(3, 4, E), expected)
+    layer.forced_expert_ids = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="one expert id per sample"):
+        layer(x)
+
+
+def test_absent_expert_gets_no_weight():
+    torch.manual_seed(0)
+    layer = LoraMixerLayer(
+        nn.Linear(IN, OUT), "default", [ExpertSpec(R, 1.0), ExpertSpec(0, 1.0), ExpertSpec(2, 0.5)],
+        routing="soft", top_k=3, router_temperature=1.0, lora_dropout=0.0, init_weights=False,
+    )
+    gates = layer.gates(torch.randn(5, IN), "default")
+    assert torch.equal(gates[:, 1], torch.zeros(5))
+    torch.testing.assert_close(gates.sum(-1), torch.ones(5))
+    assert layer.loramixer_A["default"].shape == (R + 2, IN)
