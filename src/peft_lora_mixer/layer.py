@@ -14,7 +14,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .routing import forced_gates, gates_from_probs
+from .routing import forced_gates, gates_from_probs, top_k_indices
+from .sparse import grouped_mm_supported, prefer_selected_experts, selected_experts_delta
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,15 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
     """Wraps a projection `W` and adds `sum_e g_e(x) s_e B_e A_e x`, computed as one wide LoRA.
 
     The experts' A matrices are stacked into `A_cat` (sum r_e x in) and their B matrices into `B_cat`
-    (out x sum r_e); each rank slot carries the index of its expert and that expert's scaling. The forward is
+    (out x sum r_e); each rank slot carries the index of its expert. The forward is
     then two matrix multiplies whatever the number of experts: `h = x A_cat^T`, `h *= gate[slot_expert] * scale`,
-    `delta = h B_cat^T`. The router is fed the undropped input and runs in float32.
+    `delta = h B_cat^T`. When few of many equal-rank experts are selected per token, and no gradient has to reach
+    the others, only the selected experts are computed instead (see `selected_routes`). The router is fed the
+    undropped input and runs in float32.
     """
 
     adapter_layer_names = ("loramixer_A", "loramixer_B", "loramixer_router")
-    other_param_names = ("loramixer_slot_expert", "loramixer_slot_scaling", "loramixer_logit_mask")
+    other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_logit_mask")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, experts: Sequence[ExpertSpec], **update_kwargs):
         super().__init__()
@@ -60,9 +63,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_dropout = nn.ModuleDict()
         # derived from the experts' specs at construction, so they are not saved (persistent=False)
         self.loramixer_slot_expert = BufferDict(persistent=False)
-        self.loramixer_slot_scaling = BufferDict(persistent=False)
+        self.loramixer_expert_scaling = BufferDict(persistent=False)
         self.loramixer_logit_mask = BufferDict(persistent=False)
         self.routing: dict[str, tuple[str, int, float]] = {}
+        self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
         self.forced_expert_ids: Optional[torch.Tensor] = None
         self.routing_observer = None  # set by the tuner while the RSL or routing statistics are wanted
         self._disable_adapters = False
@@ -85,8 +89,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         if not any(ranks):
             raise ValueError(f"Adapter {adapter_name!r} has no expert on this projection.")
         slot_expert = torch.repeat_interleave(torch.arange(len(experts)), torch.tensor(ranks))
-        slot_scaling = torch.repeat_interleave(torch.tensor([e.scaling for e in experts], dtype=torch.float32),
-                                               torch.tensor(ranks))
+        expert_scaling = torch.tensor([e.scaling for e in experts], dtype=torch.float32)
         logit_mask = torch.tensor([0.0 if r else -math.inf for r in ranks], dtype=torch.float32)
 
         weight = self.get_base_layer().weight
@@ -96,9 +99,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_router[adapter_name] = nn.Linear(self.in_features, len(experts))
         self.loramixer_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.loramixer_slot_expert[adapter_name] = slot_expert
-        self.loramixer_slot_scaling[adapter_name] = slot_scaling
+        self.loramixer_expert_scaling[adapter_name] = expert_scaling
         self.loramixer_logit_mask[adapter_name] = logit_mask
         self.routing[adapter_name] = (routing, top_k, router_temperature)
+        self.expert_rank[adapter_name] = ranks[0] if len(set(ranks)) == 1 else None
         self.reset_parameters(adapter_name, ranks, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name, device=weight.device)
         self.set_adapter(self.active_adapters)
@@ -126,9 +130,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         router = self.loramixer_router[adapter_name]
         _, _, temperature = self.routing[adapter_name]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), router.weight.float(), router.bias.float())
-            logits = logits + self.loramixer_logit_mask[adapter_name]
-            return torch.softmax(logits / temperature, dim=-1)
+            logits = F.linear(_float32(x), _float32(router.weight), _float32(router.bias))
+            if self.expert_rank[adapter_name] is None:  # some expert may be absent (rank 0) on this projection
+                logits = logits + self.loramixer_logit_mask[adapter_name]
+            return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
     def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Per-token expert weights (float32), or the forced one-hot of `route_to`."""
@@ -141,13 +146,53 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             probs = self.routing_observer.observe(self, adapter_name, probs)
         return gates_from_probs(probs, routing, top_k)
 
+    def selected_routes(self, x: torch.Tensor, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(expert index, gate) of the experts each token uses, when computing only those is exact and faster.
+
+        Exact when the forward gates are k-sparse and no gradient has to reach an unselected expert: forced
+        routing, `topk`, and `hard_soft` without autograd (its straight-through router gradient needs every
+        expert's output, so it trains on the dense path). Faster by the measured crossover of
+        `prefer_selected_experts`. None means: use the dense path. The routes are read off `gates`, so both
+        paths route identically.
+        """
+        routing, top_k, _ = self.routing[adapter_name]
+        num_experts = self.loramixer_router[adapter_name].out_features
+        if self.forced_expert_ids is not None:
+            top_k = 1
+        elif routing == "soft" or top_k >= num_experts or (routing == "hard_soft" and torch.is_grad_enabled()):
+            return None
+        if not prefer_selected_experts(x.numel() // x.shape[-1], num_experts, top_k):
+            return None
+        if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
+            return None
+        gates = self.gates(x, adapter_name).expand(*x.shape[:-1], num_experts)
+        index = top_k_indices(gates, top_k)
+        return index, gates.gather(-1, index)
+
     def mixture_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """sum_e g_e(x) s_e B_e A_e dropout(x), as two matrix multiplies."""
-        lora_A = self.loramixer_A[adapter_name]
-        slot_gates = self.gates(x, adapter_name).index_select(-1, self.loramixer_slot_expert[adapter_name])
-        slot_gates = slot_gates * self.loramixer_slot_scaling[adapter_name]
-        hidden = F.linear(self.loramixer_dropout[adapter_name](self._cast_input_dtype(x, lora_A.dtype)), lora_A)
-        return F.linear(hidden * slot_gates.to(hidden.dtype), self.loramixer_B[adapter_name])
+        """sum_e g_e(x) s_e B_e A_e dropout(x), as two matrix multiplies (dense, or over the selected experts)."""
+        lora_A, lora_B = self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]
+        scaling = self.loramixer_expert_scaling[adapter_name]
+        inputs = self.loramixer_dropout[adapter_name](self._cast_input_dtype(x, lora_A.dtype))
+        routes = self.selected_routes(x, adapter_name)
+        if routes is not None:
+            index, gate = routes
+            rank = self.expert_rank[adapter_name]
+            return selected_experts_delta(inputs, lora_A, lora_B, index, gate * scaling[index], rank)
+        hidden = F.linear(inputs, lora_A)
+        expert_gates = (self.gates(x, adapter_name) * scaling).to(hidden.dtype)
+        return F.linear(self._gate_slots(hidden, expert_gates, adapter_name), lora_B)
+
+    def _gate_slots(self, hidden: torch.Tensor, expert_gates: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Each rank slot of `hidden` times its expert's gate.
+
+        With one rank for all experts this is a broadcast over (expert, rank), which also keeps autograd from
+        saving a (tokens x slots) copy of the gates; otherwise the gates are expanded to the slots.
+        """
+        rank = self.expert_rank[adapter_name]
+        if rank is not None:
+            return (hidden.unflatten(-1, (-1, rank)) * expert_gates.unsqueeze(-1)).flatten(-2)
+        return hidden * expert_gates.index_select(-1, self.loramixer_slot_expert[adapter_name])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -163,6 +208,11 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "loramixer." + super().__repr__()
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor.float()` without a dispatcher call when it is float32 already (it runs on every decoding step)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 MERGE_ERROR = (

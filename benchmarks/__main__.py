@@ -1,0 +1,135 @@
+"""Benchmark LoRA-Mixer against PEFT LoRA and X-LoRA: training step, greedy generation, peak training memory.
+
+    PYTHONPATH=src python -m benchmarks                       # full table: the GPU workload on CUDA, else both CPU ones
+    PYTHONPATH=src python -m benchmarks --quick               # a couple of minutes: key rows, fewer repeats
+
+All rows of a workload live in one process and are measured round-robin (row 1, row 2, ..., then again), so
+slow drifts of a shared machine hit every row alike; each figure is the median over repeats, and each ratio is
+taken against PEFT LoRA r=8 measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from datetime import datetime, timezone
+
+import peft
+import torch
+import transformers
+
+from .measure import Subject
+from .variants import REFERENCE, Variant, apply_variant, default_variants, parse_only
+from .workloads import WORKLOADS, Workload, default_workloads
+
+QUICK_ROWS = ["base", "lora-r8", "lora-r64", "xlora-8x8-k2", "mixer-e8-k2", "mixer-e64-k2", "mixer-e64-k2-topk"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=None,
+                        help="default: llama-1b-gpu when CUDA is available, else llama-cpu and mamba-cpu")
+    parser.add_argument("--rows", nargs="+", default=None, help="row names to run (lora-r8 is always added)")
+    parser.add_argument("--routing", nargs="+", default=["hard_soft"], choices=["hard_soft", "topk", "soft"],
+                        help="routing modes of the LoRA-Mixer rows")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row (median reported)")
+    parser.add_argument("--gen-repeats", type=int, default=3, help="timed generation calls per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per row first")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only {', '.join(QUICK_ROWS)}, 3 repeats, 1 generation call, 1 warm-up step")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: its own); 1 gives steadier ratios on a busy machine")
+    parser.add_argument("--no-generate", action="store_true", help="skip the generation measurement")
+    parser.add_argument("--json", default="benchmark_results.json", help="where to write the results")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows = args.rows or QUICK_ROWS
+        args.routing = sorted(set(args.routing) | {"topk"})
+        args.repeats, args.gen_repeats, args.warmup = 3, 1, 1
+    return args
+
+
+def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespace) -> list[dict]:
+    """Build every row, then measure them round-robin; returns one result dict per row."""
+    subjects = {}
+    for row in rows:
+        model = apply_variant(workload.build(), row, workload)
+        subjects[row.name] = Subject(model, workload.batch, workload.seq_len, workload.prompt_len,
+                                     workload.new_tokens, model.config.vocab_size, workload.device)
+        for _ in range(args.warmup):
+            subjects[row.name].train_step()
+        print(f"  built {row.name}", flush=True)
+    train = {name: [] for name in subjects}
+    for _ in range(args.repeats):
+        for name, subject in subjects.items():
+            train[name].append(subject.train_step())
+    gen = {name: [] for name in subjects}
+    if not args.no_generate:
+        for name, subject in subjects.items():
+            subject.generate()  # warm-up
+        for _ in range(args.gen_repeats):
+            for name, subject in subjects.items():
+                gen[name].append(subject.generate())
+    memory = {name: subject.peak_train_memory() for name, subject in subjects.items()}
+    results = [
+        dict(row=name, train_ms=1e3 * statistics.median(train[name]), train_ms_all=[1e3 * t for t in train[name]],
+             gen_tok_s=statistics.median(gen[name]) if gen[name] else None, gen_tok_s_all=gen[name],
+             peak_train_mib=memory[name] / 2**20, trainable_params=subjects[name].trainable_parameters())
+        for name in subjects
+    ]
+    add_ratios(results)
+    return results
+
+
+def add_ratios(results: list[dict]) -> None:
+    reference = next(r for r in results if r["row"] == REFERENCE)
+    for result in results:
+        result["train_ratio"] = result["train_ms"] / reference["train_ms"]
+        result["gen_ratio"] = result["gen_tok_s"] / reference["gen_tok_s"] if result["gen_tok_s"] else None
+        result["mem_ratio"] = result["peak_train_mib"] / reference["peak_train_mib"]
+
+
+def format_table(workload: Workload, results: list[dict]) -> str:
+    header = ("| row | train step ms | x LoRA r=8 | gen tok/s | x LoRA r=8 | peak train MiB | x LoRA r=8 | "
+              "trainable params |")
+    title = (f"{workload.name}: batch {workload.batch} x seq {workload.seq_len}; generation {workload.batch} x "
+             f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)")
+    lines = [title, "", header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        gen = f"{r['gen_tok_s']:.0f} | {r['gen_ratio']:.2f}" if r["gen_tok_s"] else "- | -"
+        lines.append(f"| {r['row']} | {r['train_ms']:.1f} | {r['train_ratio']:.2f} | {gen} | "
+                     f"{r['peak_train_mib']:.0f} | {r['mem_ratio']:.2f} | {r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = dict(
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+        machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+        cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        args=vars(args), workloads={},
+    )
+    for name in args.workloads or default_workloads():
+        workload = WORKLOADS[name]
+        rows = parse_only(args.rows, default_variants(tuple(args.routing)))
+        print(f"{name}: {len(rows)} rows", flush=True)
+        results = run_workload(workload, rows, args)
+        print("\n" + format_table(workload, results) + "\n", flush=True)
+        report["workloads"][name] = dict(workload=dict(batch=workload.batch, seq_len=workload.seq_len,
+                                                       prompt_len=workload.prompt_len,
+                                                       new_tokens=workload.new_tokens, config=workload.config),
+                                         results=results)
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

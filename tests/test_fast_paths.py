@@ -1,0 +1,161 @@
+"""The fast paths of the layer equal a plain per-expert reference, compile without graph breaks, keep the router
+in float32 under autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peft_lora_mixer import ExpertSpec, LoraMixerLayer
+from peft_lora_mixer.routing import top_k_indices
+from peft_lora_mixer.sparse import MIN_EXPERTS_PER_SELECTED, MIN_TOKENS
+
+IN, OUT, R = 24, 20, 4
+MANY = 2 * MIN_EXPERTS_PER_SELECTED  # enough experts for the selected-experts path at k <= 2
+TOKENS = (2, MIN_TOKENS // 2 + 3)  # batch x sequence, just over the token threshold
+
+
+def make_layer(experts: list[ExpertSpec], routing: str = "topk", top_k: int = 2) -> LoraMixerLayer:
+    torch.manual_seed(0)
+    return LoraMixerLayer(nn.Linear(IN, OUT), "default", experts, routing=routing, top_k=top_k,
+                          router_temperature=0.7, lora_dropout=0.0, init_weights=False)
+
+
+def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
+    """Top-k by stable sort (ties to the lower index), renormalised; straight-through for hard_soft."""
+    if routing == "soft":
+        return probs
+    index = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
+    source = probs.detach() if routing == "hard_soft" else probs
+    kept = source.gather(-1, index)
+    hard = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+    return hard + probs - probs.detach() if routing == "hard_soft" else hard
+
+
+def reference_delta(layer: LoraMixerLayer, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """sum_e g_e s_e B_e A_e x, one expert at a time."""
+    A, B = layer.loramixer_A["default"], layer.loramixer_B["default"]
+    ranks = torch.bincount(layer.loramixer_slot_expert["default"], minlength=gates.shape[-1]).tolist()
+    delta = torch.zeros(*x.shape[:-1], OUT)
+    for e, (A_e, B_e) in enumerate(zip(A.split(ranks), B.split(ranks, dim=1))):
+        delta = delta + gates[..., e : e + 1] * layer.loramixer_expert_scaling["default"][e] * (x @ A_e.T @ B_e.T)
+    return delta
+
+
+def reference_probs(layer: LoraMixerLayer, x: torch.Tensor) -> torch.Tensor:
+    router = layer.loramixer_router["default"]
+    logits = x @ router.weight.T + router.bias + layer.loramixer_logit_mask["default"]
+    return torch.softmax(logits / 0.7, dim=-1)
+
+
+def outputs_and_grads(layer: LoraMixerLayer, x: torch.Tensor, forward) -> list[torch.Tensor]:
+    layer.zero_grad()
+    x = x.detach().requires_grad_(True)
+    out = forward(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    params = [layer.loramixer_A["default"], layer.loramixer_B["default"], layer.loramixer_router["default"].weight]
+    return [out.detach(), x.grad] + [torch.zeros(()) if p.grad is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("routing", ["soft", "topk", "hard_soft"])
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (4, 2), (MANY, 1), (MANY, 2)])
+def test_layer_matches_reference_in_training(routing, num_experts, top_k):
+    layer = make_layer([ExpertSpec(R, 0.5)] * num_experts, routing, top_k)
+    x = torch.randn(*TOKENS, IN)
+    selected = layer.selected_routes(x, "default") is not None
+    assert selected == (routing == "topk" and num_experts == MANY)  # the path under test is the one intended
+    ours = outputs_and_grads(layer, x, layer)
+    ref = outputs_and_grads(layer, x, lambda x: layer.base_layer(x) + reference_delta(
+        layer, x, reference_gates(reference_probs(layer, x), routing, top_k)))
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["topk", "hard_soft"])
+def test_selected_experts_path_in_inference(routing):
+    layer = make_layer([ExpertSpec(R, 0.5)] * MANY, routing, top_k=2)
+    x = torch.randn(*TOKENS, IN)
+    with torch.no_grad():
+        assert layer.selected_routes(x, "default") is not None
+        want = layer.base_layer(x) + reference_delta(layer, x, reference_gates(reference_probs(layer, x), "topk", 2))
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+        few_tokens = x[:, :3]
+        assert layer.selected_routes(few_tokens, "default") is None  # decoding stays dense
+
+
+@pytest.mark.parametrize("num_experts", [4, MANY])
+def test_forced_routing_matches_reference(num_experts):
+    layer = make_layer([ExpertSpec(R, 0.5)] * num_experts, "hard_soft", top_k=2)
+    x = torch.randn(*TOKENS, IN)
+    ids = torch.tensor([num_experts - 1, 1])
+    layer.forced_expert_ids = ids
+    assert (layer.selected_routes(x, "default") is not None) == (num_experts == MANY)
+    ours = outputs_and_grads(layer, x, layer)
+    one_hot = torch.nn.functional.one_hot(ids, num_experts).float()[:, None, :]
+    ref = outputs_and_grads(layer, x, lambda x: layer.base_layer(x) + reference_delta(layer, x, one_hot))
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_of_different_ranks_and_an_absent_one():
+    layer = make_layer([ExpertSpec(2, 1.0), ExpertSpec(0, 1.0), ExpertSpec(5, 0.3), ExpertSpec(3, 2.0)], "topk", 2)
+    x = torch.randn(*TOKENS, IN)
+    assert layer.selected_routes(x, "default") is None
+    ours = outputs_and_grads(layer, x, layer)
+    ref = outputs_and_grads(layer, x, lambda x: layer.base_layer(x) + reference_delta(
+        layer, x, reference_gates(reference_probs(layer, x), "topk", 2)))
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_ties_go_to_the_lower_index(k):
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.1, 0.4], [0.0, 0.5, 0.0, 0.5],
+                          [0.0, 0.0, 1.0, 0.0], [0.2, 0.3, 0.3, 0.2]])
+    assert top_k_indices(probs, k).tolist() == [row[:k] for row in [[0, 1, 2], [1, 3, 0], [1, 3, 0], [2, 0, 1],
+                                                                      [1, 2, 0]]]
+    torch.manual_seed(0)
+    many = torch.softmax(torch.randint(0, 3, (500, 64)).float() + torch.randn(500, 64) * (torch.rand(500, 1) < 0.5),
+                         dim=-1)
+    stable = torch.sort(many, dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(top_k_indices(many, k), stable)
+
+
+def test_nearly_tied_values_keep_their_order():
+    """Distinct values one float32 step apart are never reordered by the tie-break."""
+    high = torch.tensor(0.3)
+    low = torch.nextafter(high, torch.tensor(0.0))
+    tiny_high = torch.tensor(1e-40)  # subnormal
+    tiny_low = torch.nextafter(tiny_high, torch.tensor(0.0))
+    probs = torch.stack([torch.stack([low, high, tiny_low, tiny_high])])
+    assert top_k_indices(probs, 4).tolist() == [[1, 0, 3, 2]]
+
+
+@pytest.mark.parametrize("routing,num_experts", [("hard_soft", 4), ("topk", MANY)])
+def test_layer_compiles_without_graph_breaks(routing, num_experts):
+    layer = make_layer([ExpertSpec(R, 0.5)] * num_experts, routing, top_k=2)
+    x = torch.randn(*TOKENS, IN)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_layer_matches_eager():
+    layer = make_layer([ExpertSpec(R, 0.5)] * MANY, "topk", top_k=2)
+    x = torch.randn(*TOKENS, IN)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(layer, backend="eager")(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_router_stays_float32_under_bf16_autocast():
+    layer = make_layer([ExpertSpec(R, 0.5)] * 4, "hard_soft", top_k=2)
+    x = torch.randn(*TOKENS, IN)
+    want = layer.router_probs(x, "default")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = layer.router_probs(x, "default")
+        out = layer(x)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, want, atol=0, rtol=0)  # bf16 logits would differ by ~1e-2
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
