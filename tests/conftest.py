@@ -6,6 +6,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import peft_lora_mixer  # noqa: E402,F401  (registers LoRA-Mixer with PEFT)
+from fake_hub import HubCache  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits slow every op many-fold.
 torch.set_num_threads(1)
@@ -14,3 +15,9 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> HubCache:
+    """An offline Hugging Face cache in the Hub's layout, where tests place repos for huggingface_hub to resolve."""
+    return HubCache.offline(tmp_path / "hf-cache", monkeypatch)

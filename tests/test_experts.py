@@ -18,11 +18,6 @@ from tiny_models import VOCAB, tiny_model
 INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch) -> HubCache:
-    return HubCache.offline(tmp_path / "hf-cache", monkeypatch)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, str]:
     """Heterogeneous LoRA adapters of the tiny llama: ranks, alphas, rsLoRA, rank/alpha patterns, target sets."""

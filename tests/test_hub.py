@@ -24,11 +24,6 @@ INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(
 BASE_ID = "test-org/tiny-llama"
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch) -> HubCache:
-    return HubCache.offline(tmp_path / "hf-cache", monkeypatch)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("loras")
