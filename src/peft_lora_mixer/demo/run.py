@@ -23,7 +23,7 @@ from ..config import LoraMixerConfig
 from ..plug_and_play import from_experts
 from ..stats import ModuleRoutingStats
 from ..trainer import ExpertIdsCollator
-from .tasks import DOMAINS, PRETRAIN, Domain, training_samples
+from .tasks import DOMAINS, PRETRAIN, training_samples
 from .training import exact_match, fit, tiny_base_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -92,9 +92,8 @@ class Demo:
     def base(self) -> AutoModelForCausalLM:
         return AutoModelForCausalLM.from_pretrained(self.base_dir)
 
-    def train(self, model, samples, steps, lr: float | None = None, **kwargs) -> float:
-        lr = lr or self.size.lr
-        return fit(model, samples, steps, lr, self.seed, batch_size=self.size.batch_size, **kwargs)
+    def train(self, model, samples, steps, lr: float | None = None, **kwargs) -> None:
+        fit(model, samples, steps, lr or self.size.lr, self.seed, batch_size=self.size.batch_size, **kwargs)
 
     def pretrain(self) -> None:
         model = tiny_base_model(self.size.hidden_size, self.size.layers, self.seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-from typing import Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
@@ -24,26 +23,22 @@ def tiny_base_model(hidden_size: int, layers: int, seed: int) -> PreTrainedModel
 
 
 def fit(model: torch.nn.Module, samples: list[dict], steps: int, lr: float, seed: int, batch_size: int = 32,
-        data_collator=default_data_collator, keep_columns: bool = False, quiet: bool = False) -> float:
-    """Train with a plain Trainer for `steps` optimizer steps; return the mean loss of the last tenth."""
+        data_collator=default_data_collator, keep_columns: bool = False) -> None:
+    """Train with a plain Trainer for `steps` optimizer steps (`keep_columns`: pass `expert_id` to the collator)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
             lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, steps // 10), weight_decay=0.0,
             logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], seed=seed, use_cpu=True,
-            remove_unused_columns=not keep_columns, disable_tqdm=quiet, dataloader_num_workers=0,
+            remove_unused_columns=not keep_columns, dataloader_num_workers=0,
         )
         if not keep_columns:
             samples = [{k: v for k, v in s.items() if k != "expert_id"} for s in samples]
-        trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=data_collator)
-        trainer.train()
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return sum(losses[-1:]) / max(1, len(losses[-1:]))
+        Trainer(model=model, args=args, train_dataset=samples, data_collator=data_collator).train()
 
 
 @torch.no_grad()
-def exact_match(model: torch.nn.Module, domain: Domain, count: int, seed: int,
-                batch_size: Optional[int] = None) -> float:
+def exact_match(model: torch.nn.Module, domain: Domain, count: int, seed: int) -> float:
     """Fraction of held-out prompts whose greedy answer is exactly right."""
     prompts, answers = evaluation_set(domain, count, seed)
     model.eval()
