@@ -72,7 +72,7 @@ class _InjectRoutingGradient(torch.autograd.Function):
                 adapter_name: str) -> torch.Tensor:
         ctx.save_for_backward(probs, token_mask)
         ctx.step, ctx.top_k, ctx.adapter_name = step, top_k, adapter_name
-        return probs.clone()
+        return probs.view_as(probs)  # identity; a view, not a copy of every router output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
