@@ -2,9 +2,10 @@
 
     PYTHONPATH=src python -m benchmarks.crossover
 
-Times one 512 -> 512 projection with E rank-8 experts under `topk` routing, forward + backward (training) and
-forward alone without autograd (generation), on each path, for several token counts. The thresholds in
-`peft_lora_mixer.sparse` were set from its output.
+Times one 512 -> 512 projection with E rank-8 experts, forward + backward (training) and forward alone without
+autograd (generation), on each path, for several token counts: under `topk`, and under `hard_soft` in training
+(its straight-through router gradient costs the selected path two dense matrix multiplies more; without autograd it
+is `topk`). The thresholds in `peft_lora_mixer.sparse` were set from its output.
 """
 
 from __future__ import annotations
@@ -40,22 +41,28 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4, 256, 1024])
     parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--routing", nargs="+", choices=["topk", "hard_soft"], default=["topk", "hard_soft"])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch (the thresholds used 1)")
     args = parser.parse_args()
-    print("| tokens | mode | E | k | dense ms | selected ms | selected / dense |\n|---|---|---|---|---|---|---|")
+    torch.set_num_threads(args.threads)
+    print("| tokens | mode | routing | E | k | dense ms | selected ms | selected / dense |\n"
+          "|---|---|---|---|---|---|---|---|")
+    modes = [(train, routing) for train in (True, False) for routing in args.routing
+             if train or routing == "topk"]
     for tokens in args.tokens:
         x = torch.randn(tokens, args.features, requires_grad=True)
-        for train in (True, False):
+        for train, routing in modes:
             for num_experts in args.experts:
                 for top_k in (1, 2):
                     if top_k >= num_experts:
                         continue
                     base = torch.nn.Linear(args.features, args.features).requires_grad_(False)
                     layer = LoraMixerLayer(base, "default", [ExpertSpec(args.rank, 1.0)] * num_experts,
-                                           routing="topk", top_k=top_k, router_temperature=1.0, lora_dropout=0.0,
+                                           routing=routing, top_k=top_k, router_temperature=1.0, lora_dropout=0.0,
                                            init_weights=False)
                     dense, selected = (time_layer(layer, x, train, path, args.repeats) for path in (False, True))
-                    print(f"| {tokens} | {'train' if train else 'infer'} | {num_experts} | {top_k} | {dense:.2f} | "
-                          f"{selected:.2f} | {selected / dense:.2f} |", flush=True)
+                    print(f"| {tokens} | {'train' if train else 'infer'} | {routing} | {num_experts} | {top_k} | "
+                          f"{dense:.2f} | {selected:.2f} | {selected / dense:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from torch import nn
 
 from peft_lora_mixer import ExpertSpec, LoraMixerLayer
 from peft_lora_mixer.routing import top_k_indices
-from peft_lora_mixer.sparse import MIN_EXPERTS_PER_SELECTED, MIN_TOKENS
+from peft_lora_mixer.sparse import MIN_EXPERTS_PER_SELECTED, MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH, MIN_TOKENS
 
 IN, OUT, R = 24, 20, 4
-MANY = 2 * MIN_EXPERTS_PER_SELECTED  # enough experts for the selected-experts path at k <= 2
+MANY = 2 * MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH  # enough experts for the selected-experts path at k <= 2
 TOKENS = (2, MIN_TOKENS // 2 + 3)  # batch x sequence, just over the token threshold
 
 
@@ -64,12 +64,24 @@ def test_layer_matches_reference_in_training(routing, num_experts, top_k):
     layer = make_layer([ExpertSpec(R, 0.5)] * num_experts, routing, top_k)
     x = torch.randn(*TOKENS, IN)
     selected = layer.selected_routes(x, "default") is not None
-    assert selected == (routing == "topk" and num_experts == MANY)  # the path under test is the one intended
+    assert selected == (routing != "soft" and num_experts == MANY)  # the path under test is the one intended
     ours = outputs_and_grads(layer, x, layer)
     ref = outputs_and_grads(layer, x, lambda x: layer.base_layer(x) + reference_delta(
         layer, x, reference_gates(reference_probs(layer, x), routing, top_k)))
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_straight_through_needs_more_experts_per_selected_one():
+    """Between the two crossovers `topk` trains on the selected experts and `hard_soft` on the dense path."""
+    num_experts = 2 * MIN_EXPERTS_PER_SELECTED
+    assert num_experts < 2 * MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH
+    x = torch.randn(*TOKENS, IN)
+    assert make_layer([ExpertSpec(R, 0.5)] * num_experts, "topk").selected_routes(x, "default") is not None
+    hard_soft = make_layer([ExpertSpec(R, 0.5)] * num_experts, "hard_soft")
+    assert hard_soft.selected_routes(x, "default") is None
+    with torch.no_grad():  # without autograd hard_soft is topk
+        assert hard_soft.selected_routes(x, "default") is not None
 
 
 @pytest.mark.parametrize("routing", ["topk", "hard_soft"])
@@ -159,3 +171,15 @@ def test_router_stays_float32_under_bf16_autocast():
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs, want, atol=0, rtol=0)  # bf16 logits would differ by ~1e-2
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_straight_through_selected_path_trains_under_bf16_autocast():
+    layer = make_layer([ExpertSpec(R, 0.5)] * MANY, "hard_soft", top_k=2)
+    x = torch.randn(*TOKENS, IN)
+    want = outputs_and_grads(layer, x, layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.selected_routes(x, "default") is not None
+        got = outputs_and_grads(layer, x, layer)
+    assert got[0].dtype == torch.bfloat16
+    for g, w in zip(got, want):  # output, input, A, B and router gradients: bf16 rounding only
+        torch.testing.assert_close(g.float(), w, atol=3e-2 * w.abs().max().item(), rtol=0)

@@ -14,8 +14,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .routing import forced_gates, gates_from_probs, top_k_indices
-from .sparse import grouped_mm_supported, prefer_selected_experts, selected_experts_delta
+from .routing import forced_gates, gates_from_probs, top_k_routes
+from .sparse import (
+    SelectedRoutes,
+    grouped_mm_supported,
+    prefer_selected_experts,
+    selected_experts_delta,
+    straight_through_router_gradient,
+)
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
     The experts' A matrices are stacked into `A_cat` (sum r_e x in) and their B matrices into `B_cat`
     (out x sum r_e); each rank slot carries the index of its expert. The forward is
     then two matrix multiplies whatever the number of experts: `h = x A_cat^T`, `h *= gate[slot_expert] * scale`,
-    `delta = h B_cat^T`. When few of many equal-rank experts are selected per token, and no gradient has to reach
-    the others, only the selected experts are computed instead (see `selected_routes`). The router is fed the
+    `delta = h B_cat^T`. When few of many equal-rank experts are selected per token, only the selected experts
+    are computed instead (see `selected_routes`). The router is fed the
     undropped input and runs in float32.
     """
 
@@ -135,39 +141,49 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
                 logits = logits + self.loramixer_logit_mask[adapter_name]
             return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
+    def observed_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`router_probs`, shown to the routing observer (RSL, statistics) when one is set."""
+        probs = self.router_probs(x, adapter_name)
+        if self.routing_observer is not None:
+            probs = self.routing_observer.observe(self, adapter_name, probs)
+        return probs
+
     def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Per-token expert weights (float32), or the forced one-hot of `route_to`."""
         num_experts = self.loramixer_router[adapter_name].out_features
         if self.forced_expert_ids is not None:
             return forced_gates(self.forced_expert_ids, num_experts, like=x)
         routing, top_k, _ = self.routing[adapter_name]
-        probs = self.router_probs(x, adapter_name)
-        if self.routing_observer is not None:
-            probs = self.routing_observer.observe(self, adapter_name, probs)
-        return gates_from_probs(probs, routing, top_k)
+        return gates_from_probs(self.observed_probs(x, adapter_name), routing, top_k)
 
-    def selected_routes(self, x: torch.Tensor, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(expert index, gate) of the experts each token uses, when computing only those is exact and faster.
+    def selected_routes(self, x: torch.Tensor, adapter_name: str) -> Optional[SelectedRoutes]:
+        """The experts each token uses and their gates, when computing only those is exact and faster.
 
-        Exact when the forward gates are k-sparse and no gradient has to reach an unselected expert: forced
-        routing, `topk`, and `hard_soft` without autograd (its straight-through router gradient needs every
-        expert's output, so it trains on the dense path). Faster by the measured crossover of
-        `prefer_selected_experts`. None means: use the dense path. The routes are read off `gates`, so both
-        paths route identically.
+        Exact whenever the forward gates are k-sparse: forced routing, `topk` and `hard_soft`. Training with
+        `hard_soft` also needs the router gradient of every expert (straight-through), which the routes carry as
+        `straight_through_probs`. Faster by the measured crossover of `prefer_selected_experts`. None means: use
+        the dense path. Both paths pick the same experts (`top_k_routes`, ties to the lower index).
         """
         routing, top_k, _ = self.routing[adapter_name]
         num_experts = self.loramixer_router[adapter_name].out_features
-        if self.forced_expert_ids is not None:
+        forced = self.forced_expert_ids is not None
+        if forced:
             top_k = 1
-        elif routing == "soft" or top_k >= num_experts or (routing == "hard_soft" and torch.is_grad_enabled()):
+        elif routing == "soft" or top_k >= num_experts:
             return None
-        if not prefer_selected_experts(x.numel() // x.shape[-1], num_experts, top_k):
+        straight_through = routing == "hard_soft" and not forced and torch.is_grad_enabled()
+        if not prefer_selected_experts(x.numel() // x.shape[-1], num_experts, top_k, straight_through):
             return None
         if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
             return None
-        gates = self.gates(x, adapter_name).expand(*x.shape[:-1], num_experts)
-        index = top_k_indices(gates, top_k)
-        return index, gates.gather(-1, index)
+        if forced:
+            gates = forced_gates(self.forced_expert_ids, num_experts, like=x).expand(*x.shape[:-1], num_experts)
+            return SelectedRoutes(*top_k_routes(gates, 1))
+        probs = self.observed_probs(x, adapter_name)
+        if routing == "topk":
+            return SelectedRoutes(*top_k_routes(probs, top_k))
+        index, weight = top_k_routes(probs.detach(), top_k)
+        return SelectedRoutes(index, weight, probs if probs.requires_grad else None)
 
     def mixture_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """sum_e g_e(x) s_e B_e A_e dropout(x), as two matrix multiplies (dense, or over the selected experts)."""
@@ -176,9 +192,12 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         inputs = self.loramixer_dropout[adapter_name](self._cast_input_dtype(x, lora_A.dtype))
         routes = self.selected_routes(x, adapter_name)
         if routes is not None:
-            index, gate = routes
-            rank = self.expert_rank[adapter_name]
-            return selected_experts_delta(inputs, lora_A, lora_B, index, gate * scaling[index], rank)
+            weight = routes.weight * scaling[routes.index]
+            delta = selected_experts_delta(inputs, lora_A, lora_B, routes.index, weight, self.expert_rank[adapter_name])
+            if routes.straight_through_probs is None:
+                return delta
+            return straight_through_router_gradient(delta, routes.straight_through_probs, inputs, lora_A, lora_B,
+                                                    scaling)
         hidden = F.linear(inputs, lora_A)
         expert_gates = (self.gates(x, adapter_name) * scaling).to(hidden.dtype)
         return F.linear(self._gate_slots(hidden, expert_gates, adapter_name), lora_B)

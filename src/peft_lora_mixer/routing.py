@@ -22,11 +22,17 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor:
     return keys.topk(k, dim=-1).indices
 
 
-def sparse_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k of `probs`, renormalised to sum to one per token, zeros elsewhere."""
+def top_k_routes(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, weight) of the top-k experts per token, the weights renormalised to sum to one."""
     index = top_k_indices(probs, k)
     kept = probs.gather(-1, index)
-    return torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+    return index, kept / kept.sum(-1, keepdim=True)
+
+
+def sparse_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k of `probs`, renormalised to sum to one per token, zeros elsewhere."""
+    index, weight = top_k_routes(probs, k)
+    return torch.zeros_like(probs).scatter(-1, index, weight)
 
 
 def gates_from_probs(probs: torch.Tensor, routing: str, top_k: int) -> torch.Tensor:

@@ -3,6 +3,8 @@ for A and B. Worth it when few of many experts are selected (see `prefer_selecte
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -14,13 +16,31 @@ import torch.nn.functional as F
 #                E=64 k=2 0.73, 0.69
 #      4 tokens: 1.2 to 1.8 for every E up to 64 (the fixed cost of grouping the rows dominates)
 # so it wins once E / k >= 16 with a few hundred tokens per call, and is break-even at E / k = 8.
+# `hard_soft` in training adds two dense matrix multiplies to the selected path (its straight-through router
+# gradient), so it needs more experts per selected one. Same projection, selected / dense, training step:
+#   1024 tokens: E=16 k=1 0.93 | E=16 k=2 1.11 | E=32 k=1 0.70 | E=32 k=2 0.89 | E=64 k=1 0.60 | E=64 k=2 0.75
+#    256 tokens: E=16 k=1 1.11 | E=16 k=2 1.24 | E=32 k=1 0.83 | E=32 k=2 0.98 | E=64 k=1 0.78 | E=64 k=2 0.88
 MIN_EXPERTS_PER_SELECTED = 16
+MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH = 32
 MIN_TOKENS = 256
 
 
-def prefer_selected_experts(num_tokens: int, num_experts: int, top_k: int) -> bool:
-    """Whether computing only the selected experts beats the dense wide LoRA, by the measured crossover."""
-    return num_experts >= MIN_EXPERTS_PER_SELECTED * top_k and num_tokens >= MIN_TOKENS
+class SelectedRoutes(NamedTuple):
+    """The experts each token uses: `index` and `weight` are (..., k) over the tokens."""
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    # `hard_soft` in training: the router probabilities that take the gradient of every expert's gate
+    straight_through_probs: Optional[torch.Tensor] = None
+
+
+def prefer_selected_experts(num_tokens: int, num_experts: int, top_k: int, straight_through: bool = False) -> bool:
+    """Whether computing only the selected experts beats the dense wide LoRA, by the measured crossover.
+
+    `straight_through`: the router also needs every expert's gradient (`hard_soft` in training).
+    """
+    per_selected = MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH if straight_through else MIN_EXPERTS_PER_SELECTED
+    return num_experts >= per_selected * top_k and num_tokens >= MIN_TOKENS
 
 
 def selected_experts_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, index: torch.Tensor,
@@ -53,3 +73,32 @@ def grouped_mm_supported(weight: torch.Tensor) -> bool:
         return not torch.compiler.is_compiling()
     return weight.device.type == "cuda" and weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(
         weight.device) >= (8, 0)
+
+
+def straight_through_router_gradient(delta: torch.Tensor, probs: torch.Tensor, x: torch.Tensor,
+                                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+    """`delta` (the selected experts' output) unchanged, with `hard_soft`'s straight-through gradient reaching `probs`.
+
+    The dense path's gates are `hard + probs - probs.detach()`, so every expert's probability, selected or not, gets
+    `dL/dp_e = s_e <dL/d delta, B_e A_e x>`, while the experts' weights and `x` get gradient through the selected
+    experts only (an unselected expert's gate is zero). The backward computes it as
+    `s_e sum_r (x A_e^T)_r (dL/d delta B_e)_r`: two dense matrix multiplies, against the six of a dense training step.
+    """
+    return _StraightThroughRouterGradient.apply(delta, probs, x, lora_A, lora_B, scaling)
+
+
+class _StraightThroughRouterGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, delta, probs, x, lora_A, lora_B, scaling):
+        ctx.save_for_backward(x, lora_A, lora_B, scaling)
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx, grad_delta):
+        x, lora_A, lora_B, scaling = ctx.saved_tensors
+        dtype = grad_delta.dtype  # the forward's compute dtype (bfloat16 under autocast)
+        num_experts = scaling.shape[0]
+        hidden = F.linear(x.to(dtype), lora_A.to(dtype)).unflatten(-1, (num_experts, -1))
+        upstream = (grad_delta @ lora_B.to(dtype)).unflatten(-1, (num_experts, -1))
+        grad_probs = (hidden * upstream).sum(-1, dtype=torch.float32) * scaling
+        return grad_delta, grad_probs, None, None, None, None
