@@ -133,13 +133,16 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     def router_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Softmax of the router logits in float32, absent experts masked out."""
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.router_probs(x, adapter_name)
         router = self.loramixer_router[adapter_name]
         _, _, temperature = self.routing[adapter_name]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(_float32(x), _float32(router.weight), _float32(router.bias))
-            if self.expert_rank[adapter_name] is None:  # some expert may be absent (rank 0) on this projection
-                logits = logits + self.loramixer_logit_mask[adapter_name]
-            return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        float32 = torch.float32
+        logits = F.linear(_as_dtype(x, float32), _as_dtype(router.weight, float32), _as_dtype(router.bias, float32))
+        if self.expert_rank[adapter_name] is None:  # some expert may be absent (rank 0) on this projection
+            logits = logits + self.loramixer_logit_mask[adapter_name]
+        return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
     def observed_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """`router_probs`, shown to the routing observer (RSL, statistics) when one is set."""
@@ -199,7 +202,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             return straight_through_router_gradient(delta, routes.straight_through_probs, inputs, lora_A, lora_B,
                                                     scaling)
         hidden = F.linear(inputs, lora_A)
-        expert_gates = (self.gates(x, adapter_name) * scaling).to(hidden.dtype)
+        expert_gates = _as_dtype(self.gates(x, adapter_name) * scaling, hidden.dtype)
         return F.linear(self._gate_slots(hidden, expert_gates, adapter_name), lora_B)
 
     def _gate_slots(self, hidden: torch.Tensor, expert_gates: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -210,7 +213,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         """
         rank = self.expert_rank[adapter_name]
         if rank is not None:
-            return (hidden.unflatten(-1, (-1, rank)) * expert_gates.unsqueeze(-1)).flatten(-2)
+            # `view` rather than `unflatten`, which goes through Python on every decoding step
+            return (hidden.view(*hidden.shape[:-1], -1, rank) * expert_gates.unsqueeze(-1)).flatten(-2)
         return hidden * expert_gates.index_select(-1, self.loramixer_slot_expert[adapter_name])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -219,7 +223,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             return result
         for adapter_name in self.active_adapters:
             if adapter_name in self.loramixer_A:
-                result = result + self.mixture_delta(x, adapter_name).to(result.dtype)
+                result = result + _as_dtype(self.mixture_delta(x, adapter_name), result.dtype)
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -229,9 +233,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         return "loramixer." + super().__repr__()
 
 
-def _float32(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor.float()` without a dispatcher call when it is float32 already (it runs on every decoding step)."""
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without a dispatcher call when it has that dtype already (it runs on every decoding step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 MERGE_ERROR = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -17,9 +19,23 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor:
     if k == 1:
         return probs.argmax(dim=-1, keepdim=True)  # documented to return the first of tied maxima
     num_experts = probs.shape[-1]
-    reverse_index = torch.arange(num_experts - 1, -1, -1, device=probs.device)
-    keys = torch.add(reverse_index, probs.float().view(torch.int32).long(), alpha=num_experts)
+    keys = torch.add(_reverse_index(num_experts, probs.device), probs.float().view(torch.int32).long(),
+                     alpha=num_experts)
     return keys.topk(k, dim=-1).indices
+
+
+def _reverse_index(num_experts: int, device: torch.device) -> torch.Tensor:
+    """E - 1, ..., 0: the tie-break of `top_k_indices`; eagerly made once per size and device, as it runs on every
+    decoding step (a compiled graph makes it itself)."""
+    make = _descending_range if torch.compiler.is_compiling() else _cached_descending_range
+    return make(num_experts, device)
+
+
+def _descending_range(num_experts: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(num_experts - 1, -1, -1, device=device)
+
+
+_cached_descending_range = functools.cache(_descending_range)
 
 
 def top_k_routes(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +48,7 @@ def top_k_routes(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def sparse_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
     """The top-k of `probs`, renormalised to sum to one per token, zeros elsewhere."""
     index, weight = top_k_routes(probs, k)
-    return torch.zeros_like(probs).scatter(-1, index, weight)
+    return torch.zeros_like(probs).scatter_(-1, index, weight)
 
 
 def gates_from_probs(probs: torch.Tensor, routing: str, top_k: int) -> torch.Tensor:
