@@ -19,13 +19,18 @@ REFERENCE = "lora-r8"  # every ratio is taken against this row, measured in the 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row: `kind` is base, lora, xlora or mixer; r is the (per-expert) rank."""
+    """One row: `kind` is base, lora, xlora or mixer; r is the (per-expert) rank.
+
+    `on_lora_targets`: the mixer on the modules PEFT LoRA adapts, for a like-for-like comparison where LoRA
+    refuses some of the mixer's targets (Mamba's out_proj).
+    """
 
     kind: str
     r: int = 8
     num_experts: int = 0
     top_k: int = 0
     routing: str = "hard_soft"
+    on_lora_targets: bool = False
 
     @property
     def name(self) -> str:
@@ -36,10 +41,11 @@ class Variant:
         if self.kind == "xlora":
             return f"xlora-{self.num_experts}x{self.r}-k{self.top_k}"
         suffix = "" if self.routing == "hard_soft" else f"-{self.routing}"
+        suffix += "-on-lora-targets" if self.on_lora_targets else ""
         return f"mixer-e{self.num_experts}-k{self.top_k}{suffix}"
 
 
-def default_variants(routings: tuple[str, ...] = ("hard_soft",)) -> list[Variant]:
+def default_variants(workload: Workload, routings: tuple[str, ...] = ("hard_soft",)) -> list[Variant]:
     rows = [Variant("base"), Variant("lora", r=8), Variant("lora", r=64), Variant("xlora", num_experts=8, top_k=2)]
     rows += [
         Variant("mixer", num_experts=e, top_k=k, routing=routing)
@@ -47,12 +53,15 @@ def default_variants(routings: tuple[str, ...] = ("hard_soft",)) -> list[Variant
         for e in (2, 4, 8, 16, 32, 64)
         for k in (1, 2)
     ]
+    if workload.lora_target_modules != workload.target_modules:
+        rows.append(Variant("mixer", num_experts=8, top_k=2, on_lora_targets=True))
     return rows
 
 
 def apply_variant(model: PreTrainedModel, variant: Variant, workload: Workload) -> PreTrainedModel:
     """`model` with the row's adapter on the workload's target modules (trainable as each method trains)."""
-    targets = list(workload.target_modules if variant.kind == "mixer" else workload.lora_target_modules)
+    mixer_targets = variant.kind == "mixer" and not variant.on_lora_targets
+    targets = list(workload.target_modules if mixer_targets else workload.lora_target_modules)
     if variant.kind == "base":
         return model
     if variant.kind == "lora":
