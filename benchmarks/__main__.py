@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
                         help=f"only {', '.join(QUICK_ROWS)}, 3 repeats, 1 generation call, 1 warm-up step")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: its own); 1 gives steadier ratios on a busy machine")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall-clock time, or the process's CPU time (CPU workloads; steadier on a shared machine "
+                             "with --threads 1)")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation measurement")
     parser.add_argument("--json", default="benchmark_results.json", help="where to write the results")
     args = parser.parse_args()
@@ -54,11 +57,13 @@ def parse_args() -> argparse.Namespace:
 
 def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespace) -> list[dict]:
     """Build every row, then measure them round-robin; returns one result dict per row."""
+    if args.clock == "cpu" and workload.device != "cpu":
+        raise SystemExit(f"--clock cpu times CPU work only; {workload.name} runs on {workload.device}: use --clock wall")
     subjects = {}
     for row in rows:
         model = apply_variant(workload.build(), row, workload)
         subjects[row.name] = Subject(model, workload.batch, workload.seq_len, workload.prompt_len,
-                                     workload.new_tokens, model.config.vocab_size, workload.device)
+                                     workload.new_tokens, model.config.vocab_size, workload.device, args.clock)
         for _ in range(args.warmup):
             subjects[row.name].train_step()
         print(f"  built {row.name}", flush=True)

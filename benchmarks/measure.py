@@ -15,10 +15,11 @@ class Subject:
     """A model ready to benchmark: its optimizer, a fixed training batch and a fixed prompt."""
 
     def __init__(self, model: nn.Module, batch: int, seq_len: int, prompt_len: int, new_tokens: int,
-                 vocab_size: int, device: str, seed: int = 0):
+                 vocab_size: int, device: str, clock: str = "wall", seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         self.model = model
         self.device = device
+        self.clock = clock
         self.input_ids = torch.randint(vocab_size, (batch, seq_len), generator=generator).to(device)
         self.prompt = self.input_ids[:, :prompt_len]
         self.new_tokens = new_tokens
@@ -28,23 +29,23 @@ class Subject:
     def train_step(self) -> float:
         """Seconds for forward, backward and optimizer step on the training batch."""
         self.model.train()
-        start = _now(self.device)
+        start = _now(self.device, self.clock)
         loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
         if self.optimizer is not None:
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return _now(self.device) - start
+        return _now(self.device, self.clock) - start
 
     @torch.no_grad()
     def generate(self) -> float:
         """Generated tokens per second (greedy, KV cache where the method allows it, prefill included)."""
         self.model.eval()
-        start = _now(self.device)
+        start = _now(self.device, self.clock)
         out = self.model.generate(input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt),
                                   max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False,
                                   use_cache=True, pad_token_id=0)
-        seconds = _now(self.device) - start
+        seconds = _now(self.device, self.clock) - start
         return (out.shape[0] * (out.shape[1] - self.prompt.shape[1])) / seconds
 
     def trainable_parameters(self) -> int:
@@ -58,10 +59,12 @@ class Subject:
         return held + growth()
 
 
-def _now(device: str) -> float:
+def _now(device: str, clock: str) -> float:
+    """Seconds on the wall clock, or of CPU time used by this process (`clock="cpu"`: on a shared machine it does not
+    count the time other jobs hold the core, so a one-thread run gives steadier ratios)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter()
+    return time.process_time() if clock == "cpu" else time.perf_counter()
 
 
 def _tensors_held(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peft_lora_mixer import ExpertSpec, LoraMixerLayer
-from peft_lora_mixer.routing import top_k_indices
+from peft_lora_mixer.routing import SORT_MAX_ELEMENTS, top_k_indices, top_k_routes
 from peft_lora_mixer.sparse import MIN_EXPERTS_PER_SELECTED, MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH, MIN_TOKENS
 
 IN, OUT, R = 24, 20, 4
@@ -132,6 +132,24 @@ def test_top_k_ties_go_to_the_lower_index(k):
                          dim=-1)
     stable = torch.sort(many, dim=-1, descending=True, stable=True).indices[..., :k]
     assert torch.equal(top_k_indices(many, k), stable)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_top_k_routes_agree_for_few_and_many_tokens(k):
+    """A decoding step's few tokens take the sorting path and many tokens the integer keys: same routes exactly."""
+    torch.manual_seed(0)
+    many = torch.softmax(torch.randint(0, 3, (500, 64)).float() + torch.randn(500, 64) * (torch.rand(500, 1) < 0.5),
+                         dim=-1).requires_grad_(True)
+    few = many[: SORT_MAX_ELEMENTS // 64]
+    assert many.numel() > SORT_MAX_ELEMENTS >= few.numel()
+    (index_many, weight_many), (index_few, weight_few) = top_k_routes(many, k), top_k_routes(few, k)
+    assert torch.equal(index_few, index_many[: len(few)]) and torch.equal(weight_few, weight_many[: len(few)])
+    assert torch.equal(index_few, torch.sort(few, dim=-1, descending=True, stable=True).indices[..., :k])
+    second = torch.arange(k) == 1  # the weight of each token's second expert: it depends on all k kept values
+    grad_many, = torch.autograd.grad(weight_many[: len(few), second].sum(), many)
+    grad_few, = torch.autograd.grad(weight_few[:, second].sum(), many)
+    assert grad_many.abs().sum() > 0
+    torch.testing.assert_close(grad_few, grad_many)
 
 
 def test_nearly_tied_values_keep_their_order():

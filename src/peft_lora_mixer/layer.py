@@ -57,7 +57,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("loramixer_A", "loramixer_B", "loramixer_router")
-    other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_logit_mask")
+    # everything else kept per adapter, so that `delete_adapter` removes all of it
+    other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_logit_mask",
+                         "loramixer_dropout", "routing", "expert_rank")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, experts: Sequence[ExpertSpec], **update_kwargs):
         super().__init__()
@@ -222,7 +224,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             return result
         for adapter_name in self.active_adapters:
-            if adapter_name in self.loramixer_A:
+            if adapter_name in self.routing:  # a plain dict: cheaper to ask than the ParameterDict
                 result = result + _as_dtype(self.mixture_delta(x, adapter_name), result.dtype)
         return result
 

@@ -38,10 +38,24 @@ def _descending_range(num_experts: int, device: torch.device) -> torch.Tensor:
 _cached_descending_range = functools.cache(_descending_range)
 
 
+# Up to this many probabilities (a decoding step's) one stable sort, which also returns the kept values, takes fewer
+# operations than the integer keys of `top_k_indices` plus a gather; beyond it the keys win. CPU, one thread:
+# 4 tokens x 8 experts 10 us against 15 us, 256 x 8 26 against 30, 64 x 64 56 against 29, 256 x 64 548 against 73.
+SORT_MAX_ELEMENTS = 1024
+
+
 def top_k_routes(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, weight) of the top-k experts per token, the weights renormalised to sum to one."""
-    index = top_k_indices(probs, k)
-    kept = probs.gather(-1, index)
+    """(index, weight) of the top-k experts per token, the weights renormalised to sum to one.
+
+    Both ways of finding them give the same experts and the same values (a stable descending sort is what
+    `top_k_indices` is defined to match).
+    """
+    if 1 < k and probs.numel() <= SORT_MAX_ELEMENTS:
+        values, index = probs.sort(dim=-1, descending=True, stable=True)
+        index, kept = index[..., :k], values[..., :k]
+    else:
+        index = top_k_indices(probs, k)
+        kept = probs.gather(-1, index)
     return index, kept / kept.sum(-1, keepdim=True)
 
 
