@@ -3,9 +3,9 @@
     PYTHONPATH=src python -m benchmarks                       # full table: the GPU workload on CUDA, else both CPU ones
     PYTHONPATH=src python -m benchmarks --quick               # a couple of minutes: key rows, fewer repeats
 
-All rows of a workload live in one process and are measured round-robin (row 1, row 2, ..., then again), so
-slow drifts of a shared machine hit every row alike; each figure is the median over repeats, and each ratio is
-taken against PEFT LoRA r=8 measured in the same run.
+All rows of a workload live in one process. Each row is measured right after PEFT LoRA r=8 (the reference), round
+after round; each figure is the median over repeats, and each ratio the median of the row / reference ratios of
+those back-to-back pairs, so the changing load of a shared machine hits both sides of every ratio alike.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import peft
@@ -67,34 +68,44 @@ def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespa
         for _ in range(args.warmup):
             subjects[row.name].train_step()
         print(f"  built {row.name}", flush=True)
-    train = {name: [] for name in subjects}
-    for _ in range(args.repeats):
-        for name, subject in subjects.items():
-            train[name].append(subject.train_step())
-    gen = {name: [] for name in subjects}
+    train, train_ratios = measure_paired(subjects, Subject.train_step, args.repeats)
+    gen, gen_ratios = {name: [] for name in subjects}, {name: [] for name in subjects}
     if not args.no_generate:
-        for name, subject in subjects.items():
+        for subject in subjects.values():
             subject.generate()  # warm-up
-        for _ in range(args.gen_repeats):
-            for name, subject in subjects.items():
-                gen[name].append(subject.generate())
+        gen, gen_ratios = measure_paired(subjects, Subject.generate, args.gen_repeats)
     memory = {name: subject.peak_train_memory() for name, subject in subjects.items()}
-    results = [
+    reference_memory = memory[REFERENCE]
+    return [
         dict(row=name, train_ms=1e3 * statistics.median(train[name]), train_ms_all=[1e3 * t for t in train[name]],
+             train_ratio=statistics.median(train_ratios[name]), train_ratio_all=train_ratios[name],
              gen_tok_s=statistics.median(gen[name]) if gen[name] else None, gen_tok_s_all=gen[name],
-             peak_train_mib=memory[name] / 2**20, trainable_params=subjects[name].trainable_parameters())
+             gen_ratio=statistics.median(gen_ratios[name]) if gen_ratios[name] else None,
+             gen_ratio_all=gen_ratios[name], peak_train_mib=memory[name] / 2**20,
+             mem_ratio=memory[name] / reference_memory, trainable_params=subjects[name].trainable_parameters())
         for name in subjects
     ]
-    add_ratios(results)
-    return results
 
 
-def add_ratios(results: list[dict]) -> None:
-    reference = next(r for r in results if r["row"] == REFERENCE)
-    for result in results:
-        result["train_ratio"] = result["train_ms"] / reference["train_ms"]
-        result["gen_ratio"] = result["gen_tok_s"] / reference["gen_tok_s"] if result["gen_tok_s"] else None
-        result["mem_ratio"] = result["peak_train_mib"] / reference["peak_train_mib"]
+def measure_paired(subjects: dict[str, Subject], measure: Callable[[Subject], float],
+                   repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """`measure` of every row, each time right after the reference row's: (the values, the row / reference ratios).
+
+    On a shared machine the load changes within seconds; a ratio of two measurements taken back to back sees the
+    same load, so the median of such pairs is much steadier than the ratio of two medians over a whole run.
+    """
+    values = {name: [] for name in subjects}
+    ratios = {name: [] for name in subjects}
+    others = [name for name in subjects if name != REFERENCE] or [REFERENCE]
+    for _ in range(repeats):
+        for name in others:
+            reference_value, value = measure(subjects[REFERENCE]), measure(subjects[name])
+            values[REFERENCE].append(reference_value)
+            if name != REFERENCE:
+                values[name].append(value)
+            ratios[name].append(value / reference_value)
+    ratios[REFERENCE] = [1.0]
+    return values, ratios
 
 
 def format_table(workload: Workload, results: list[dict]) -> str:
