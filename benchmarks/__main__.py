@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespace) -> list[dict]:
-    """Build every row, then measure them round-robin; returns one result dict per row."""
+    """Build every row, then measure each right after the reference (`measure_paired`); one result dict per row."""
     if args.clock == "cpu" and workload.device != "cpu":
         raise SystemExit(f"--clock cpu times CPU work only; {workload.name} runs on {workload.device}: use --clock wall")
     subjects = {}

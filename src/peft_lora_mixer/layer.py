@@ -52,8 +52,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
     (out x sum r_e); each rank slot carries the index of its expert. The forward is
     then two matrix multiplies whatever the number of experts: `h = x A_cat^T`, `h *= gate[slot_expert] * scale`,
     `delta = h B_cat^T`. When few of many equal-rank experts are selected per token, only the selected experts
-    are computed instead (see `selected_routes`). The router is fed the
-    undropped input and runs in float32.
+    are computed instead (see `selected_routes`). The router is fed the undropped input and runs in float32.
     """
 
     adapter_layer_names = ("loramixer_A", "loramixer_B", "loramixer_router")
@@ -182,8 +181,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
             return None
         if forced:
-            gates = forced_gates(self.forced_expert_ids, num_experts, like=x).expand(*x.shape[:-1], num_experts)
-            return SelectedRoutes(*top_k_routes(gates, 1))
+            return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name).expand(*x.shape[:-1], num_experts), 1))
         probs = self.observed_probs(x, adapter_name)
         if routing == "topk":
             return SelectedRoutes(*top_k_routes(probs, top_k))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
@@ -19,23 +17,9 @@ def top_k_indices(probs: torch.Tensor, k: int) -> torch.Tensor:
     if k == 1:
         return probs.argmax(dim=-1, keepdim=True)  # documented to return the first of tied maxima
     num_experts = probs.shape[-1]
-    keys = torch.add(_reverse_index(num_experts, probs.device), probs.float().view(torch.int32).long(),
-                     alpha=num_experts)
+    reverse_index = torch.arange(num_experts - 1, -1, -1, device=probs.device)
+    keys = torch.add(reverse_index, probs.float().view(torch.int32).long(), alpha=num_experts)
     return keys.topk(k, dim=-1).indices
-
-
-def _reverse_index(num_experts: int, device: torch.device) -> torch.Tensor:
-    """E - 1, ..., 0: the tie-break of `top_k_indices`; eagerly made once per size and device, as it runs on every
-    decoding step (a compiled graph makes it itself)."""
-    make = _descending_range if torch.compiler.is_compiling() else _cached_descending_range
-    return make(num_experts, device)
-
-
-def _descending_range(num_experts: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(num_experts - 1, -1, -1, device=device)
-
-
-_cached_descending_range = functools.cache(_descending_range)
 
 
 # Up to this many probabilities (a decoding step's) one stable sort, which also returns the kept values, takes fewer
