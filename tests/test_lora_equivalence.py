@@ -46,6 +46,30 @@ def test_forced_expert_equals_peft_lora(model_type, use_rslora):
         torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_forced_expert_equals_peft_lora_on_bfloat16_model():
+    """Float32 experts on a bfloat16 model (PEFT's `autocast_adapter_dtype`): the delta is added in float32 and the
+    sum rounded once to bfloat16, as PEFT LoRA does."""
+    rank, target_modules = 4, ["q_proj", "v_proj"]
+    mixer_model = get_peft_model(
+        tiny_model("llama").to(torch.bfloat16),
+        LoraMixerConfig(num_experts=2, r=rank, target_modules=target_modules, init_weights=False),
+    )
+    lora_model = get_peft_model(tiny_model("llama").to(torch.bfloat16), LoraConfig(r=rank, target_modules=target_modules))
+    layer = mixer_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.loramixer_A["default"].dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    copy_expert_into_lora(mixer_model, lora_model, expert=1, rank=rank)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad(), mixer_model.route_to(1):
+        routed = mixer_model(input_ids=ids).logits
+    with torch.no_grad():
+        expected = lora_model(input_ids=ids).logits
+        with lora_model.disable_adapter():
+            base = lora_model(input_ids=ids).logits
+    assert routed.dtype == torch.bfloat16
+    assert (expected - base).abs().max() > 0.1  # the experts matter at this tolerance
+    torch.testing.assert_close(routed, expected, rtol=1.6e-2, atol=1e-2)  # bfloat16: 8 bits of mantissa
+
 def test_route_to_one_expert_per_sample():
     model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, r=2, init_weights=False))
     ids = torch.randint(0, VOCAB, (3, 6))

@@ -19,7 +19,7 @@ from .sparse import (
     SelectedRoutes,
     grouped_mm_supported,
     prefer_selected_experts,
-    selected_experts_delta,
+    add_selected_experts,
     straight_through_router_gradient,
 )
 
@@ -58,7 +58,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("loramixer_A", "loramixer_B", "loramixer_router")
     # everything else kept per adapter, so that `delete_adapter` removes all of it
     other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_logit_mask",
-                         "loramixer_dropout", "routing", "expert_rank")
+                         "loramixer_dropout", "routing", "expert_rank", "common_scaling")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, experts: Sequence[ExpertSpec], **update_kwargs):
         super().__init__()
@@ -74,6 +74,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_logit_mask = BufferDict(persistent=False)
         self.routing: dict[str, tuple[str, int, float]] = {}
         self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
+        self.common_scaling: dict[str, Optional[float]] = {}  # the present experts' common scale, None if they differ
         self.forced_expert_ids: Optional[torch.Tensor] = None
         self.routing_observer = None  # set by the tuner while the RSL or routing statistics are wanted
         self._disable_adapters = False
@@ -110,6 +111,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_logit_mask[adapter_name] = logit_mask
         self.routing[adapter_name] = (routing, top_k, router_temperature)
         self.expert_rank[adapter_name] = ranks[0] if len(set(ranks)) == 1 else None
+        scalings = {expert.scaling for expert in experts if expert.r}
+        self.common_scaling[adapter_name] = scalings.pop() if len(scalings) == 1 else None
         self.reset_parameters(adapter_name, ranks, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name, device=weight.device)
         self.set_adapter(self.active_adapters)
@@ -134,8 +137,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     def router_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Softmax of the router logits in float32, absent experts masked out."""
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(device_type=x.device.type, enabled=False):
+        device_type = "cpu" if x.is_cpu else x.device.type  # `x.device` builds an object: slow on every decoding step
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
                 return self.router_probs(x, adapter_name)
         router = self.loramixer_router[adapter_name]
         _, _, temperature = self.routing[adapter_name]
@@ -153,10 +157,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         return probs
 
     def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Per-token expert weights (float32), or the forced one-hot of `route_to`."""
+        """Per-token expert weights (float32, (..., E) over the tokens of `x`), or the forced one-hot of `route_to`."""
         num_experts = self.loramixer_router[adapter_name].out_features
         if self.forced_expert_ids is not None:
-            return forced_gates(self.forced_expert_ids, num_experts, like=x)
+            return forced_gates(self.forced_expert_ids, num_experts, like=x).expand(*x.shape[:-1], num_experts)
         routing, top_k, _ = self.routing[adapter_name]
         return gates_from_probs(self.observed_probs(x, adapter_name), routing, top_k)
 
@@ -181,41 +185,66 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
             return None
         if forced:
-            return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name).expand(*x.shape[:-1], num_experts), 1))
+            return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name), 1))
         probs = self.observed_probs(x, adapter_name)
         if routing == "topk":
             return SelectedRoutes(*top_k_routes(probs, top_k))
         index, weight = top_k_routes(probs.detach(), top_k)
         return SelectedRoutes(index, weight, probs if probs.requires_grad else None)
 
-    def mixture_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """sum_e g_e(x) s_e B_e A_e dropout(x), as two matrix multiplies (dense, or over the selected experts)."""
+    def add_mixture(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`result + sum_e g_e(x) s_e B_e A_e dropout(x)`, over all experts as two matrix multiplies, or over the
+        selected ones only.
+
+        The tokens are flattened first, so that each multiply is one BLAS call, and the second multiply adds into
+        `result` itself (`addmm`). At a decoding step, where the routing's small operations cost as much as the
+        multiplies, every operation saved counts. The sum is taken in the experts' dtype and rounded to `result`'s
+        once, as PEFT LoRA does with float32 adapters on a bfloat16 model (under autocast, in its dtype).
+        """
         lora_A, lora_B = self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]
-        scaling = self.loramixer_expert_scaling[adapter_name]
-        inputs = self.loramixer_dropout[adapter_name](self._cast_input_dtype(x, lora_A.dtype))
+        tokens = x.reshape(-1, self.in_features)
+        inputs = self._cast_input_dtype(tokens, lora_A.dtype)
+        dropout = self.loramixer_dropout[adapter_name]
+        if not isinstance(dropout, nn.Identity):
+            inputs = dropout(inputs)
+        accumulator = result.reshape(-1, self.out_features)
         routes = self.selected_routes(x, adapter_name)
         if routes is not None:
-            weight = routes.weight * scaling[routes.index]
-            delta = selected_experts_delta(inputs, lora_A, lora_B, routes.index, weight, self.expert_rank[adapter_name])
-            if routes.straight_through_probs is None:
-                return delta
-            return straight_through_router_gradient(delta, routes.straight_through_probs, inputs, lora_A, lora_B,
-                                                    scaling)
-        hidden = F.linear(inputs, lora_A)
-        expert_gates = _as_dtype(self.gates(x, adapter_name) * scaling, hidden.dtype)
-        return F.linear(self._gate_slots(hidden, expert_gates, adapter_name), lora_B)
+            mixed = self._add_selected_experts(accumulator, inputs, routes, adapter_name)
+        else:
+            hidden = F.linear(inputs, lora_A)
+            gated = self._gate_slots(hidden, _as_dtype(self.gates(x, adapter_name), hidden.dtype), adapter_name)
+            scaling = self.common_scaling[adapter_name]
+            accumulator = _as_dtype(accumulator, gated.dtype)
+            mixed = torch.addmm(accumulator, gated, lora_B.t(), alpha=1.0 if scaling is None else scaling)
+        return _as_dtype(mixed, result.dtype).view(result.shape)
+
+    def _add_selected_experts(self, accumulator: torch.Tensor, inputs: torch.Tensor, routes: SelectedRoutes,
+                              adapter_name: str) -> torch.Tensor:
+        lora_A, lora_B = self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]
+        scaling = self.loramixer_expert_scaling[adapter_name]
+        weight = routes.weight * scaling[routes.index]
+        mixed = add_selected_experts(accumulator, inputs, lora_A, lora_B, routes.index, weight,
+                                     self.expert_rank[adapter_name])
+        if routes.straight_through_probs is None:
+            return mixed
+        return straight_through_router_gradient(mixed, routes.straight_through_probs, inputs, lora_A, lora_B, scaling)
 
     def _gate_slots(self, hidden: torch.Tensor, expert_gates: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Each rank slot of `hidden` times its expert's gate.
+        """Each rank slot of `hidden` (tokens x slots) times its expert's gate (`expert_gates`: (..., E) over the same
+        tokens), and its scale when the experts' scales differ (a common scale is applied by the caller's multiply).
 
         With one rank for all experts this is a broadcast over (expert, rank), which also keeps autograd from
         saving a (tokens x slots) copy of the gates; otherwise the gates are expanded to the slots.
         """
+        if self.common_scaling[adapter_name] is None:
+            expert_gates = expert_gates * _as_dtype(self.loramixer_expert_scaling[adapter_name], expert_gates.dtype)
         rank = self.expert_rank[adapter_name]
         if rank is not None:
-            # `view` rather than `unflatten`, which goes through Python on every decoding step
-            return (hidden.view(*hidden.shape[:-1], -1, rank) * expert_gates.unsqueeze(-1)).flatten(-2)
-        return hidden * expert_gates.index_select(-1, self.loramixer_slot_expert[adapter_name])
+            num_experts = expert_gates.shape[-1]
+            return (hidden.view(-1, num_experts, rank) * expert_gates.reshape(-1, num_experts, 1)).view(hidden.shape)
+        slot_gates = expert_gates.reshape(hidden.shape[0], -1).index_select(-1, self.loramixer_slot_expert[adapter_name])
+        return hidden * slot_gates
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -223,7 +252,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             return result
         for adapter_name in self.active_adapters:
             if adapter_name in self.routing:  # a plain dict: cheaper to ask than the ParameterDict
-                result = result + _as_dtype(self.mixture_delta(x, adapter_name), result.dtype)
+                result = self.add_mixture(result, x, adapter_name)
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

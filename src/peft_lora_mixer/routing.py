@@ -62,10 +62,10 @@ def gates_from_probs(probs: torch.Tensor, routing: str, top_k: int) -> torch.Ten
     if routing == "topk":
         return sparse_top_k(probs, top_k)
     if routing == "hard_soft":
-        hard = sparse_top_k(probs.detach(), top_k)
-        # `probs - probs.detach()` is exactly zero, so the forward value is exactly `topk`'s; without autograd it is
-        # skipped altogether
-        return hard + (probs - probs.detach()) if probs.requires_grad else hard
+        if not probs.requires_grad:
+            return sparse_top_k(probs, top_k)
+        # `probs - probs.detach()` is exactly zero, so the forward value is exactly `topk`'s
+        return sparse_top_k(probs.detach(), top_k) + (probs - probs.detach())
     raise ValueError(f"Unknown routing mode {routing!r}.")
 
 

@@ -43,26 +43,24 @@ def prefer_selected_experts(num_tokens: int, num_experts: int, top_k: int, strai
     return num_experts >= per_selected * top_k and num_tokens >= MIN_TOKENS
 
 
-def selected_experts_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, index: torch.Tensor,
-                           weight: torch.Tensor, rank: int) -> torch.Tensor:
-    """`sum_j weight[t, j] * B_e A_e x_t` with `e = index[t, j]`, computing no other expert.
+def add_selected_experts(accumulator: torch.Tensor, tokens: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                         index: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """`accumulator[t] + sum_j weight[t, j] * B_e A_e tokens[t]` with `e = index[t, j]`, computing no other expert.
 
-    `lora_A` is (E * rank, in) and `lora_B` (out, E * rank), experts in consecutive blocks of `rank` slots; `index`
-    and `weight` are (..., k) over the tokens of `x` (..., in). Each (token, expert) pair becomes one row; the rows
-    are sorted by expert so that each expert multiplies one contiguous block of rows.
+    `tokens` is (T, in) and `accumulator` (T, out), the sum taken in the experts' compute dtype; `lora_A` is (E * rank, in) and `lora_B` (out, E * rank), experts
+    in consecutive blocks of `rank` slots; `index` and `weight` are (..., k) over the T tokens. Each (token, expert)
+    pair becomes one row; the rows are sorted by expert so that each expert multiplies one contiguous block of rows.
     """
     num_experts = lora_A.shape[0] // rank
-    tokens = x.reshape(-1, x.shape[-1])
     sorted_expert, order = index.reshape(-1).sort(stable=True)
     token = order // index.shape[-1]
-    ends = torch.searchsorted(sorted_expert, torch.arange(num_experts, device=x.device), right=True)
+    ends = torch.searchsorted(sorted_expert, torch.arange(num_experts, device=tokens.device), right=True)
     ends = ends.to(torch.int32)
     # whole-row gathers and scatters: advanced indexing (and its backward, `index_put`) is several times slower on CPU
     hidden = F.grouped_mm(tokens.index_select(0, token), lora_A.view(num_experts, rank, -1).transpose(1, 2), offs=ends)
     hidden = hidden * weight.reshape(-1).index_select(0, order).unsqueeze(-1).to(hidden.dtype)
     rows = F.grouped_mm(hidden, _expert_blocks_of_B(lora_B, num_experts, rank), offs=ends)
-    delta = rows.new_zeros(tokens.shape[0], rows.shape[-1]).index_add_(0, token, rows)
-    return delta.view(*x.shape[:-1], -1)
+    return accumulator.to(rows.dtype).index_add(0, token, rows)
 
 
 def _expert_blocks_of_B(lora_B: torch.Tensor, num_experts: int, rank: int) -> torch.Tensor:
@@ -88,30 +86,32 @@ def grouped_mm_supported(weight: torch.Tensor) -> bool:
         weight.device) >= (8, 0)
 
 
-def straight_through_router_gradient(delta: torch.Tensor, probs: torch.Tensor, x: torch.Tensor,
+def straight_through_router_gradient(output: torch.Tensor, probs: torch.Tensor, x: torch.Tensor,
                                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
-    """`delta` (the selected experts' output) unchanged, with `hard_soft`'s straight-through gradient reaching `probs`.
+    """`output` (the sum the selected experts' delta went into, (T, out)) unchanged, with `hard_soft`'s
+    straight-through gradient reaching `probs` ((..., E) over the T tokens of `x`).
 
     The dense path's gates are `hard + probs - probs.detach()`, so every expert's probability, selected or not, gets
     `dL/dp_e = s_e <dL/d delta, B_e A_e x>`, while the experts' weights and `x` get gradient through the selected
     experts only (an unselected expert's gate is zero). The backward computes it as
     `s_e sum_r (x A_e^T)_r (dL/d delta B_e)_r`: two dense matrix multiplies, against the six of a dense training step.
     """
-    return _StraightThroughRouterGradient.apply(delta, probs, x, lora_A, lora_B, scaling)
+    return _StraightThroughRouterGradient.apply(output, probs, x, lora_A, lora_B, scaling)
 
 
 class _StraightThroughRouterGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, delta, probs, x, lora_A, lora_B, scaling):
+    def forward(ctx, output, probs, x, lora_A, lora_B, scaling):
         ctx.save_for_backward(x, lora_A, lora_B, scaling)
-        return delta.view_as(delta)
+        ctx.probs_shape = probs.shape
+        return output.view_as(output)
 
     @staticmethod
-    def backward(ctx, grad_delta):
+    def backward(ctx, grad_output):
         x, lora_A, lora_B, scaling = ctx.saved_tensors
-        dtype = grad_delta.dtype  # the forward's compute dtype (bfloat16 under autocast)
+        dtype = grad_output.dtype  # the forward's compute dtype (bfloat16 under autocast)
         num_experts = scaling.shape[0]
         hidden = F.linear(x.to(dtype), lora_A.to(dtype)).unflatten(-1, (num_experts, -1))
-        upstream = (grad_delta @ lora_B.to(dtype)).unflatten(-1, (num_experts, -1))
+        upstream = (grad_output @ lora_B.to(dtype)).unflatten(-1, (num_experts, -1))
         grad_probs = (hidden * upstream).sum(-1, dtype=torch.float32) * scaling
-        return grad_delta, grad_probs, None, None, None, None
+        return grad_output, grad_probs.view(ctx.probs_shape), None, None, None, None
