@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
                         help="wall-clock time, or the process's CPU time (CPU workloads; steadier on a shared machine "
                              "with --threads 1)")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation measurement")
+    parser.add_argument("--no-train", action="store_true",
+                        help="skip the training step and its peak memory (generation only: minutes instead of hours "
+                             "on mamba-cpu)")
     parser.add_argument("--json", default="benchmark_results.json", help="where to write the results")
     args = parser.parse_args()
     if args.quick:
@@ -65,26 +68,33 @@ def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespa
         model = apply_variant(workload.build(), row, workload)
         subjects[row.name] = Subject(model, workload.batch, workload.seq_len, workload.prompt_len,
                                      workload.new_tokens, model.config.vocab_size, workload.device, args.clock)
-        for _ in range(args.warmup):
+        for _ in range(0 if args.no_train else args.warmup):
             subjects[row.name].train_step()
         print(f"  built {row.name}", flush=True)
-    train, train_ratios = measure_paired(subjects, Subject.train_step, args.repeats)
+    train, train_ratios = {name: [] for name in subjects}, {name: [] for name in subjects}
+    if not args.no_train:
+        train, train_ratios = measure_paired(subjects, Subject.train_step, args.repeats)
     gen, gen_ratios = {name: [] for name in subjects}, {name: [] for name in subjects}
     if not args.no_generate:
         for subject in subjects.values():
             subject.generate()  # warm-up
         gen, gen_ratios = measure_paired(subjects, Subject.generate, args.gen_repeats)
-    memory = {name: subject.peak_train_memory() for name, subject in subjects.items()}
-    reference_memory = memory[REFERENCE]
+    memory = {} if args.no_train else {name: subject.peak_train_memory() for name, subject in subjects.items()}
     return [
-        dict(row=name, train_ms=1e3 * statistics.median(train[name]), train_ms_all=[1e3 * t for t in train[name]],
-             train_ratio=statistics.median(train_ratios[name]), train_ratio_all=train_ratios[name],
-             gen_tok_s=statistics.median(gen[name]) if gen[name] else None, gen_tok_s_all=gen[name],
-             gen_ratio=statistics.median(gen_ratios[name]) if gen_ratios[name] else None,
-             gen_ratio_all=gen_ratios[name], peak_train_mib=memory[name] / 2**20,
-             mem_ratio=memory[name] / reference_memory, trainable_params=subjects[name].trainable_parameters())
+        dict(row=name, train_ms=_median(train[name], scale=1e3), train_ms_all=[1e3 * t for t in train[name]],
+             train_ratio=_median(train_ratios[name]), train_ratio_all=train_ratios[name],
+             gen_tok_s=_median(gen[name]), gen_tok_s_all=gen[name],
+             gen_ratio=_median(gen_ratios[name]), gen_ratio_all=gen_ratios[name],
+             peak_train_mib=memory[name] / 2**20 if memory else None,
+             mem_ratio=memory[name] / memory[REFERENCE] if memory else None,
+             trainable_params=subjects[name].trainable_parameters())
         for name in subjects
     ]
+
+
+def _median(values: list[float], scale: float = 1.0) -> float | None:
+    """`scale` times the median of `values`; None for a measurement that was skipped."""
+    return scale * statistics.median(values) if values else None
 
 
 def measure_paired(subjects: dict[str, Subject], measure: Callable[[Subject], float],
@@ -115,9 +125,10 @@ def format_table(workload: Workload, results: list[dict]) -> str:
              f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)")
     lines = [title, "", header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
+        train = f"{r['train_ms']:.1f} | {r['train_ratio']:.2f}" if r["train_ms"] else "- | -"
         gen = f"{r['gen_tok_s']:.0f} | {r['gen_ratio']:.2f}" if r["gen_tok_s"] else "- | -"
-        lines.append(f"| {r['row']} | {r['train_ms']:.1f} | {r['train_ratio']:.2f} | {gen} | "
-                     f"{r['peak_train_mib']:.0f} | {r['mem_ratio']:.2f} | {r['trainable_params']:,} |")
+        memory = f"{r['peak_train_mib']:.0f} | {r['mem_ratio']:.2f}" if r["peak_train_mib"] else "- | -"
+        lines.append(f"| {r['row']} | {train} | {gen} | {memory} | {r['trainable_params']:,} |")
     return "\n".join(lines)
 
 

@@ -49,7 +49,10 @@ class LoraMixerConfig(PeftConfig):
             "help": (
                 "'soft': softmax over all experts. 'topk': the top_k of the softmax, renormalised, gradient "
                 "through the kept experts only. 'hard_soft': forward as 'topk', backward as 'soft' "
-                "(straight-through, the paper's differentiable hard-soft top-k). Ties go to the lower index."
+                "(straight-through, the paper's differentiable hard-soft top-k). Ties go to the lower index. "
+                "With many experts (num_experts * r about the projection's width or more) prefer 'topk': "
+                "'hard_soft' training needs every expert's output for its router gradient, 'topk' only the "
+                "selected experts'."
             )
         },
     )
