@@ -138,8 +138,8 @@ def test_top_k_ties_go_to_the_lower_index(k):
 def test_top_k_routes_agree_for_few_and_many_tokens(k):
     """A decoding step's few tokens take the sorting path and many tokens the integer keys: same routes exactly."""
     torch.manual_seed(0)
-    many = torch.softmax(torch.randint(0, 3, (500, 64)).float() + torch.randn(500, 64) * (torch.rand(500, 1) < 0.5),
-                         dim=-1).requires_grad_(True)
+    logits = torch.randint(-2, 2, (500, 64)).float() + torch.randn(500, 64) * (torch.rand(500, 1) < 0.5)
+    many = logits.requires_grad_(True)  # signed, with exact ties in half of the tokens
     few = many[: SORT_MAX_ELEMENTS // 64]
     assert many.numel() > SORT_MAX_ELEMENTS >= few.numel()
     (index_many, weight_many), (index_few, weight_few) = top_k_routes(many, k), top_k_routes(few, k)
@@ -160,6 +160,35 @@ def test_nearly_tied_values_keep_their_order():
     tiny_low = torch.nextafter(tiny_high, torch.tensor(0.0))
     probs = torch.stack([torch.stack([low, high, tiny_low, tiny_high])])
     assert top_k_indices(probs, 4).tolist() == [[1, 0, 3, 2]]
+    negative = -high
+    logits = torch.stack([torch.stack([torch.nextafter(negative, torch.tensor(-1.0)), negative, -tiny_high, -tiny_low])])
+    assert top_k_indices(logits, 4).tolist() == [[3, 2, 1, 0]]
+
+
+def test_top_k_of_signed_logits_orders_like_a_stable_sort():
+    """Logits are signed: negative values, -0.0 against +0.0 (equal: a tie) and -inf (absent experts) included."""
+    inf = float("inf")
+    logits = torch.tensor([[-0.0, 0.0, -1.0, 2.0], [-inf, -3.0, -inf, -2.5], [0.0, -0.0, -0.0, 1e-45],
+                           [-1e-45, -0.0, -inf, -1.0]])
+    stable = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    for k in (2, 3, 4):
+        assert torch.equal(top_k_indices(logits, k), stable[:, :k])
+    assert stable[0].tolist() == [3, 0, 1, 2] and stable[2].tolist() == [3, 0, 1, 2]
+
+
+@pytest.mark.parametrize("routing", ["topk", "hard_soft"])
+def test_training_and_inference_route_alike(routing):
+    """Inference routes on the logits alone; training adds the router's gradient as exact zeros: the same gates and
+    the same selected experts and weights, to the bit."""
+    layer = make_layer([ExpertSpec(R, 0.5)] * MANY, routing, top_k=2)
+    x = torch.randn(*TOKENS, IN)
+    gates, routes = layer.gates(x, "default"), layer.selected_routes(x, "default")
+    assert gates.requires_grad and (routes.weight.requires_grad or routes.straight_through_probs.requires_grad)
+    with torch.no_grad():
+        assert torch.equal(layer.gates(x, "default"), gates)
+        index, weight, _ = layer.selected_routes(x, "default")
+    assert torch.equal(index, routes.index) and torch.equal(weight, routes.weight)
+    torch.testing.assert_close(gates.gather(-1, index), weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("routing,num_experts", [("hard_soft", 4), ("topk", MANY)])

@@ -94,18 +94,19 @@ class ProbeRouters:
     """Keep every router's probabilities (with their graph) during a forward: the independent RSL computation."""
 
     def __init__(self):
-        self.probs, self.original = [], LoraMixerLayer.router_probs
+        self.probs, self.original = [], LoraMixerLayer.router_logits
 
     def __enter__(self):
-        def router_probs(layer, x, adapter_name):
-            self.probs.append(self.original(layer, x, adapter_name))
-            return self.probs[-1]
+        def router_logits(layer, x, adapter_name):
+            logits = self.original(layer, x, adapter_name)
+            self.probs.append(torch.softmax(logits, dim=-1))
+            return logits
 
-        LoraMixerLayer.router_probs = router_probs
+        LoraMixerLayer.router_logits = router_logits
         return self
 
     def __exit__(self, *exc):
-        LoraMixerLayer.router_probs = self.original
+        LoraMixerLayer.router_logits = self.original
 
     def rsl(self, mask, top_k=2, alpha=0.5, lam=0.3, sign=1):
         losses = [specialization_loss(valid_tokens(p, mask), top_k, alpha, lam, sign) for p in self.probs]

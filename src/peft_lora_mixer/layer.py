@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .routing import forced_gates, gates_from_probs, top_k_routes
+from .routing import forced_gates, gates_from_logits, top_k_routes, with_top_k_gradient
 from .sparse import (
     SelectedRoutes,
     grouped_mm_supported,
@@ -135,34 +135,39 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         else:
             nn.init.normal_(self.loramixer_B[adapter_name], std=0.1)
 
-    def router_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Softmax of the router logits in float32, absent experts masked out."""
+    def router_logits(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The router's logits in float32, divided by the temperature, absent experts at -inf."""
         device_type = "cpu" if x.is_cpu else x.device.type  # `x.device` builds an object: slow on every decoding step
         if torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type=device_type, enabled=False):
-                return self.router_probs(x, adapter_name)
+                return self.router_logits(x, adapter_name)
         router = self.loramixer_router[adapter_name]
         _, _, temperature = self.routing[adapter_name]
         float32 = torch.float32
         logits = F.linear(_as_dtype(x, float32), _as_dtype(router.weight, float32), _as_dtype(router.bias, float32))
         if self.expert_rank[adapter_name] is None:  # some expert may be absent (rank 0) on this projection
             logits = logits + self.loramixer_logit_mask[adapter_name]
-        return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        return logits if temperature == 1.0 else logits / temperature
 
-    def observed_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """`router_probs`, shown to the routing observer (RSL, statistics) when one is set."""
-        probs = self.router_probs(x, adapter_name)
-        if self.routing_observer is not None:
-            probs = self.routing_observer.observe(self, adapter_name, probs)
-        return probs
+    def router_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Softmax of the router logits in float32, absent experts masked out."""
+        return torch.softmax(self.router_logits(x, adapter_name), dim=-1)
+
+    def observed_probs(self, logits: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """`softmax(logits)`, shown to the routing observer (RSL, statistics) when one is set; None when neither the
+        observer nor autograd needs the probabilities (inference routes on the logits alone)."""
+        if self.routing_observer is None:
+            return torch.softmax(logits, dim=-1) if logits.requires_grad else None
+        return self.routing_observer.observe(self, adapter_name, torch.softmax(logits, dim=-1))
 
     def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Per-token expert weights (float32, (..., E) over the tokens of `x`), or the forced one-hot of `route_to`."""
-        num_experts = self.loramixer_router[adapter_name].out_features
         if self.forced_expert_ids is not None:
+            num_experts = self.loramixer_router[adapter_name].out_features
             return forced_gates(self.forced_expert_ids, num_experts, like=x).expand(*x.shape[:-1], num_experts)
         routing, top_k, _ = self.routing[adapter_name]
-        return gates_from_probs(self.observed_probs(x, adapter_name), routing, top_k)
+        logits = self.router_logits(x, adapter_name)
+        return gates_from_logits(logits, self.observed_probs(logits, adapter_name), routing, top_k)
 
     def selected_routes(self, x: torch.Tensor, adapter_name: str) -> Optional[SelectedRoutes]:
         """The experts each token uses and their gates, when computing only those is exact and faster.
@@ -170,7 +175,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         Exact whenever the forward gates are k-sparse: forced routing, `topk` and `hard_soft`. Training with
         `hard_soft` also needs the router gradient of every expert (straight-through), which the routes carry as
         `straight_through_probs`. Faster by the measured crossover of `prefer_selected_experts`. None means: use
-        the dense path. Both paths pick the same experts (`top_k_routes`, ties to the lower index).
+        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`).
         """
         routing, top_k, _ = self.routing[adapter_name]
         num_experts = self.loramixer_router[adapter_name].out_features
@@ -186,11 +191,13 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             return None
         if forced:
             return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name), 1))
-        probs = self.observed_probs(x, adapter_name)
+        logits = self.router_logits(x, adapter_name)
+        probs = self.observed_probs(logits, adapter_name)
+        index, weight = top_k_routes(logits.detach(), top_k)
+        trains_router = probs is not None and probs.requires_grad
         if routing == "topk":
-            return SelectedRoutes(*top_k_routes(probs, top_k))
-        index, weight = top_k_routes(probs.detach(), top_k)
-        return SelectedRoutes(index, weight, probs if probs.requires_grad else None)
+            return SelectedRoutes(index, with_top_k_gradient(weight, probs, index) if trains_router else weight)
+        return SelectedRoutes(index, weight, probs if trains_router else None)
 
     def add_mixture(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """`result + sum_e g_e(x) s_e B_e A_e dropout(x)`, over all experts as two matrix multiplies, or over the
