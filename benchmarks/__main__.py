@@ -80,6 +80,7 @@ def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespa
             subject.generate()  # warm-up
         gen, gen_ratios = measure_paired(subjects, Subject.generate, args.gen_repeats)
     memory = {} if args.no_train else {name: subject.peak_train_memory() for name, subject in subjects.items()}
+    state = {} if args.no_train else {name: subject.train_state_memory() for name, subject in subjects.items()}
     return [
         dict(row=name, train_ms=_median(train[name], scale=1e3), train_ms_all=[1e3 * t for t in train[name]],
              train_ratio=_median(train_ratios[name]), train_ratio_all=train_ratios[name],
@@ -87,6 +88,8 @@ def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespa
              gen_ratio=_median(gen_ratios[name]), gen_ratio_all=gen_ratios[name],
              peak_train_mib=memory[name] / 2**20 if memory else None,
              mem_ratio=memory[name] / memory[REFERENCE] if memory else None,
+             train_state_mib=state[name] / 2**20 if state else None,
+             state_ratio=state[name] / state[REFERENCE] if state else None,
              trainable_params=subjects[name].trainable_parameters())
         for name in subjects
     ]
@@ -120,7 +123,7 @@ def measure_paired(subjects: dict[str, Subject], measure: Callable[[Subject], fl
 
 def format_table(workload: Workload, results: list[dict]) -> str:
     header = ("| row | train step ms | x LoRA r=8 | gen tok/s | x LoRA r=8 | peak train MiB | x LoRA r=8 | "
-              "trainable params |")
+              "train state MiB | x LoRA r=8 | trainable params |")
     title = (f"{workload.name}: batch {workload.batch} x seq {workload.seq_len}; generation {workload.batch} x "
              f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)")
     lines = [title, "", header, "|" + "---|" * (header.count("|") - 1)]
@@ -128,7 +131,8 @@ def format_table(workload: Workload, results: list[dict]) -> str:
         train = f"{r['train_ms']:.1f} | {r['train_ratio']:.2f}" if r["train_ms"] else "- | -"
         gen = f"{r['gen_tok_s']:.0f} | {r['gen_ratio']:.2f}" if r["gen_tok_s"] else "- | -"
         memory = f"{r['peak_train_mib']:.0f} | {r['mem_ratio']:.2f}" if r["peak_train_mib"] else "- | -"
-        lines.append(f"| {r['row']} | {train} | {gen} | {memory} | {r['trainable_params']:,} |")
+        state = f"{r['train_state_mib']:.0f} | {r['state_ratio']:.2f}" if r["train_state_mib"] else "- | -"
+        lines.append(f"| {r['row']} | {train} | {gen} | {memory} | {state} | {r['trainable_params']:,} |")
     return "\n".join(lines)
 
 

@@ -58,6 +58,38 @@ class Subject:
             self.train_step()
         return held + growth()
 
+    def train_state_memory(self) -> int:
+        """Bytes a training step holds by construction: weights, buffers and optimizer state, the gradients of the
+        trainable parameters, and every tensor autograd saves for the backward (each storage once).
+
+        Unlike the peak, which on CPU comes from the resident set and moves by tens of MiB between runs, this is
+        exact and the same on every run and device; it leaves out only the short-lived buffers inside operations.
+        """
+        held = {_storage_key(t): _storage_bytes(t) for t in _tensors_held(self.model, self.optimizer)}
+        gradients = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        saved: dict[tuple[int, str], int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            saved.setdefault(_storage_key(tensor), _storage_bytes(tensor))
+            return tensor
+
+        self.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        if self.optimizer is not None:
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+        activations = sum(size for key, size in saved.items() if key not in held)
+        return sum(held.values()) + gradients + activations
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, str]:
+    return tensor.untyped_storage().data_ptr(), str(tensor.device)
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes()
+
 
 def _now(device: str, clock: str) -> float:
     """Seconds on the wall clock, or of CPU time used by this process (`clock="cpu"`: on a shared machine it does not
