@@ -228,6 +228,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     def _add_selected_experts(self, accumulator: torch.Tensor, inputs: torch.Tensor, routes: SelectedRoutes,
                               adapter_name: str) -> torch.Tensor:
+        """`accumulator` plus the routed experts only, each weighted by its gate and scale; under `hard_soft` in
+        training, with the straight-through gradient of every expert's router probability attached."""
         lora_A, lora_B = self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]
         scaling = self.loramixer_expert_scaling[adapter_name]
         weight = routes.weight * scaling[routes.index]
