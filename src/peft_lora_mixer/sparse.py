@@ -47,9 +47,10 @@ def add_selected_experts(accumulator: torch.Tensor, tokens: torch.Tensor, lora_A
                          index: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
     """`accumulator[t] + sum_j weight[t, j] * B_e A_e tokens[t]` with `e = index[t, j]`, computing no other expert.
 
-    `tokens` is (T, in) and `accumulator` (T, out), the sum taken in the experts' compute dtype; `lora_A` is (E * rank, in) and `lora_B` (out, E * rank), experts
-    in consecutive blocks of `rank` slots; `index` and `weight` are (..., k) over the T tokens. Each (token, expert)
-    pair becomes one row; the rows are sorted by expert so that each expert multiplies one contiguous block of rows.
+    `tokens` is (T, in) and `accumulator` (T, out), the sum taken in the experts' compute dtype; `lora_A` is
+    (E * rank, in) and `lora_B` (out, E * rank), experts in consecutive blocks of `rank` slots; `index` and `weight`
+    are (..., k) over the T tokens. Each (token, expert) pair becomes one row; the rows are sorted by expert so that
+    each expert multiplies one contiguous block of rows.
     """
     num_experts = lora_A.shape[0] // rank
     sorted_expert, order = index.reshape(-1).sort(stable=True)
