@@ -59,6 +59,20 @@ def test_matches_per_expert_reference(routing, top_k):
     torch.testing.assert_close(layer(x), reference_output(layer, x, routing, top_k, 0.7), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(IN,), (3, 4, IN), (2, 3, 2, IN), "transposed"])
+def test_any_input_shape_routes_each_token_alike(shape):
+    """The layer flattens its input's tokens once (the base layer included) and restores the shape at the end."""
+    layer = make_layer("hard_soft", top_k=2)
+    x = torch.randn(4, 3, IN).transpose(0, 1) if shape == "transposed" else torch.randn(*shape)
+    out = layer(x)
+    assert out.shape == (*x.shape[:-1], OUT)
+    tokens = x.reshape(-1, IN)
+    expected = reference_output(layer, tokens, "hard_soft", 2)
+    torch.testing.assert_close(out.reshape(-1, OUT), expected, rtol=1e-5, atol=1e-6)
+    layer.enable_adapters(False)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
 @pytest.mark.parametrize("routing", ["topk", "hard_soft"])
 def test_ties_go_to_lower_expert_index(routing):
     layer = make_layer(routing, top_k=2)
@@ -110,6 +124,8 @@ def test_forced_routing_is_one_hot_per_sample():
     gates = layer.gates(x, "default")
     expected = torch.nn.functional.one_hot(torch.tensor([4, 0, 2]), E).float()[:, None, :].expand(3, 4, E)
     assert torch.equal(gates.expand(3, 4, E), expected)
+    flat = layer.gates(x.reshape(-1, IN), "default", token_shape=x.shape[:-1])  # tokens as the layer's forward has them
+    assert torch.equal(flat, expected.reshape(-1, E))
     layer.forced_expert_ids = torch.tensor([1, 2])
     with pytest.raises(ValueError, match="one expert id per sample"):
         layer(x)

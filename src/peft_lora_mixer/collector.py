@@ -42,9 +42,10 @@ class RoutingStep:
     parts: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     gradient_scale: Optional[torch.Tensor] = None
 
-    def mask_for(self, probs: torch.Tensor) -> Optional[torch.Tensor]:
-        """The padding mask if this router's tokens are the ones it describes (batch x length), else None."""
-        if self.token_mask is not None and tuple(self.token_mask.shape) == tuple(probs.shape[:-1]):
+    def mask_for(self, token_shape: torch.Size) -> Optional[torch.Tensor]:
+        """The padding mask if this router's tokens (of `token_shape`) are the ones it describes (batch x length),
+        else None."""
+        if self.token_mask is not None and tuple(self.token_mask.shape) == tuple(token_shape):
             return self.token_mask
         return None
 
@@ -105,13 +106,14 @@ class RoutingCollector:
         self.stats_training_only = False
         self.stats = RoutingStatsAccumulator()
 
-    def observe(self, layer, adapter_name: str, probs: torch.Tensor) -> torch.Tensor:
-        """Called by a layer with its router's probabilities; returns the tensor the layer should route with."""
+    def observe(self, layer, adapter_name: str, probs: torch.Tensor, token_shape: torch.Size) -> torch.Tensor:
+        """Called by a layer with its router's probabilities ((..., E) over tokens that had `token_shape`, batch
+        first); returns the tensor the layer should route with."""
         step = self.step
         if step is None:
             return probs
-        token_mask = step.mask_for(probs)
-        top_k = layer.routing[adapter_name][1]
+        token_mask = step.mask_for(token_shape)
+        top_k = layer.routing[adapter_name].top_k
         if self.collecting:
             valid = valid_tokens(probs.detach(), token_mask)
             if adapter_name in step.settings:

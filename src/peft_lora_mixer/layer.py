@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,15 @@ from .sparse import (
     add_selected_experts,
     straight_through_router_gradient,
 )
+
+
+class RouterSettings(NamedTuple):
+    """How one adapter routes on one projection (a tuple: read on every forward, so cheap to read)."""
+
+    mode: str
+    top_k: int
+    temperature: float
+    num_experts: int
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,13 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_slot_expert = BufferDict(persistent=False)
         self.loramixer_expert_scaling = BufferDict(persistent=False)
         self.loramixer_logit_mask = BufferDict(persistent=False)
-        self.routing: dict[str, tuple[str, int, float]] = {}
+        self.routing: dict[str, RouterSettings] = {}
         self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
         self.common_scaling: dict[str, Optional[float]] = {}  # the present experts' common scale, None if they differ
         self.forced_expert_ids: Optional[torch.Tensor] = None
         self.routing_observer = None  # set by the tuner while the RSL or routing statistics are wanted
         self._disable_adapters = False
+        self.cast_input_dtype_enabled = True  # toggled by `peft.helpers.disable_input_dtype_casting`
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, experts, **update_kwargs)
@@ -109,7 +119,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_slot_expert[adapter_name] = slot_expert
         self.loramixer_expert_scaling[adapter_name] = expert_scaling
         self.loramixer_logit_mask[adapter_name] = logit_mask
-        self.routing[adapter_name] = (routing, top_k, router_temperature)
+        self.routing[adapter_name] = RouterSettings(routing, top_k, router_temperature, len(experts))
         self.expert_rank[adapter_name] = ranks[0] if len(set(ranks)) == 1 else None
         scalings = {expert.scaling for expert in experts if expert.r}
         self.common_scaling[adapter_name] = scalings.pop() if len(scalings) == 1 else None
@@ -142,7 +152,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             with torch.autocast(device_type=device_type, enabled=False):
                 return self.router_logits(x, adapter_name)
         router = self.loramixer_router[adapter_name]
-        _, _, temperature = self.routing[adapter_name]
+        temperature = self.routing[adapter_name].temperature
         float32 = torch.float32
         logits = F.linear(_as_dtype(x, float32), _as_dtype(router.weight, float32), _as_dtype(router.bias, float32))
         if self.expert_rank[adapter_name] is None:  # some expert may be absent (rank 0) on this projection
@@ -153,32 +163,43 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         """Softmax of the router logits in float32, absent experts masked out."""
         return torch.softmax(self.router_logits(x, adapter_name), dim=-1)
 
-    def observed_probs(self, logits: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+    def observed_probs(self, logits: torch.Tensor, adapter_name: str,
+                       token_shape: torch.Size) -> Optional[torch.Tensor]:
         """`softmax(logits)`, shown to the routing observer (RSL, statistics) when one is set; None when neither the
-        observer nor autograd needs the probabilities (inference routes on the logits alone)."""
+        observer nor autograd needs the probabilities (inference routes on the logits alone). `token_shape` is the
+        shape of the tokens the rows of `logits` came from (batch x length), which the observer matches with the
+        padding mask."""
         if self.routing_observer is None:
             return torch.softmax(logits, dim=-1) if logits.requires_grad else None
-        return self.routing_observer.observe(self, adapter_name, torch.softmax(logits, dim=-1))
+        return self.routing_observer.observe(self, adapter_name, torch.softmax(logits, dim=-1), token_shape)
 
-    def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Per-token expert weights (float32, (..., E) over the tokens of `x`), or the forced one-hot of `route_to`."""
+    def gates(self, x: torch.Tensor, adapter_name: str, token_shape: Optional[torch.Size] = None) -> torch.Tensor:
+        """Per-token expert weights (float32, (..., E) over the tokens of `x`), or the forced one-hot of `route_to`.
+
+        `token_shape`: where `x` holds flattened tokens, the shape they had (batch first), which `route_to`'s
+        per-sample ids and the observer's padding mask refer to; by default `x.shape[:-1]`.
+        """
+        token_shape = x.shape[:-1] if token_shape is None else token_shape
+        settings = self.routing[adapter_name]
         if self.forced_expert_ids is not None:
-            num_experts = self.loramixer_router[adapter_name].out_features
-            return forced_gates(self.forced_expert_ids, num_experts, like=x).expand(*x.shape[:-1], num_experts)
-        routing, top_k, _ = self.routing[adapter_name]
+            one_hot = forced_gates(self.forced_expert_ids, settings.num_experts, token_shape, x.device)
+            return one_hot.expand(*token_shape, settings.num_experts).reshape(*x.shape[:-1], settings.num_experts)
         logits = self.router_logits(x, adapter_name)
-        return gates_from_logits(logits, self.observed_probs(logits, adapter_name), routing, top_k)
+        probs = self.observed_probs(logits, adapter_name, token_shape)
+        return gates_from_logits(logits, probs, settings.mode, settings.top_k)
 
-    def selected_routes(self, x: torch.Tensor, adapter_name: str) -> Optional[SelectedRoutes]:
+    def selected_routes(self, x: torch.Tensor, adapter_name: str,
+                        token_shape: Optional[torch.Size] = None) -> Optional[SelectedRoutes]:
         """The experts each token uses and their gates, when computing only those is exact and faster.
 
         Exact whenever the forward gates are k-sparse: forced routing, `topk` and `hard_soft`. Training with
         `hard_soft` also needs the router gradient of every expert (straight-through), which the routes carry as
         `straight_through_probs`. Faster by the measured crossover of `prefer_selected_experts`. None means: use
-        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`).
+        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`). `token_shape` as
+        for `gates`.
         """
-        routing, top_k, _ = self.routing[adapter_name]
-        num_experts = self.loramixer_router[adapter_name].out_features
+        token_shape = x.shape[:-1] if token_shape is None else token_shape
+        routing, top_k, _, num_experts = self.routing[adapter_name]
         forced = self.forced_expert_ids is not None
         if forced:
             top_k = 1
@@ -190,41 +211,41 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
             return None
         if forced:
-            return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name), 1))
+            return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name, token_shape), 1))
         logits = self.router_logits(x, adapter_name)
-        probs = self.observed_probs(logits, adapter_name)
+        probs = self.observed_probs(logits, adapter_name, token_shape)
         index, weight = top_k_routes(logits.detach(), top_k)
         trains_router = probs is not None and probs.requires_grad
         if routing == "topk":
             return SelectedRoutes(index, with_top_k_gradient(weight, probs, index) if trains_router else weight)
         return SelectedRoutes(index, weight, probs if trains_router else None)
 
-    def add_mixture(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """`result + sum_e g_e(x) s_e B_e A_e dropout(x)`, over all experts as two matrix multiplies, or over the
-        selected ones only.
+    def add_mixture(self, result: torch.Tensor, tokens: torch.Tensor, token_shape: torch.Size,
+                    adapter_name: str) -> torch.Tensor:
+        """`result + sum_e g_e(x) s_e B_e A_e dropout(x)` for the flattened `tokens` (T x in) and `result` (T x out),
+        over all experts as two matrix multiplies, or over the selected ones only. `token_shape` is the shape the
+        tokens had (batch first), for `route_to` and the padding mask.
 
-        The tokens are flattened first, so that each multiply is one BLAS call, and the second multiply adds into
-        `result` itself (`addmm`). At a decoding step, where the routing's small operations cost as much as the
-        multiplies, every operation saved counts. The sum is taken in the experts' dtype and rounded to `result`'s
-        once, as PEFT LoRA does with float32 adapters on a bfloat16 model (under autocast, in its dtype).
+        The second multiply adds into `result` itself (`addmm`). The sum is taken in the experts' dtype and rounded
+        to `result`'s once, as PEFT LoRA does with float32 adapters on a bfloat16 model (under autocast, in its
+        dtype).
         """
         lora_A, lora_B = self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]
-        tokens = x.reshape(-1, self.in_features)
         inputs = self._cast_input_dtype(tokens, lora_A.dtype)
         dropout = self.loramixer_dropout[adapter_name]
         if not isinstance(dropout, nn.Identity):
             inputs = dropout(inputs)
-        accumulator = result.reshape(-1, self.out_features)
-        routes = self.selected_routes(x, adapter_name)
+        routes = self.selected_routes(tokens, adapter_name, token_shape)
         if routes is not None:
-            mixed = self._add_selected_experts(accumulator, inputs, routes, adapter_name)
+            mixed = self._add_selected_experts(result, inputs, routes, adapter_name)
         else:
             hidden = F.linear(inputs, lora_A)
-            gated = self._gate_slots(hidden, _as_dtype(self.gates(x, adapter_name), hidden.dtype), adapter_name)
+            expert_gates = self.gates(tokens, adapter_name, token_shape)
+            gated = self._gate_slots(hidden, _as_dtype(expert_gates, hidden.dtype), adapter_name)
             scaling = self.common_scaling[adapter_name]
-            accumulator = _as_dtype(accumulator, gated.dtype)
+            accumulator = _as_dtype(result, gated.dtype)
             mixed = torch.addmm(accumulator, gated, lora_B.t(), alpha=1.0 if scaling is None else scaling)
-        return _as_dtype(mixed, result.dtype).view(result.shape)
+        return _as_dtype(mixed, result.dtype)
 
     def _add_selected_experts(self, accumulator: torch.Tensor, inputs: torch.Tensor, routes: SelectedRoutes,
                               adapter_name: str) -> torch.Tensor:
@@ -240,29 +261,37 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         return straight_through_router_gradient(mixed, routes.straight_through_probs, inputs, lora_A, lora_B, scaling)
 
     def _gate_slots(self, hidden: torch.Tensor, expert_gates: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Each rank slot of `hidden` (tokens x slots) times its expert's gate (`expert_gates`: (..., E) over the same
-        tokens), and its scale when the experts' scales differ (a common scale is applied by the caller's multiply).
+        """Each rank slot of `hidden` (tokens x slots) times its expert's gate (`expert_gates`: tokens x E), and its
+        scale when the experts' scales differ (a common scale is applied by the caller's multiply).
 
-        With one rank for all experts this is a broadcast over (expert, rank), which also keeps autograd from
-        saving a (tokens x slots) copy of the gates; otherwise the gates are expanded to the slots.
+        With one rank for all experts this is a broadcast over (expert, rank), in place: one operation fewer, and
+        autograd keeps no more than out of place (it saves no (tokens x slots) copy of the gates, and `hidden` is
+        not needed by its own multiply's backward). Otherwise the gates are expanded to the slots.
         """
         if self.common_scaling[adapter_name] is None:
             expert_gates = expert_gates * _as_dtype(self.loramixer_expert_scaling[adapter_name], expert_gates.dtype)
         rank = self.expert_rank[adapter_name]
         if rank is not None:
             num_experts = expert_gates.shape[-1]
-            return (hidden.view(-1, num_experts, rank) * expert_gates.reshape(-1, num_experts, 1)).view(hidden.shape)
-        slot_gates = expert_gates.reshape(hidden.shape[0], -1).index_select(-1, self.loramixer_slot_expert[adapter_name])
-        return hidden * slot_gates
+            hidden.view(-1, num_experts, rank).mul_(expert_gates.unsqueeze(-1))
+            return hidden
+        return hidden * expert_gates.index_select(-1, self.loramixer_slot_expert[adapter_name])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        """The base projection plus each active adapter's mixture, on the tokens flattened once.
+
+        Flat, every multiply (the base layer's too) is one BLAS call with no reshaping around it: at a decoding
+        step, where the routing's small operations cost as much as the multiplies, every operation saved counts.
+        """
         if self.disable_adapters:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        token_shape = x.shape[:-1]
+        tokens = x.reshape(-1, self.in_features)
+        result = self.base_layer(tokens, *args, **kwargs)
         for adapter_name in self.active_adapters:
             if adapter_name in self.routing:  # a plain dict: cheaper to ask than the ParameterDict
-                result = self.add_mixture(result, x, adapter_name)
-        return result
+                result = self.add_mixture(result, tokens, token_shape, adapter_name)
+        return result.reshape(*token_shape, self.out_features)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise NotImplementedError(MERGE_ERROR)

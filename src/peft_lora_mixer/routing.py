@@ -43,7 +43,7 @@ def top_k_routes(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """
     if 1 < k and logits.numel() <= SORT_MAX_ELEMENTS:
         values, index = logits.sort(dim=-1, descending=True, stable=True)
-        index, kept = index[..., :k], values[..., :k]
+        index, kept = index.narrow(-1, 0, k), values.narrow(-1, 0, k)
     else:
         index = top_k_indices(logits, k)
         kept = logits.gather(-1, index)
@@ -85,18 +85,19 @@ def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routi
     return gates
 
 
-def forced_gates(expert_ids: torch.Tensor, num_experts: int, like: torch.Tensor) -> torch.Tensor:
+def forced_gates(expert_ids: torch.Tensor, num_experts: int, token_shape: torch.Size,
+                 device: torch.device) -> torch.Tensor:
     """One-hot gates sending every token of sample b to expert `expert_ids[b]` (stage-1 expert training).
 
-    `like` is the layer input (batch first); the gates broadcast over all its token dimensions. A single id
-    (a 0-d tensor) sends every sample to that expert.
+    `token_shape` is the shape of the layer's tokens, batch first (its input's shape without the features); the
+    gates broadcast over all its token dimensions. A single id (a 0-d tensor) sends every sample to that expert.
     """
-    if expert_ids.dim() == 0 and like.dim() >= 2:
-        expert_ids = expert_ids.expand(like.shape[0])
-    if like.dim() < 2 or like.shape[0] != expert_ids.shape[0]:
+    if expert_ids.dim() == 0 and len(token_shape) >= 1:
+        expert_ids = expert_ids.expand(token_shape[0])
+    if len(token_shape) < 1 or token_shape[0] != expert_ids.shape[0]:
         raise ValueError(
-            f"route_to() was given {expert_ids.shape[0]} expert ids but a routed layer received input of shape "
-            f"{tuple(like.shape)}; pass one expert id per sample of the batch (batch dimension first)."
+            f"route_to() was given {expert_ids.shape[0]} expert ids but a routed layer received tokens of shape "
+            f"{tuple(token_shape)}; pass one expert id per sample of the batch (batch dimension first)."
         )
-    one_hot = torch.nn.functional.one_hot(expert_ids.to(like.device), num_experts).to(torch.float32)
-    return one_hot.view(expert_ids.shape[0], *([1] * (like.dim() - 2)), num_experts)
+    one_hot = torch.nn.functional.one_hot(expert_ids.to(device), num_experts).to(torch.float32)
+    return one_hot.view(expert_ids.shape[0], *([1] * (len(token_shape) - 1)), num_experts)
