@@ -8,7 +8,14 @@ from peft import get_peft_model
 from tiny_models import tiny_model
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
-from peft_lora_mixer.rsl import specialization_loss, token_entropy, update_entropy_weight, valid_tokens
+from peft_lora_mixer.rsl import (
+    RouterUsage,
+    specialization_loss,
+    specialization_loss_gradient,
+    token_entropy,
+    update_entropy_weight,
+    valid_tokens,
+)
 
 LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 1.2, 0.9]])
 
@@ -55,6 +62,25 @@ def test_entropy_of_absent_experts_has_finite_gradient():
     logits = torch.tensor([[1.0, -math.inf, 0.0]], requires_grad=True)
     specialization_loss(logits.softmax(-1), 1, 1.0, 1.0, 1).backward()
     assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("top_k,sign", [(1, 1), (2, 1), (2, -1)])
+def test_closed_form_gradient_equals_autograd(top_k, sign):
+    """The routers' backward uses the RSL's gradient in closed form; autograd of the loss is the reference, with
+    absent experts (probability 0), probabilities below the entropy's clamp, and an empty batch."""
+    torch.manual_seed(0)
+    logits = torch.randn(33, 6) * 3
+    logits[:, 4] = -math.inf  # an absent expert
+    probs = logits.softmax(-1)
+    probs[0, 1] = 1e-40  # subnormal: below the clamp that keeps the entropy's logarithm finite
+    probs[1, 2] = 1e-30  # small, above it
+    probs.requires_grad_()
+    assert 0 < probs[0, 1] < torch.finfo(torch.float32).tiny < probs[1, 2]
+    (expected,) = torch.autograd.grad(specialization_loss(probs, top_k, 0.3, 0.7, sign), probs)
+    got = specialization_loss_gradient(probs.detach(), RouterUsage.of(probs, top_k), 0.3, 0.7, sign)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)  # float32 sums in another order
+    empty = probs[:0].detach()
+    assert specialization_loss_gradient(empty, RouterUsage.of(empty, top_k), 0.3, 0.7, sign).shape == (0, 6)
 
 
 def test_adaptive_lambda_controller_moves_toward_target():

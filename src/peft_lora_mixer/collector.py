@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .rsl import router_loss_parts, specialization_loss, valid_tokens
+from .rsl import RouterUsage, router_loss_parts, specialization_loss_gradient, valid_tokens
 from .stats import RoutingStatsAccumulator
 
 
@@ -69,10 +69,10 @@ class _InjectRoutingGradient(torch.autograd.Function):
     """Identity on one router's probabilities; its backward adds the gradient of that router's RSL share."""
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor, token_mask: Optional[torch.Tensor], step: RoutingStep, top_k: int,
+    def forward(ctx, probs: torch.Tensor, token_mask: Optional[torch.Tensor], usage: RouterUsage, step: RoutingStep,
                 adapter_name: str) -> torch.Tensor:
-        ctx.save_for_backward(probs, token_mask)
-        ctx.step, ctx.top_k, ctx.adapter_name = step, top_k, adapter_name
+        ctx.save_for_backward(probs, token_mask, usage.fraction, usage.num_present)
+        ctx.step, ctx.num_tokens, ctx.adapter_name = step, usage.num_tokens, adapter_name
         return probs.view_as(probs)  # identity; a view, not a copy of every router output
 
     @staticmethod
@@ -83,16 +83,15 @@ class _InjectRoutingGradient(torch.autograd.Function):
                 "The routers were reached by backward before the routing loss in `outputs.loss`. Backpropagate a "
                 "loss that contains `outputs.loss`, or set `add_routing_loss=False` to train without the RSL."
             )
-        probs, token_mask = ctx.saved_tensors
+        probs, token_mask, fraction, num_present = ctx.saved_tensors
         settings = step.settings[ctx.adapter_name]
-        with torch.enable_grad():
-            leaf = probs.detach().requires_grad_()
-            loss = specialization_loss(
-                valid_tokens(leaf, token_mask), ctx.top_k, settings.balance_weight, settings.entropy_weight,
-                settings.entropy_sign,
-            )
-            (rsl_grad,) = torch.autograd.grad(loss, leaf)
-        return grad + rsl_grad * (step.gradient_scale / step.num_routers), None, None, None, None
+        rsl_grad = specialization_loss_gradient(
+            probs.reshape(-1, probs.shape[-1]), RouterUsage(fraction, num_present, ctx.num_tokens),
+            settings.balance_weight, settings.entropy_weight, settings.entropy_sign,
+        )
+        if token_mask is not None:  # padding tokens take no part in the RSL
+            rsl_grad = rsl_grad * token_mask.reshape(-1, 1).to(device=rsl_grad.device, dtype=rsl_grad.dtype)
+        return grad + rsl_grad.view_as(grad) * (step.gradient_scale / step.num_routers), None, None, None, None
 
 
 class RoutingCollector:
@@ -112,17 +111,21 @@ class RoutingCollector:
         step = self.step
         if step is None:
             return probs
+        has_loss = adapter_name in step.settings
+        inject = step.inject_gradient and has_loss and probs.requires_grad
+        if not (self.collecting or inject):
+            return probs
         token_mask = step.mask_for(token_shape)
-        top_k = layer.routing[adapter_name].top_k
+        valid = valid_tokens(probs.detach(), token_mask)
+        usage = RouterUsage.of(valid, layer.routing[adapter_name].top_k)
         if self.collecting:
-            valid = valid_tokens(probs.detach(), token_mask)
-            if adapter_name in step.settings:
+            if has_loss:
                 step.num_routers += 1
-                step.parts.append((adapter_name, *router_loss_parts(valid, top_k)))
+                step.parts.append((adapter_name, *router_loss_parts(valid, usage)))
             if step.record_stats:
-                self.stats.add(self.module_names.get(id(layer), type(layer).__name__), valid, top_k)
-        if step.inject_gradient and adapter_name in step.settings and probs.requires_grad:
-            probs = _InjectRoutingGradient.apply(probs, token_mask, step, top_k, adapter_name)
+                self.stats.add(self.module_names.get(id(layer), type(layer).__name__), valid, usage)
+        if inject:
+            probs = _InjectRoutingGradient.apply(probs, token_mask, usage, step, adapter_name)
         return probs
 
     def loss_value(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ probability 0). The model averages the RSL over its routers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -71,26 +71,61 @@ def top_k_fraction(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     return chosen.mean(0)
 
 
-def balance_term(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+class RouterUsage(NamedTuple):
+    """The constants of one router's RSL in one forward, from its valid tokens' probabilities (no gradient).
+
+    Computed once per router and forward, and shared by the RSL, its gradient and the routing statistics.
+    """
+
+    fraction: torch.Tensor  # fbar, (E,); zeros without tokens
+    num_present: torch.Tensor  # experts with any probability mass (absent ones have none), at least 1
+    num_tokens: int
+
+    @classmethod
+    def of(cls, probs: torch.Tensor, top_k: int) -> RouterUsage:
+        probs = probs.detach()
+        if probs.shape[0] == 0:
+            return cls(probs.new_zeros(probs.shape[-1]), probs.new_ones(()), 0)
+        return cls(top_k_fraction(probs, top_k), (probs > 0).any(0).sum().clamp_min(1), probs.shape[0])
+
+
+def balance_term(probs: torch.Tensor, usage: RouterUsage) -> torch.Tensor:
     """E * sum_i pbar_i * fbar_i over the experts present (those with any probability mass)."""
-    num_present = (probs.detach() > 0).any(0).sum().clamp_min(1)
-    return num_present * (probs.mean(0) * top_k_fraction(probs, top_k)).sum()
+    return usage.num_present * (probs.mean(0) * usage.fraction).sum()
 
 
-def router_loss_parts(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def router_loss_parts(probs: torch.Tensor, usage: RouterUsage) -> tuple[torch.Tensor, torch.Tensor]:
     """(balance term, mean per-token entropy) of one router's valid-token probabilities (tokens x E)."""
     if probs.shape[0] == 0:
         zero = probs.sum() * 0.0
         return zero, zero
-    return balance_term(probs, top_k), token_entropy(probs).mean()
+    return balance_term(probs, usage), token_entropy(probs).mean()
 
 
 def specialization_loss(
     probs: torch.Tensor, top_k: int, balance_weight: float, entropy_weight: float, entropy_sign: int
 ) -> torch.Tensor:
     """One router's RSL: alpha * balance + sign * lambda * entropy."""
-    balance, entropy = router_loss_parts(probs, top_k)
+    balance, entropy = router_loss_parts(probs, RouterUsage.of(probs, top_k))
     return balance_weight * balance + entropy_sign * entropy_weight * entropy
+
+
+def specialization_loss_gradient(
+    probs: torch.Tensor, usage: RouterUsage, balance_weight: float, entropy_weight: float, entropy_sign: int
+) -> torch.Tensor:
+    """The gradient of `specialization_loss` with respect to `probs` (tokens x E), in closed form.
+
+    What autograd gives, without building and running a graph in every router's backward: the balance term is
+    linear in the mean probabilities (its constants are `usage`), and a token's entropy `-sum p log p` has the
+    gradient `-(log p + 1)`, or `-log(tiny)` where `p` lies below the clamp that keeps the logarithm finite. Rows
+    beyond `usage.num_tokens` valid ones get the same per-token formula (the caller zeroes padding).
+    """
+    if usage.num_tokens == 0:
+        return torch.zeros_like(probs)
+    tiny = torch.finfo(probs.dtype).tiny
+    entropy_gradient = -(probs.clamp_min(tiny).log() + (probs >= tiny).to(probs.dtype))
+    balance_gradient = usage.num_present * usage.fraction
+    return (balance_weight * balance_gradient + entropy_sign * entropy_weight * entropy_gradient) / usage.num_tokens
 
 
 def preservation_term(current: torch.Tensor, anchor: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rsl import token_entropy, top_k_fraction
+from .rsl import RouterUsage, token_entropy
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,11 @@ class RoutingStatsAccumulator:
     def __init__(self) -> None:
         self._sums: dict[str, list[torch.Tensor]] = {}
 
-    def add(self, name: str, probs: torch.Tensor, top_k: int) -> None:
-        """Add one forward's valid-token probabilities (tokens x E) of module `name`."""
+    def add(self, name: str, probs: torch.Tensor, usage: RouterUsage) -> None:
+        """Add one forward's valid-token probabilities (tokens x E) of module `name`, and their top-k usage."""
         count = probs.new_tensor(float(probs.shape[0]))
         top1 = torch.zeros_like(probs).scatter(-1, probs.argmax(-1, keepdim=True), 1.0).sum(0)
-        top_k_hits = top_k_fraction(probs, top_k) * count if probs.shape[0] else torch.zeros_like(top1)
+        top_k_hits = usage.fraction * count
         new = [count, top1, top_k_hits, probs.sum(0), token_entropy(probs).sum()]
         old = self._sums.get(name)
         self._sums[name] = new if old is None else [a + b for a, b in zip(old, new)]
