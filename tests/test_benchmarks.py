@@ -1,9 +1,16 @@
-"""The benchmark's exact training-memory count, against the bytes it must include."""
+"""The benchmark's exact training-memory count, and its GPU workload's code run in miniature."""
 
+import dataclasses
+
+import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 from tiny_models import VOCAB, tiny_model
 
+import peft_lora_mixer.layer
 from benchmarks.measure import Subject
+from benchmarks.variants import apply_variant, default_variants
+from benchmarks.workloads import WORKLOADS
 
 
 def subject(rank: int) -> Subject:
@@ -24,3 +31,27 @@ def test_train_state_memory_is_exact_and_counts_what_training_holds():
     extra = large.train_state_memory() - small.train_state_memory()
     assert extra >= 4 * extra_parameters * 4  # weight, gradient, two moments, float32
     assert extra < 4 * extra_parameters * 4 + 2**20  # plus the wider LoRA hidden states, nothing like a MiB
+
+
+@pytest.mark.parametrize("row", ["lora-r8", "mixer-e8-k2", "mixer-e64-k2", "mixer-e64-k2-topk"])
+def test_gpu_workload_rows_run_in_miniature_on_cpu(row, monkeypatch):
+    """The GPU workload's code (bf16 weights, grouped-query attention, the selected-experts path at E=64) on CPU,
+    shrunk: this machine has no GPU, so this is what runs of it here."""
+    workload = dataclasses.replace(
+        WORKLOADS["llama-1b-gpu"], device="cpu",
+        config=dict(WORKLOADS["llama-1b-gpu"].config, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                    num_attention_heads=8, num_key_value_heads=2, vocab_size=VOCAB),
+        batch=2, seq_len=128, prompt_len=8, new_tokens=2,
+    )
+    variant, = (v for v in default_variants(workload, ("hard_soft", "topk")) if v.name == row)
+    model = apply_variant(workload.build(), variant, workload)
+    measured = Subject(model, workload.batch, workload.seq_len, workload.prompt_len, workload.new_tokens, VOCAB, "cpu")
+    selected_calls = []
+    add_selected = peft_lora_mixer.layer.add_selected_experts
+    monkeypatch.setattr(peft_lora_mixer.layer, "add_selected_experts",
+                        lambda *args: selected_calls.append(1) or add_selected(*args))
+    measured.train_step()
+    assert bool(selected_calls) == row.startswith("mixer-e64")  # 256 tokens: the selected path from E/k = 32
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)  # adapters: float32
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+    assert measured.generate() > 0 and measured.train_state_memory() > 0
