@@ -5,7 +5,7 @@
 Times one 512 -> 512 projection with E rank-8 experts, forward + backward (training) and forward alone without
 autograd (generation), on each path, for several token counts: under `topk`, and under `hard_soft` in training
 (its straight-through router gradient costs the selected path two dense matrix multiplies more; without autograd it
-is `topk`). The thresholds in `peft_lora_mixer.sparse` were set from its output.
+is `topk`). The thresholds in `peft_lora_mixer.selected_experts` were set from its output.
 """
 
 from __future__ import annotations

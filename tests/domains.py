@@ -13,7 +13,7 @@ from tiny_models import tiny_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from peft_lora_mixer import ExpertIdsCollator, LoraMixerConfig
-from peft_lora_mixer.stats import ModuleRoutingStats, usage_balance
+from peft_lora_mixer.routing_loss.stats import ModuleRoutingStats, usage_balance
 
 NUM_DOMAINS = 4
 SPAN = 32

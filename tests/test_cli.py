@@ -9,8 +9,8 @@ from tiny_models import VOCAB, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from peft_lora_mixer.cli import main
-from peft_lora_mixer.demo.run import format_table
+from peft_lora_mixer.cli.commands import main
+from peft_lora_mixer.cli.demo.run import format_table
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_table_reports_means_and_oracle_fraction():
 def test_full_demo_claims(tmp_path):
     """The README's claims about the full demo: plug-and-play reaches 95% of the per-domain oracle, beats the
     uniform merge, and RSL routes at least as well as no RSL."""
-    from peft_lora_mixer.demo.run import SIZES, run_demo
+    from peft_lora_mixer.cli.demo.run import SIZES, run_demo
 
     results = run_demo(tmp_path, SIZES["full"], seed=0)
     accuracy, oracle = results["accuracy"], results["oracle"]

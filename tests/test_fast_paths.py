@@ -9,7 +9,7 @@ from torch import nn
 
 from peft_lora_mixer import ExpertSpec, LoraMixerLayer
 from peft_lora_mixer.routing import SORT_MAX_ELEMENTS, top_k_indices, top_k_routes
-from peft_lora_mixer.sparse import MIN_EXPERTS_PER_SELECTED, MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH, MIN_TOKENS
+from peft_lora_mixer.selected_experts import MIN_EXPERTS_PER_SELECTED, MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH, MIN_TOKENS
 
 IN, OUT, R = 24, 20, 4
 MANY = 2 * MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH  # enough experts for the selected-experts path at k <= 2

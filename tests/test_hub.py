@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 from fake_hub import HubCache, HubServer
 from lora_experts import save_lora, save_pickle_lora
 from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
-from peft_lora_mixer.card import SECTION_END, SECTION_START
+from peft_lora_mixer.experts.card import SECTION_END, SECTION_START
 from tiny_models import VOCAB, tiny_model
 
 INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ from peft import get_peft_model
 from tiny_models import tiny_model
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
-from peft_lora_mixer.rsl import (
+from peft_lora_mixer.routing_loss.loss import (
     RouterUsage,
     specialization_loss,
     specialization_loss_gradient,

@@ -5,15 +5,15 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 """
 
 from .config import LoraMixerConfig, LoraMixerPeftType
-from .experts import ExpertError
+from .experts.loading import ExpertError
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
-from .plug_and_play import from_experts
+from .experts.plug_and_play import from_experts
 from .registration import register
-from .rsl import RoutingLoss
-from .stats import ModuleRoutingStats
+from .routing_loss.loss import RoutingLoss
+from .routing_loss.stats import ModuleRoutingStats
 from .targets import DEFAULT_TARGET_MODULES
-from .trainer import ExpertIdsCollator, RoutingCallback
+from .integrations.trainer import ExpertIdsCollator, RoutingCallback
 
 register()
 

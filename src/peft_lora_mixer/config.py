@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .sources import ExpertSource, ExpertSourceLike
+from .experts.sources import ExpertSource, ExpertSourceLike
 
 ROUTING_MODES = ("hard_soft", "soft", "topk")
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .routing import forced_gates, gates_from_logits, top_k_routes, with_top_k_gradient
-from .sparse import (
+from .selected_experts import (
     SelectedRoutes,
     grouped_mm_supported,
     prefer_selected_experts,

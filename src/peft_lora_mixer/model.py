@@ -19,12 +19,12 @@ from peft.utils import _get_submodules
 from torch import nn
 
 from .config import LoraMixerConfig
-from .checkpoint import pinned_expert_weights, without_expert_weights
-from .experts import ExpertSet, load_experts
+from .experts.checkpoint import pinned_expert_weights, without_expert_weights
+from .experts.loading import ExpertSet, load_experts
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .targets import DEFAULT_TARGET_MODULES
-from .training import RoutingTrainingMixin
+from .routing_loss.controller import RoutingTrainingMixin
 
 
 class LoraMixerModel(RoutingTrainingMixin, BaseTuner):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from peft import mapping
 
 from .config import LoraMixerConfig, LoraMixerPeftType
-from .hub import install_card_hooks
+from .experts.card_hooks import install_card_hooks
 from .model import LoraMixerModel
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
 
-from .stats import ModuleRoutingStats
+from ..routing_loss.stats import ModuleRoutingStats
 
 
 def plot_usage_heatmap(

@@ -30,8 +30,8 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import LoraMixerConfig
-from .layer import ExpertSpec, LoraMixerLayer, in_out_features
+from ..config import LoraMixerConfig
+from ..layer import ExpertSpec, LoraMixerLayer, in_out_features
 from .sources import ExpertSource
 
 _PEFT_KEY_PREFIX = "base_model.model."

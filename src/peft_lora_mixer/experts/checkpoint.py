@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import LoraMixerConfig
-from .experts import read_experts
-from .layer import LoraMixerLayer
+from ..config import LoraMixerConfig
+from .loading import read_experts
+from ..layer import LoraMixerLayer
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 

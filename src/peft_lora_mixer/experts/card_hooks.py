@@ -16,7 +16,7 @@ from typing import Any, Optional
 from peft import PeftModel
 
 from .card import add_mixer_section
-from .config import LoraMixerConfig
+from ..config import LoraMixerConfig
 
 
 def install_card_hooks() -> None:

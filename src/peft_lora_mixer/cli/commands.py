@@ -71,7 +71,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def build_command(args: argparse.Namespace) -> int:
-    from .plug_and_play import from_experts
+    from ..experts.plug_and_play import from_experts
 
     model = from_experts(load_base(args.base), args.experts, top_k=args.top_k, routing=args.routing)
     model.save_pretrained(args.output)
@@ -83,7 +83,7 @@ def train_router_command(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from .trainer import RoutingCallback
+    from ..integrations.trainer import RoutingCallback
 
     texts = read_texts(args.data)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
@@ -112,7 +112,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .inspect_routing import format_choices, recorded_choices
+    from .inspection import format_choices, recorded_choices
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     model = PeftModel.from_pretrained(load_base(args.base), args.mixer).eval()

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from .config import LoraMixerConfig
+from ..config import LoraMixerConfig
 from .sources import ExpertSourceLike
 
 

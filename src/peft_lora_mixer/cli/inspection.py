@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .layer import LoraMixerLayer
+from ..layer import LoraMixerLayer
 
 
 @contextmanager

@@ -19,12 +19,12 @@ import torch
 from peft import LoraConfig, PeftModel, XLoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from ..config import LoraMixerConfig
-from ..plug_and_play import from_experts
-from ..stats import ModuleRoutingStats
-from ..trainer import ExpertIdsCollator
+from ...config import LoraMixerConfig
+from ...experts.plug_and_play import from_experts
+from ...routing_loss.stats import ModuleRoutingStats
+from ...integrations.trainer import ExpertIdsCollator
 from .tasks import DOMAINS, PRETRAIN, training_samples
-from .training import exact_match, fit, tiny_base_model
+from .train_eval import exact_match, fit, tiny_base_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RSL_WEIGHTS = dict(rsl_balance_weight=0.1, rsl_entropy_weight=0.1)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from huggingface_hub import ModelCard
 
-from .config import LoraMixerConfig
+from ..config import LoraMixerConfig
 
 SECTION_START = "<!-- lora-mixer:start -->"
 SECTION_END = "<!-- lora-mixer:end -->"

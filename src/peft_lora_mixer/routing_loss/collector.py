@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .rsl import RouterUsage, router_loss_parts, specialization_loss_gradient, valid_tokens
+from .loss import RouterUsage, router_loss_parts, specialization_loss_gradient, valid_tokens
 from .stats import RoutingStatsAccumulator
 
 

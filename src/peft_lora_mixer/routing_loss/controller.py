@@ -13,8 +13,8 @@ from typing import Any, Optional, Union
 import torch
 
 from .collector import RouterLossSettings, RoutingCollector, RoutingStep
-from .layer import LoraMixerLayer
-from .rsl import RoutingLoss, preservation_term
+from ..layer import LoraMixerLayer
+from .loss import RoutingLoss, preservation_term
 from .stats import ModuleRoutingStats
 
 ExpertSelection = Union[bool, Sequence[int]]

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .routing import top_k_indices
+from ..routing import top_k_indices
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback, default_data_collator
 from transformers.trainer_callback import ExportableState
 
-from .stats import summarize
+from ..routing_loss.stats import summarize
 
 
 class ExpertIdsCollator:
@@ -40,7 +40,7 @@ class ExpertIdsCollator:
 
 def find_mixer(model: torch.nn.Module):
     """The `LoraMixerModel` inside a PeftModel (or the model itself), or None."""
-    from .model import LoraMixerModel
+    from ..model import LoraMixerModel
 
     return next((module for module in model.modules() if isinstance(module, LoraMixerModel)), None)
 

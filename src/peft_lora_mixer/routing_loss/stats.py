@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rsl import RouterUsage, token_entropy
+from .loss import RouterUsage, token_entropy
 
 
 @dataclass(frozen=True)

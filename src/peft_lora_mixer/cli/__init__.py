@@ -1,0 +1,1 @@
+"""The `lora-mixer` command line and what only it uses: routing inspection, plots and the demo."""

@@ -1,0 +1,1 @@
+"""Pieces for the training engines users already run (the transformers Trainer)."""
