@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from peft import get_peft_model
-from tiny_models import tiny_model
+from mixers import ProbeRouters, autograd_rsl, batch, mixer
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
 from peft_lora_mixer.routing_loss.loss import (
@@ -25,14 +24,6 @@ def rsl(probs, top_k, alpha, lam, sign, mask=None):
     """The library's RSL term of one router (the closed-form backward when `probs` requires grad)."""
     usage = RouterUsage.of(valid_tokens(probs, mask), top_k)
     return specialization_loss(probs, usage, RouterLossSettings(alpha, lam, sign), mask).term
-
-
-def autograd_rsl(probs, top_k, alpha, lam, sign):
-    """The RSL of valid-token probabilities written out in torch, differentiated by autograd: the reference."""
-    fbar = torch.zeros_like(probs).scatter(-1, probs.detach().topk(top_k, dim=-1).indices, 1.0).mean(0)
-    present = (probs.detach() > 0).any(0).sum()
-    entropy = -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1).mean()
-    return alpha * present * (probs.mean(0) * fbar).sum() + sign * lam * entropy
 
 
 def hand_rsl(logits, top_k, alpha, lam, sign):
@@ -123,42 +114,6 @@ def test_config_refuses_bad_rsl_values(field, value):
 
 
 # ---- in the model --------------------------------------------------------------------------------------------
-
-
-def mixer(**config):
-    defaults = dict(num_experts=4, top_k=2, init_weights=False, rsl_balance_weight=0.5, rsl_entropy_weight=0.3)
-    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(**{**defaults, **config}))
-    return model.train()
-
-
-def batch(seed=1):
-    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # left padding
-    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-
-
-class ProbeRouters:
-    """Keep every router's probabilities (with their graph) during a forward: the independent RSL computation."""
-
-    def __init__(self):
-        self.probs, self.original = [], LoraMixerLayer.router_logits
-
-    def __enter__(self):
-        def router_logits(layer, x, adapter_name):
-            logits = self.original(layer, x, adapter_name)
-            self.probs.append(torch.softmax(logits, dim=-1))
-            return logits
-
-        LoraMixerLayer.router_logits = router_logits
-        return self
-
-    def __exit__(self, *exc):
-        LoraMixerLayer.router_logits = self.original
-
-    def rsl(self, mask, top_k=2, alpha=0.5, lam=0.3, sign=1):
-        losses = [autograd_rsl(valid_tokens(p, mask), top_k, alpha, lam, sign) for p in self.probs]
-        return torch.stack(losses).mean()
 
 
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])  # PeftModel and PeftModelForCausalLM forward differently

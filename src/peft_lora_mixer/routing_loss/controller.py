@@ -16,6 +16,7 @@ backward while the routers do, the routers get their gradient without it and a w
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -187,12 +188,14 @@ class RoutingLossController:
         finally:
             self.adds_to_outputs = previous
 
-    def routing_loss_term(self) -> torch.Tensor:
-        """The last training forward's RSL as a differentiable scalar, once (then a zero until the next forward)."""
+    def routing_loss_term(self, scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+        """`scale` times the last training forward's RSL, a differentiable scalar, once (then a zero until the next
+        forward); `routing_loss().scale` records `scale`."""
         term, self.pending_term = self.pending_term, None
         if term is None:
             return torch.zeros((), device=next(self.tuner.model.parameters()).device)
-        return term
+        self.last_loss = dataclasses.replace(self.last_loss, scale=torch.as_tensor(scale).detach())
+        return scale * term
 
     # ---- adaptive lambda ---------------------------------------------------------------------------------------
     def _entropy_weight(self, adapter_name: str) -> Union[torch.Tensor, float]:
