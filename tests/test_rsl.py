@@ -300,3 +300,65 @@ def test_training_only_stats_leave_out_eval_forwards():
         assert model.routing_stats(reset=True)
         model(**inputs)  # ...and leaves the training-only recording as it was
     assert model.routing_stats() == {}
+
+
+# ---- the RSL's definition: one top-k, the right padding mask, theta(0) whenever the term is on ---------------------
+
+
+def test_expert_usage_fraction_picks_experts_as_routing_does_where_softmax_underflows():
+    logits = torch.tensor([[0.0, -200.0, -150.0]])
+    probs = logits.softmax(-1)
+    assert probs[0, 1] == probs[0, 2] == 0.0  # float32 cannot tell experts 1 and 2 apart...
+    assert RouterUsage.of(probs, 2, logits).fraction.tolist() == [1.0, 0.0, 1.0]  # ...routing's logits can
+
+    model, inputs = mixer(), batch()
+    for layer in model.modules():
+        if isinstance(layer, LoraMixerLayer):
+            router = layer.loramixer_router["default"]
+            torch.nn.init.zeros_(router.weight)
+            with torch.no_grad():
+                router.bias.copy_(torch.tensor([0.0, -200.0, -150.0, -300.0]))
+    model.eval()
+    with torch.no_grad(), model.collect_routing_stats():
+        model(**inputs)
+    for stats in model.routing_stats().values():
+        assert stats.top_k_usage.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_encoder_decoder_routers_count_their_own_side_unpadded_tokens(model_type):
+    model = mixer(model_type)
+    source = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    source_mask = torch.ones_like(source)
+    source_mask[1, 6:] = 0  # 16 source tokens, 4 of them padding
+    labels = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    labels[0, 5:] = -100  # 12 scored target tokens of 14
+    model.eval()
+    with torch.no_grad(), model.collect_routing_stats():
+        model(input_ids=source, attention_mask=source_mask, labels=labels)
+    stats = model.routing_stats(reset=True)
+    cross_attention = ("EncDecAttention", "encoder_attn")
+    for name, module in stats.items():
+        parts = name.split(".")
+        reads_source = "encoder" in parts or (
+            any(block in parts for block in cross_attention) and parts[-1] in ("k", "v", "k_proj", "v_proj")
+        )
+        assert module.tokens == (16 if reads_source else 12), name
+    # a given decoder mask wins over the labels
+    decoder_mask = torch.ones_like(labels)
+    decoder_mask[1, 3:] = 0
+    with torch.no_grad(), model.collect_routing_stats():
+        model(input_ids=source, attention_mask=source_mask, labels=labels, decoder_attention_mask=decoder_mask)
+    assert {m.tokens for m in model.routing_stats().values()} == {16, 10}
+
+
+def test_preservation_term_is_on_without_set_trainable():
+    model, inputs = mixer(rsl_preservation_weight=1.0), batch()
+    model(**inputs)  # the first training forward records theta(0)
+    assert model.routing_loss().preservation.item() == 0.0
+    layer = next(m for m in model.modules() if isinstance(m, LoraMixerLayer))
+    with torch.no_grad():
+        layer.loramixer_A["default"] += 0.1
+    model(**inputs)
+    expected = 0.01 * layer.loramixer_A["default"].numel()
+    assert model.routing_loss().preservation.item() == pytest.approx(expected, rel=1e-4)
