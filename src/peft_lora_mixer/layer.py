@@ -33,12 +33,15 @@ class RouterSettings(NamedTuple):
     num_experts: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExpertSpec:
-    """Shape and scale of one expert on one projection; rank 0 means the expert is absent there."""
+    """Shape and scale of one expert on one projection (rank 0: absent there), and its factors when they were read
+    from an adapter (the layer only needs the shape and scale)."""
 
     r: int
     scaling: float
+    lora_A: Optional[torch.Tensor] = None  # (r, in_features)
+    lora_B: Optional[torch.Tensor] = None  # (out_features, r)
 
 
 def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
