@@ -208,7 +208,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         straight_through = routing == "hard_soft" and not forced and torch.is_grad_enabled()
         if not prefer_selected_experts(x.numel() // x.shape[-1], num_experts, top_k, straight_through):
             return None
-        if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
+        rank = self.expert_rank[adapter_name]
+        if rank is None or not grouped_mm_supported(self.loramixer_A[adapter_name], self.loramixer_B[adapter_name],
+                                                    rank):
             return None
         if forced:
             return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name, token_shape), 1))
