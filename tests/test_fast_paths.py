@@ -45,7 +45,7 @@ def reference_delta(layer: LoraMixerLayer, x: torch.Tensor, gates: torch.Tensor)
 
 def reference_probs(layer: LoraMixerLayer, x: torch.Tensor) -> torch.Tensor:
     router = layer.loramixer_router["default"]
-    logits = x @ router.weight.T + router.bias + layer.loramixer_logit_mask["default"]
+    logits = x @ router.weight.T + router.bias
     return torch.softmax(logits / 0.7, dim=-1)
 
 

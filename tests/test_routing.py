@@ -131,13 +131,25 @@ def test_forced_routing_is_one_hot_per_sample():
         layer(x)
 
 
-def test_absent_expert_gets_no_weight():
+def test_expert_without_weights_keeps_its_routing_share_and_adds_nothing():
+    """The router routes over all E experts on every projection; the share of an expert without weights here is
+    simply not added: delta = sum over the experts present of g_e s_e B_e A_e x, g the softmax over all E."""
     torch.manual_seed(0)
     layer = LoraMixerLayer(
         nn.Linear(IN, OUT), "default", [ExpertSpec(R, 1.0), ExpertSpec(0, 1.0), ExpertSpec(2, 0.5)],
         routing="soft", top_k=3, router_temperature=1.0, lora_dropout=0.0, init_weights=False,
     )
-    gates = layer.gates(torch.randn(5, IN), "default")
-    assert torch.equal(gates[:, 1], torch.zeros(5))
-    torch.testing.assert_close(gates.sum(-1), torch.ones(5))
+    x = torch.randn(5, IN)
+    router = layer.loramixer_router["default"]
+    gates = torch.softmax(x @ router.weight.T + router.bias, dim=-1)
+    torch.testing.assert_close(layer.gates(x, "default"), gates)
+    assert (gates[:, 1] > 0).all()
     assert layer.loramixer_A["default"].shape == (R + 2, IN)
+    A, B = layer.loramixer_A["default"], layer.loramixer_B["default"]
+    delta = gates[:, :1] * (x @ A[:R].T @ B[:, :R].T) + gates[:, 2:] * 0.5 * (x @ A[R:].T @ B[:, R:].T)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + delta)
+    with torch.no_grad():  # routing everything to the expert without weights leaves the projection as it was
+        router.bias.copy_(torch.tensor([-1e4, 1e4, -1e4]))
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+

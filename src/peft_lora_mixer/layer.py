@@ -62,12 +62,14 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
     then two matrix multiplies whatever the number of experts: `h = x A_cat^T`, `h *= gate[slot_expert] * scale`,
     `delta = h B_cat^T`. When few of many equal-rank experts are selected per token, only the selected experts
     are computed instead (see `selected_routes`). The router is fed the undropped input and runs in float32.
+    An expert without weights on this projection has no slots but keeps its place in the router: the router always
+    routes over all E experts, and the share routed to such an expert changes nothing here.
     """
 
     adapter_layer_names = ("loramixer_A", "loramixer_B", "loramixer_router")
     # everything else kept per adapter, so that `delete_adapter` removes all of it
-    other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_logit_mask",
-                         "loramixer_dropout", "routing", "expert_rank", "common_scaling")
+    other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_dropout", "routing",
+                         "expert_rank", "common_scaling")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, experts: Sequence[ExpertSpec], **update_kwargs):
         super().__init__()
@@ -80,7 +82,6 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         # derived from the experts' specs at construction, so they are not saved (persistent=False)
         self.loramixer_slot_expert = BufferDict(persistent=False)
         self.loramixer_expert_scaling = BufferDict(persistent=False)
-        self.loramixer_logit_mask = BufferDict(persistent=False)
         self.routing: dict[str, RouterSettings] = {}
         self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
         self.common_scaling: dict[str, Optional[float]] = {}  # the present experts' common scale, None if they differ
@@ -108,7 +109,6 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"Adapter {adapter_name!r} has no expert on this projection.")
         slot_expert = torch.repeat_interleave(torch.arange(len(experts)), torch.tensor(ranks))
         expert_scaling = torch.tensor([e.scaling for e in experts], dtype=torch.float32)
-        logit_mask = torch.tensor([0.0 if r else -math.inf for r in ranks], dtype=torch.float32)
 
         weight = self.get_base_layer().weight
         total_rank = int(sum(ranks))
@@ -118,7 +118,6 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.loramixer_slot_expert[adapter_name] = slot_expert
         self.loramixer_expert_scaling[adapter_name] = expert_scaling
-        self.loramixer_logit_mask[adapter_name] = logit_mask
         self.routing[adapter_name] = RouterSettings(routing, top_k, router_temperature, len(experts))
         self.expert_rank[adapter_name] = ranks[0] if len(set(ranks)) == 1 else None
         scalings = {expert.scaling for expert in experts if expert.r}
@@ -146,7 +145,11 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             nn.init.normal_(self.loramixer_B[adapter_name], std=0.1)
 
     def router_logits(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The router's logits in float32, divided by the temperature, absent experts at -inf."""
+        """The router's logits over all E experts in float32, divided by the temperature.
+
+        An expert without weights on this projection keeps its logit: routing to it means "no change here". (Masking
+        it out would leave an expert alone on a projection always fully on there, whatever the router learns.)
+        """
         device_type = "cpu" if x.is_cpu else x.device.type  # `x.device` builds an object: slow on every decoding step
         if torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type=device_type, enabled=False):
@@ -155,12 +158,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         temperature = self.routing[adapter_name].temperature
         float32 = torch.float32
         logits = F.linear(_as_dtype(x, float32), _as_dtype(router.weight, float32), _as_dtype(router.bias, float32))
-        if self.expert_rank[adapter_name] is None:  # some expert may be absent (rank 0) on this projection
-            logits = logits + self.loramixer_logit_mask[adapter_name]
         return logits if temperature == 1.0 else logits / temperature
 
     def router_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Softmax of the router logits in float32, absent experts masked out."""
+        """Softmax of the router logits in float32, over all E experts."""
         return torch.softmax(self.router_logits(x, adapter_name), dim=-1)
 
     def observed_probs(self, logits: torch.Tensor, adapter_name: str,

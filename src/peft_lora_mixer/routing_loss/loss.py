@@ -6,8 +6,8 @@ For one router with probabilities `p` (tokens x E) over its valid tokens:
 
 `pbar_i` is the mean probability of expert i and `fbar_i` the fraction of tokens whose top-k holds i (not
 differentiable: the balance gradient flows through `pbar`, as in Switch Transformers). With perfectly even
-routing the balance term equals `alpha * top_k`. `E` counts the experts present on the router (absent ones have
-probability 0). The model averages the RSL over its routers.
+routing the balance term equals `alpha * top_k`. `E` counts all the router's experts, also those without weights
+on its projection (routing to one of them means "no change here"). The model averages the RSL over its routers.
 """
 
 from __future__ import annotations
@@ -78,19 +78,20 @@ class RouterUsage(NamedTuple):
     """
 
     fraction: torch.Tensor  # fbar, (E,); zeros without tokens
-    num_present: torch.Tensor  # experts with any probability mass (absent ones have none), at least 1
+    num_present: torch.Tensor  # E of the balance term: all the router's experts, with weights on its projection or not
     num_tokens: int
 
     @classmethod
     def of(cls, probs: torch.Tensor, top_k: int) -> RouterUsage:
         probs = probs.detach()
+        num_experts = probs.new_tensor(probs.shape[-1])
         if probs.shape[0] == 0:
-            return cls(probs.new_zeros(probs.shape[-1]), probs.new_ones(()), 0)
-        return cls(top_k_fraction(probs, top_k), (probs > 0).any(0).sum().clamp_min(1), probs.shape[0])
+            return cls(probs.new_zeros(probs.shape[-1]), num_experts, 0)
+        return cls(top_k_fraction(probs, top_k), num_experts, probs.shape[0])
 
 
 def balance_term(probs: torch.Tensor, usage: RouterUsage) -> torch.Tensor:
-    """E * sum_i pbar_i * fbar_i over the experts present (those with any probability mass)."""
+    """E * sum_i pbar_i * fbar_i over all E experts of the router."""
     return usage.num_present * (probs.mean(0) * usage.fraction).sum()
 
 
