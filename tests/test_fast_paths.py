@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import get_peft_model
+from tiny_models import tiny_model
 from torch import nn
 
-from peft_lora_mixer import ExpertSpec, LoraMixerLayer
+from peft_lora_mixer import ExpertSpec, LoraMixerConfig, LoraMixerLayer
 from peft_lora_mixer.routing import SORT_MAX_ELEMENTS, top_k_indices, top_k_routes
-from peft_lora_mixer.selected_experts import MIN_EXPERTS_PER_SELECTED, MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH, MIN_TOKENS
+from peft_lora_mixer.selected_experts import (
+    MIN_EXPERTS_PER_SELECTED,
+    MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH,
+    MIN_TOKENS,
+)
 
 IN, OUT, R = 24, 20, 4
 MANY = 2 * MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH  # enough experts for the selected-experts path at k <= 2
@@ -264,11 +270,6 @@ def test_selected_experts_path_on_unaligned_shapes(rank, width, dtype):
 def test_selected_experts_path_on_a_tiny_llama_with_rank_2():
     """The shapes of the report: 16 rank-2 experts, top-1, a 300-token prompt; training, evaluation, forced routing
     and generation."""
-    from peft import get_peft_model
-    from tiny_models import tiny_model
-
-    from peft_lora_mixer import LoraMixerConfig
-
     model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=16, top_k=1, r=2, routing="topk",
                                                                 init_weights=False))
     ids = torch.randint(0, 128, (1, 300))

@@ -133,6 +133,14 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.frozen_peft_weight_names = frozen
         self._freeze_non_trainable_peft_weights(adapter_name)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT's move to the base layer's device and dtype, except the experts' scales, which stay float32: PEFT
+        LoRA keeps its scaling a Python float, never rounded to a half-precision base's dtype."""
+        scaling = self.loramixer_expert_scaling[adapter_name] if adapter_name in self.loramixer_expert_scaling else None
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if scaling is not None:
+            self.loramixer_expert_scaling[adapter_name] = scaling.to(self.loramixer_expert_scaling[adapter_name].device)
+
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, ranks: Sequence[int], init_weights: bool) -> None:
         """Each expert's A as PEFT LoRA initialises it; B zero when `init_weights` (a no-op at start)."""

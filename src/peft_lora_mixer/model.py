@@ -179,6 +179,15 @@ class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
             return remapped
         return {**pinned_expert_weights(model, config, adapter_name), **remapped}
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's upcast of a half-precision base's adapter weights to float32 (the default); without it, the experts
+        read from float32 files go to the base's dtype as well, as PEFT LoRA's weights would."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            for layer in self._mixer_layers():
+                if adapter_name in layer.loramixer_A:
+                    layer._move_adapter_to_device_of_base_layer(adapter_name)
+
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(MERGE_ERROR)
 
