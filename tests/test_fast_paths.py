@@ -29,13 +29,15 @@ def make_layer(experts: list[ExpertSpec], routing: str = "topk", top_k: int = 2)
 
 
 def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
-    """Top-k by stable sort (ties to the lower index), renormalised; straight-through for hard_soft."""
+    """Top-k by stable sort (ties to the lower index), renormalised (`topk` top-1: not); straight-through for
+    hard_soft."""
     if routing == "soft":
         return probs
     index = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
     source = probs.detach() if routing == "hard_soft" else probs
     kept = source.gather(-1, index)
-    hard = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+    switch = routing == "topk" and k == 1  # the kept probability itself
+    hard = torch.zeros_like(probs).scatter(-1, index, kept if switch else kept / kept.sum(-1, keepdim=True))
     return hard + probs - probs.detach() if routing == "hard_soft" else hard
 
 

@@ -42,13 +42,23 @@ class LoraMixerConfig(PeftConfig):
         default=None,
         metadata={"help": "Number of LoRA experts on each adapted projection. Default: len(experts), else 4."},
     )
-    top_k: int = field(default=2, metadata={"help": "Experts kept per token by the `topk` and `hard_soft` modes."})
+    top_k: int = field(
+        default=2,
+        metadata={
+            "help": (
+                "Experts kept per token by the `topk` and `hard_soft` modes. `topk` with top_k=1 weights the kept "
+                "expert by its router probability (Switch Transformers' top-1), so that the router trains."
+            )
+        },
+    )
     routing: Literal["hard_soft", "soft", "topk"] = field(
         default="hard_soft",
         metadata={
             "help": (
                 "'soft': softmax over all experts. 'topk': the top_k of the softmax, renormalised, gradient "
-                "through the kept experts only. 'hard_soft': forward as 'topk', backward as 'soft' "
+                "through the kept experts only (with top_k=1 not renormalised: the kept expert is weighted by its "
+                "probability, as in Switch Transformers; renormalised it would be 1 and the router would not "
+                "train). 'hard_soft': forward as 'topk', backward as 'soft' "
                 "(straight-through, the paper's differentiable hard-soft top-k). Ties go to the lower index. "
                 "With many experts (num_experts * r about the projection's width or more) prefer 'topk': "
                 "'hard_soft' training needs every expert's output for its router gradient, 'topk' only the "

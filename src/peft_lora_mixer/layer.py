@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .routing import forced_gates, gates_from_logits, top_k_routes, with_top_k_gradient
+from .routing import forced_gates, gates_from_logits, switch_route, top_k_routes, with_top_k_gradient
 from .selected_experts import (
     SelectedRoutes,
     grouped_mm_supported,
@@ -204,7 +204,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         Exact whenever the forward gates are k-sparse: forced routing, `topk` and `hard_soft`. Training with
         `hard_soft` also needs the router gradient of every expert (straight-through), which the routes carry as
         `straight_through_probs`. Faster by the measured crossover of `prefer_selected_experts`. None means: use
-        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`). `token_shape` as
+        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`, or
+        `switch_route` for `topk` top-1). `token_shape` as
         for `gates`.
         """
         token_shape = x.shape[:-1] if token_shape is None else token_shape
@@ -225,6 +226,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name, token_shape), 1))
         logits = self.router_logits(x, adapter_name)
         probs = self.observed_probs(logits, adapter_name, token_shape)
+        if routing == "topk" and top_k == 1:
+            return SelectedRoutes(*switch_route(logits, probs))
         index, weight = top_k_routes(logits.detach(), top_k)
         trains_router = probs is not None and probs.requires_grad
         if routing == "topk":

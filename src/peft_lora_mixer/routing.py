@@ -59,6 +59,15 @@ def with_top_k_gradient(weight: torch.Tensor, probs: torch.Tensor, index: torch.
     return weight + (renormalised - renormalised.detach())
 
 
+def switch_route(logits: torch.Tensor, probs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, weight) of `topk` routing with `top_k=1`, as Switch Transformers route: each token's best expert,
+    weighted by its router probability. (Renormalised, the single kept weight would be a constant 1 and the router
+    would get no gradient at all.) `probs` as for `gates_from_logits`."""
+    index = top_k_indices(logits.detach(), 1)
+    probs = probs if probs is not None else torch.softmax(logits, dim=-1)
+    return index, probs.gather(-1, index)
+
+
 def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routing: str, top_k: int) -> torch.Tensor:
     """Mixture weights for every expert, from the router's logits.
 
@@ -66,7 +75,8 @@ def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routi
     observer, or autograd to train the router); None otherwise.
 
     - `soft`: the probabilities themselves.
-    - `topk`: the renormalised top-k; the router's gradient flows through the kept experts only.
+    - `topk`: the renormalised top-k; the router's gradient flows through the kept experts only. With `top_k=1`,
+      the kept expert's probability itself (`switch_route`).
     - `hard_soft`: the forward value of `topk`, the gradient of `soft` (straight-through estimator).
     With `top_k` equal to the number of experts every mode is `soft`.
     """
@@ -74,10 +84,13 @@ def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routi
         return probs if probs is not None else torch.softmax(logits, dim=-1)
     if routing not in ("topk", "hard_soft"):
         raise ValueError(f"Unknown routing mode {routing!r}.")
-    index, weight = top_k_routes(logits.detach() if logits.requires_grad else logits, top_k)
     trains_router = probs is not None and probs.requires_grad
-    if trains_router and routing == "topk":
-        weight = with_top_k_gradient(weight, probs, index)
+    if routing == "topk" and top_k == 1:
+        index, weight = switch_route(logits, probs)
+    else:
+        index, weight = top_k_routes(logits.detach() if logits.requires_grad else logits, top_k)
+        if trains_router and routing == "topk":
+            weight = with_top_k_gradient(weight, probs, index)
     gates = torch.zeros_like(logits).scatter_(-1, index, weight)
     if trains_router and routing == "hard_soft":
         # `probs - probs.detach()` is exactly zero, so the forward value is exactly `topk`'s
