@@ -204,9 +204,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         Exact whenever the forward gates are k-sparse: forced routing, `topk` and `hard_soft`. Training with
         `hard_soft` also needs the router gradient of every expert (straight-through), which the routes carry as
         `straight_through_probs`. Faster by the measured crossover of `prefer_selected_experts`. None means: use
-        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`, or
-        `switch_route` for `topk` top-1). `token_shape` as
-        for `gates`.
+        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`, or `switch_route`
+        for `topk` top-1). `token_shape` as for `gates`.
         """
         token_shape = x.shape[:-1] if token_shape is None else token_shape
         routing, top_k, _, num_experts = self.routing[adapter_name]
