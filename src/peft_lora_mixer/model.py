@@ -156,6 +156,31 @@ class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
             for layer, ids_before in zip(layers, previous):
                 layer.forced_expert_ids = ids_before
 
+    def set_routing(self, routing: Optional[str] = None, top_k: Optional[int] = None,
+                    adapter_name: Optional[str] = None) -> None:
+        """Change how a trained adapter routes, e.g. trained `soft`, used `topk` with `top_k=2` for inference.
+
+        Updates the adapter's config (so `save_pretrained` keeps the new routing) and every one of its layers; the
+        weights are untouched. Unset arguments keep their value; `adapter_name=None` changes the active adapters.
+        The values are checked as the config checks them, for every adapter, before anything changes.
+        """
+        names = [adapter_name] if adapter_name is not None else list(self.active_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter {unknown[0]!r}; adapters: {sorted(self.peft_config)}.")
+        updated = {}
+        for name in names:
+            config = copy.copy(self.peft_config[name])
+            config.routing = config.routing if routing is None else routing
+            config.top_k = config.top_k if top_k is None else top_k
+            config._validate()
+            updated[name] = config
+        for name, config in updated.items():
+            self.peft_config[name].routing, self.peft_config[name].top_k = config.routing, config.top_k
+            for layer in self._mixer_layers():
+                if name in layer.routing:
+                    layer.routing[name] = layer.routing[name]._replace(mode=config.routing, top_k=config.top_k)
+
     @classmethod
     def _get_adapter_state_dict(
         cls,
