@@ -144,6 +144,17 @@ def test_top_1_topk_weights_the_expert_by_its_probability_and_trains_the_router(
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_forced_routing_of_an_unbatched_token():
+    """A 1-D input is one token of one sample: one expert id (an int or a list of one) routes it."""
+    layer = make_layer("hard_soft", top_k=2)
+    x = torch.randn(IN)
+    for ids in (torch.tensor(3), torch.tensor([3])):
+        layer.forced_expert_ids = ids
+        assert torch.equal(layer.gates(x, "default"), torch.nn.functional.one_hot(torch.tensor(3), E).float())
+        A, B = layer.loramixer_A["default"][3 * R : 4 * R], layer.loramixer_B["default"][:, 3 * R : 4 * R]
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + (2.0 / R) * (B @ (A @ x)))
+
+
 def test_forced_routing_is_one_hot_per_sample():
     layer = make_layer("hard_soft", top_k=2)
     x = torch.randn(3, 4, IN)

@@ -23,6 +23,7 @@ from .experts.checkpoint import pinned_expert_weights, without_expert_weights
 from .experts.loading import ExpertSet, load_experts
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
+from .routing import as_expert_ids
 from .targets import DEFAULT_TARGET_MODULES
 from .routing_loss.controller import RoutingTrainingMixin
 
@@ -138,13 +139,12 @@ class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
         This is the forced routing of stage-1 training: each expert learns its own domain, the routers are
         bypassed (and get no gradient).
         """
-        ids = torch.as_tensor(expert_ids, dtype=torch.long)
-        if ids.dim() > 1:
-            raise ValueError(f"route_to() takes one expert id per sample, got a tensor of shape {tuple(ids.shape)}.")
         num_experts = min(self.peft_config[name].num_experts for name in self.active_adapters)
-        if ids.numel() == 0 or ids.min() < 0 or ids.max() >= num_experts:
+        ids = as_expert_ids(expert_ids, num_experts)
+        if ids.dim() > 1 or ids.numel() == 0:
             raise ValueError(
-                f"route_to() expert ids must lie in [0, {num_experts}), got {ids.tolist()}."
+                f"route_to() takes one expert id per sample (or one int for all), got {ids.tolist()} of shape "
+                f"{tuple(ids.shape)}."
             )
         layers = list(self._mixer_layers())
         previous = [layer.forced_expert_ids for layer in layers]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import numbers
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 
@@ -98,6 +100,49 @@ def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routi
     return gates
 
 
+def as_expert_ids(expert_ids: Any, num_experts: Optional[int] = None) -> torch.Tensor:
+    """`expert_ids` (an int, a list or tuple of ints, or an integer tensor or array) as a long tensor, refusing
+    anything that is not a whole number (floats, strings, bools would otherwise be truncated or cast silently) and,
+    with `num_experts`, any id outside [0, num_experts)."""
+    if isinstance(expert_ids, (list, tuple)):
+        wrong = [value for value in _flattened(expert_ids) if not _is_integer(value)]
+        ids = None if wrong else torch.tensor(expert_ids, dtype=torch.long)
+    elif _is_integer(expert_ids):
+        wrong, ids = [], torch.tensor(int(expert_ids), dtype=torch.long)
+    else:
+        try:
+            ids = torch.as_tensor(expert_ids)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
+        integral = ids is not None and not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool)
+        wrong = [] if integral else [expert_ids]
+    if wrong:
+        raise ValueError(
+            f"Expert ids must be whole numbers (int, or an integer tensor), got {wrong[0]!r}; convert them with "
+            "int() where they are exact (a float or string id would otherwise be truncated silently)."
+        )
+    ids = ids.long()
+    if num_experts is not None and ids.numel() and (ids.min() < 0 or ids.max() >= num_experts):
+        raise ValueError(f"Expert ids must lie in [0, {num_experts}), got {ids.tolist()}.")
+    if num_experts is None and ids.numel() and ids.min() < 0:
+        raise ValueError(f"Expert ids must be >= 0, got {ids.tolist()}.")
+    return ids
+
+
+def _flattened(values: Any) -> Iterator[Any]:
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            yield from _flattened(value)
+        else:
+            yield value
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def forced_gates(expert_ids: torch.Tensor, num_experts: int, token_shape: torch.Size,
                  device: torch.device) -> torch.Tensor:
     """One-hot gates sending every token of sample b to expert `expert_ids[b]` (stage-1 expert training).
@@ -105,12 +150,15 @@ def forced_gates(expert_ids: torch.Tensor, num_experts: int, token_shape: torch.
     `token_shape` is the shape of the layer's tokens, batch first (its input's shape without the features); the
     gates broadcast over all its token dimensions. A single id (a 0-d tensor) sends every sample to that expert.
     """
+    if len(token_shape) == 0 and expert_ids.numel() == 1:  # one unbatched token (a 1-D input): one sample
+        return torch.nn.functional.one_hot(expert_ids.reshape(()).to(device), num_experts).to(torch.float32)
     if expert_ids.dim() == 0 and len(token_shape) >= 1:
         expert_ids = expert_ids.expand(token_shape[0])
     if len(token_shape) < 1 or token_shape[0] != expert_ids.shape[0]:
         raise ValueError(
-            f"route_to() was given {expert_ids.shape[0]} expert ids but a routed layer received tokens of shape "
-            f"{tuple(token_shape)}; pass one expert id per sample of the batch (batch dimension first)."
+            f"route_to() was given {expert_ids.numel()} expert ids but a routed layer received tokens of shape "
+            f"{tuple(token_shape)}; pass one expert id per sample of the batch (batch dimension first; an unbatched "
+            "input is one sample: add the batch dimension, e.g. `input_ids[None]`)."
         )
     one_hot = torch.nn.functional.one_hot(expert_ids.to(device), num_experts).to(torch.float32)
     return one_hot.view(expert_ids.shape[0], *([1] * (len(token_shape) - 1)), num_experts)

@@ -14,6 +14,7 @@ import torch
 
 from .collector import RouterLossSettings, RoutingCollector, RoutingStep
 from ..layer import LoraMixerLayer
+from ..routing import as_expert_ids
 from .loss import RoutingLoss, preservation_term
 from .stats import ModuleRoutingStats
 
@@ -283,10 +284,7 @@ class RoutingTrainingMixin:
 def _kept_experts(experts: ExpertSelection, num_experts: int) -> list[int]:
     if isinstance(experts, bool):
         return list(range(num_experts)) if experts else []
-    kept = sorted({int(index) for index in experts})
-    if any(not 0 <= index < num_experts for index in kept):
-        raise ValueError(f"Expert indices must lie in [0, {num_experts}), got {list(experts)}.")
-    return kept
+    return sorted(set(as_expert_ids(experts, num_experts).reshape(-1).tolist()))
 
 
 def _mask_grad(keep: torch.Tensor, dim: int):
