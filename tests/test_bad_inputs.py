@@ -56,7 +56,10 @@ def config(**kwargs) -> Callable[[Setup], Any]:
     return lambda setup: LoraMixerConfig(**kwargs)
 
 
-def route_to(ids: Any, input_ids: torch.Tensor = torch.tensor([[1, 2, 3]])) -> Callable[[Setup], Any]:
+ONE_SAMPLE = torch.tensor([[1, 2, 3]])
+
+
+def route_to(ids: Any, input_ids: torch.Tensor = ONE_SAMPLE) -> Callable[[Setup], Any]:
     def call(setup: Setup) -> Any:
         with setup.mixer.route_to(ids):
             return setup.forward(input_ids)

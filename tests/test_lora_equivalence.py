@@ -84,7 +84,7 @@ def test_route_to_one_expert_per_sample():
             torch.testing.assert_close(mixed[sample : sample + 1], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_route_to_restores_learned_routing_and_checks_ids():
+def test_route_to_restores_learned_routing():
     model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, r=2, init_weights=False))
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
@@ -92,10 +92,6 @@ def test_route_to_restores_learned_routing_and_checks_ids():
         with model.route_to([0, 1]):
             assert not torch.allclose(model(input_ids=ids).logits, learned)
         assert torch.equal(model(input_ids=ids).logits, learned)
-    for bad in ([0, 3], [-1], []):
-        with pytest.raises(ValueError, match="expert ids must lie in"):
-            with model.route_to(bad):
-                pass
 
 
 def test_experts_from_files_stay_exact_on_a_bfloat16_base(tmp_path):
