@@ -32,11 +32,6 @@ def domain_batch(domain: torch.Tensor) -> torch.Tensor:
     return (start + (domain[:, None] + 1) * torch.arange(SEQ)) % VOCAB
 
 
-def set_trainable(model, *name_parts: str) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad = any(part in name for part in name_parts)
-
-
 def train(model, steps: int, forced: bool) -> float:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
@@ -57,9 +52,9 @@ def main() -> None:
     model = get_peft_model(tiny_llama(), LoraMixerConfig(num_experts=DOMAINS, top_k=1, r=8, lora_alpha=16))
     model.print_trainable_parameters()
 
-    set_trainable(model, "loramixer_A", "loramixer_B")
+    model.set_trainable(routers=False, experts=True)
     print(f"stage 1 (experts, forced routing): loss {train(model, 60, forced=True):.3f}")
-    set_trainable(model, "loramixer_router")
+    model.set_trainable(routers=True, experts=False)
     print(f"stage 2 (routers only):            loss {train(model, 30, forced=False):.3f}")
 
     model.eval()
