@@ -21,8 +21,15 @@ VOCAB, DOMAINS, SEQ = 64, 4, 16
 
 def tiny_llama() -> AutoModelForCausalLM:
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
