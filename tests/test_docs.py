@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import importlib
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,9 @@ def resolves(dotted: str) -> bool:
             target = getattr(target, attribute)
         return True
     return False
+
+
+def test_quickstart_example_runs_and_reloads_identically(capsys):
+    """The README's first example: it exits with an error itself if the reloaded adapter differs."""
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    assert "identical logits = True" in capsys.readouterr().out
