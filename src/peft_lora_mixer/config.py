@@ -48,7 +48,7 @@ class LoraMixerConfig(PeftConfig):
             Rank of each new expert: expert e's `A_e` is (r, in_features), its `B_e` (out_features, r). Experts
             from `experts` keep their own ranks.
         lora_alpha (`float`, defaults to `8`):
-            Scaling numerator: each expert's delta is multiplied by `s = lora_alpha / r`.
+            Scaling numerator, a finite number > 0: each expert's delta is multiplied by `s = lora_alpha / r`.
         lora_dropout (`float`, defaults to `0.0`):
             Dropout probability on the experts' input, in [0, 1); the router always sees the undropped input.
         use_rslora (`bool`, defaults to `False`):
@@ -58,15 +58,16 @@ class LoraMixerConfig(PeftConfig):
             `len(experts)` when `experts` is given (another value is an error), else 4.
         top_k (`int`, defaults to `2`):
             Experts kept per token by the `topk` and `hard_soft` modes, in [1, num_experts]. With
-            `top_k == num_experts` every mode is `soft`.
+            `top_k == num_experts` every mode is `soft`. `model.set_routing` changes it on a trained adapter.
         routing (`str`, defaults to `"hard_soft"`):
             `"soft"`: softmax over all experts. `"topk"`: the top-k experts by logit (ties to the lower index),
-            weighted by the softmax of their logits; the router's gradient flows through the kept experts only.
-            `"hard_soft"`: the paper's differentiable hard-soft top-k, the forward of `topk` with the gradient of
+            weighted by the softmax of their logits; the router's gradient flows through the kept experts only. With
+            `top_k=1`, `topk` weights the kept expert by its router probability (Switch routing), so the router
+            trains. `"hard_soft"`: the paper's differentiable hard-soft top-k, the forward of `topk` with the gradient of
             `soft` (straight-through). With many experts (`num_experts * r` about the projection's width or more)
             prefer `topk` for training: `hard_soft`'s router gradient needs every expert's output.
         router_temperature (`float`, defaults to `1.0`):
-            T > 0: the router's softmax is taken over `logits / T`.
+            T, a finite number > 0: the router's softmax is taken over `logits / T`.
         target_modules (`Optional[Union[list[str], str]]`, defaults to `None`):
             Module names (suffix match) or a regex. None: the default projections of the model's `model_type`
             (`peft_lora_mixer.DEFAULT_TARGET_MODULES`), or, with `experts`, every module some expert adapts.
@@ -101,7 +102,8 @@ class LoraMixerConfig(PeftConfig):
             Accept experts that only have a pickle checkpoint (`adapter_model.bin`), read with
             `torch.load(weights_only=True)`. Never saved: whoever loads a mixer decides again.
         add_routing_loss (`bool`, defaults to `True`):
-            Add the Routing Specialization Loss (RSL) to `outputs.loss` when training with labels.
+            Build the Routing Specialization Loss (RSL) in training forwards and add it to `outputs.loss` when the
+            model computes one; otherwise `model.routing_loss_term()` hands it out (docs/training.md).
         rsl_balance_weight (`float`, defaults to `0.01`):
             alpha, the weight of the balance term `alpha * E * sum_i pbar_i * fbar_i`.
         rsl_entropy_weight (`float`, defaults to `0.01`):
