@@ -15,10 +15,10 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-def run_workers(out: Path, rsl: bool, port: int) -> dict:
+def run_workers(out: Path, rsl: bool, sharding: str, port: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{TESTS}"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(TESTS / "fsdp_worker.py"), "--out", str(out), *(["--rsl"] if rsl else [])]
+               str(TESTS / "fsdp_worker.py"), "--out", str(out), "--sharding", sharding, *(["--rsl"] if rsl else [])]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out / "step.pt")
@@ -44,12 +44,13 @@ def single_process_step(rsl: bool, micro_batches: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rsl", [False, True])
-def test_fully_shard_matches_one_process_and_saves_a_full_adapter(tmp_path, rsl):
-    """Tolerance 1e-6 absolute / 1e-5 relative (float32 summation order). Without the RSL the reference is one
+@pytest.mark.parametrize("sharding,rsl", [("manual", False), ("manual", True), ("accelerate", True)])
+def test_fully_shard_matches_one_process_and_saves_a_full_adapter(tmp_path, sharding, rsl):
+    """`manual`: `fully_shard` on each decoder layer and the model; `accelerate`: accelerate's FSDP2 preparation
+    from examples/accelerate_fsdp2.yaml (embeddings and output head in groups of their own too). Tolerance 1e-6 absolute / 1e-5 relative (float32 summation order). Without the RSL the reference is one
     forward over the global batch of 8; the RSL is a statistic of each forward's tokens, so with it the reference
     is one process accumulating the same two micro-batches of 4."""
-    sharded = run_workers(tmp_path, rsl, port=29541 + rsl)
+    sharded = run_workers(tmp_path, rsl, sharding, port=29541 + rsl + 2 * (sharding == "accelerate"))
     loss, grads, trained = single_process_step(rsl, micro_batches=2 if rsl else 1)
     torch.testing.assert_close(sharded["losses"].mean(), loss, atol=1e-6, rtol=1e-5)
     assert sharded["grads"].keys() == grads.keys() and any("router" in name for name in grads)
@@ -61,3 +62,18 @@ def test_fully_shard_matches_one_process_and_saves_a_full_adapter(tmp_path, rsl)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=probe_inputs()).logits, sharded["logits"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(trained(input_ids=probe_inputs()).logits, sharded["logits"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,kind,stage", [("fsdp2", "FSDP", None), ("deepspeed_zero2", "DEEPSPEED", 2),
+                                             ("deepspeed_zero3", "DEEPSPEED", 3)])
+def test_example_accelerate_configs_load(name, kind, stage):
+    """accelerate reads the example configs as what they claim (DeepSpeed itself is not run here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "examples" / f"accelerate_{name}.yaml"))
+    assert config.distributed_type.name == kind and config.num_processes == 2
+    if stage is None:
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    else:
+        assert config.deepspeed_config["zero_stage"] == stage
