@@ -1,13 +1,15 @@
 """Supervised fine-tuning of a LoRA-Mixer model with `trl.SFTTrainer`, offline, on a tiny model (seconds).
 
-The dataset is prompt-completion, so SFTTrainer scores the completions only; `RoutingCallback` logs the Routing
-Specialization Loss and the routing statistics with the loss. Two regimes:
+The dataset is prompt-completion, so SFTTrainer scores the completions only. SFTTrainer computes its loss from the
+logits rather than taking `outputs.loss`, so `RoutingLossMixin` adds the Routing Specialization Loss to it;
+`RoutingCallback` logs the RSL and the routing statistics with the loss. Two regimes:
 
     python examples/trl_sft.py                                # joint: experts and routers train together
     python examples/trl_sft.py --experts ./lora-a ./lora-b    # plug-and-play: frozen LoRA experts, routers train
 
 With a real model, replace the tiny llama and word tokenizer by `AutoModelForCausalLM.from_pretrained(...)` and
-`AutoTokenizer.from_pretrained(...)`; everything else stays as it is. SFTConfig turns bf16 autocast on by default
+`AutoTokenizer.from_pretrained(...)`; everything else stays as it is. On the random tiny model the loss barely
+moves (its base is frozen and untrained): the example shows the wiring, not learning. SFTConfig turns bf16 autocast on by default
 where the hardware supports it.
 """
 
@@ -23,7 +25,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
-from peft_lora_mixer import LoraMixerConfig, RoutingCallback, from_experts
+from peft_lora_mixer import LoraMixerConfig, RoutingCallback, RoutingLossMixin, from_experts
+
+
+class RoutingSFTTrainer(RoutingLossMixin, SFTTrainer):
+    """SFTTrainer with the RSL added to its loss."""
+
 
 WORDS = [f"w{i}" for i in range(125)]
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
@@ -71,7 +78,7 @@ def main() -> None:
         config = SFTConfig(output_dir, max_steps=args.max_steps, per_device_train_batch_size=8, learning_rate=1e-2,
                            logging_steps=max(1, args.max_steps // 6), report_to=[], save_strategy="no",
                            disable_tqdm=True, log_level="error", use_cpu=not torch.cuda.is_available())
-        trainer = SFTTrainer(model=model, args=config, train_dataset=copy_task(256), processing_class=word_tokenizer(),
+        trainer = RoutingSFTTrainer(model=model, args=config, train_dataset=copy_task(256), processing_class=word_tokenizer(),
                              callbacks=[RoutingCallback()])
         trainer.train()
     for log in (h for h in trainer.state.log_history if "loss" in h):
