@@ -8,9 +8,9 @@ logits rather than taking `outputs.loss`, so `RoutingLossMixin` adds the Routing
     python examples/trl_sft.py --experts ./lora-a ./lora-b    # plug-and-play: frozen LoRA experts, routers train
 
 With a real model, replace the tiny llama and word tokenizer by `AutoModelForCausalLM.from_pretrained(...)` and
-`AutoTokenizer.from_pretrained(...)`; everything else stays as it is. On the random tiny model the loss barely
-moves (its base is frozen and untrained): the example shows the wiring, not learning. SFTConfig turns bf16 autocast on by default
-where the hardware supports it.
+`AutoTokenizer.from_pretrained(...)`; everything else stays as it is. On the random tiny model the loss barely moves
+(its base is frozen and untrained): the example shows the wiring, not learning. SFTConfig turns bf16 autocast on by
+default where the hardware supports it.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def main() -> None:
         config = SFTConfig(output_dir, max_steps=args.max_steps, per_device_train_batch_size=8, learning_rate=1e-2,
                            logging_steps=max(1, args.max_steps // 6), report_to=[], save_strategy="no",
                            disable_tqdm=True, log_level="error", use_cpu=not torch.cuda.is_available())
-        trainer = RoutingSFTTrainer(model=model, args=config, train_dataset=copy_task(256), processing_class=word_tokenizer(),
-                             callbacks=[RoutingCallback()])
+        trainer = RoutingSFTTrainer(model=model, args=config, train_dataset=copy_task(256),
+                                    processing_class=word_tokenizer(), callbacks=[RoutingCallback()])
         trainer.train()
     for log in (h for h in trainer.state.log_history if "loss" in h):
         print(f"step {log['step']:>3}  loss {log['loss']:.3f}  rsl {log['rsl/total']:.3f}  "

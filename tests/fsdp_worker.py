@@ -2,9 +2,10 @@
 
 Each process takes its slice of the global batch, shards the model (`--sharding manual`: every decoder layer, then
 the whole model; `accelerate`: accelerate's own FSDP2 preparation, configured by examples/accelerate_fsdp2.yaml,
-which launched by accelerate only runs on GPUs), runs forward and backward (FSDP averages the gradients over processes) and one SGD step. Rank 0 writes the losses, the full
-gradients of the trainable parameters, and the logits of the updated model on probe inputs to `--out/step.pt`,
-and saves the full (unsharded) adapter to `--out/adapter`.
+which launched by accelerate only runs on GPUs), runs forward and backward (FSDP averages the gradients over
+processes) and one SGD step. Rank 0 writes the losses, the full gradients of the trainable parameters, and the
+logits of the updated model on probe inputs to `--out/step.pt`, and saves the full (unsharded) adapter to
+`--out/adapter`.
 """
 
 from __future__ import annotations

@@ -47,9 +47,10 @@ def single_process_step(rsl: bool, micro_batches: int):
 @pytest.mark.parametrize("sharding,rsl", [("manual", False), ("manual", True), ("accelerate", True)])
 def test_fully_shard_matches_one_process_and_saves_a_full_adapter(tmp_path, sharding, rsl):
     """`manual`: `fully_shard` on each decoder layer and the model; `accelerate`: accelerate's FSDP2 preparation
-    from examples/accelerate_fsdp2.yaml (embeddings and output head in groups of their own too). Tolerance 1e-6 absolute / 1e-5 relative (float32 summation order). Without the RSL the reference is one
-    forward over the global batch of 8; the RSL is a statistic of each forward's tokens, so with it the reference
-    is one process accumulating the same two micro-batches of 4."""
+    from examples/accelerate_fsdp2.yaml (embeddings and output head in groups of their own too). Tolerance 1e-6
+    absolute / 1e-5 relative (float32 summation order). Without the RSL the reference is one forward over the
+    global batch of 8; the RSL is a statistic of each forward's tokens, so with it the reference is one process
+    accumulating the same two micro-batches of 4."""
     sharded = run_workers(tmp_path, rsl, sharding, port=29541 + rsl + 2 * (sharding == "accelerate"))
     loss, grads, trained = single_process_step(rsl, micro_batches=2 if rsl else 1)
     torch.testing.assert_close(sharded["losses"].mean(), loss, atol=1e-6, rtol=1e-5)
