@@ -35,6 +35,14 @@ def global_batch() -> dict[str, torch.Tensor]:
     return default_data_collator(samples)
 
 
+def build_model(rsl: bool) -> torch.nn.Module:
+    """The domains mixer, experts and routers trainable; random experts (B not zero) so the routers get a task
+    gradient too."""
+    model = mixer_model(add_routing_loss=rsl, init_weights=False)
+    model.set_trainable(routers=True, experts=True)
+    return model
+
+
 def probe_inputs() -> torch.Tensor:
     return global_batch()["input_ids"][::3]
 
@@ -66,8 +74,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    model = mixer_model(add_routing_loss=args.rsl)
-    model.set_trainable(routers=True, experts=True)
+    model = build_model(args.rsl)
     if args.sharding == "accelerate":
         model = accelerate_fsdp2(model, rank)
     else:
