@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from lora_experts import save_lora
+from mixers import autograd_rsl
 from peft import get_peft_model
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer, word
 from transformers import TrainerCallback
 
-from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer, RoutingCallback, from_experts
+from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer, RoutingCallback, RoutingLossMixin, from_experts
 
 trl = pytest.importorskip("trl")
 
@@ -37,11 +38,8 @@ def plug_and_play_mixer(tmp_path):
     return from_experts(tiny_model("llama"), folders, **RSL)
 
 
-def routing_sft_trainer() -> type:
-    """SFTTrainer computes its loss from the logits, not `outputs.loss`: `RoutingLossMixin` adds the RSL to it."""
-    from peft_lora_mixer import RoutingLossMixin  # from the routing-loss rework; imported here so only these fail
-
-    return type("RoutingSFTTrainer", (RoutingLossMixin, trl.SFTTrainer), {})
+class RoutingSFTTrainer(RoutingLossMixin, trl.SFTTrainer):
+    """SFTTrainer computes its loss from the logits, not `outputs.loss`: the mixin adds the RSL to it."""
 
 
 class FirstStep(TrainerCallback):
@@ -58,13 +56,6 @@ class FirstStep(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.grads is None:
             self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def rsl_of(probs: torch.Tensor, top_k: int, alpha: float, lam: float, sign: int) -> torch.Tensor:
-    """One router's RSL over its tokens' probabilities (tokens x E), as the paper defines it, left to autograd."""
-    chosen = torch.zeros_like(probs).scatter(-1, probs.detach().topk(top_k, dim=-1).indices, 1.0)
-    entropy = -(probs * probs.log()).sum(-1).mean()
-    return alpha * probs.shape[-1] * (probs.mean(0) * chosen.mean(0)).sum() + sign * lam * entropy
 
 
 def reference_gradients(model, batch, with_rsl: bool) -> dict[str, torch.Tensor]:
@@ -86,7 +77,7 @@ def reference_gradients(model, batch, with_rsl: bool) -> dict[str, torch.Tensor]
         for layer, x in router_inputs:
             router = layer.loramixer_router["default"]
             probs = F.linear(x.float(), router.weight, router.bias).softmax(-1)
-            losses.append(rsl_of(probs[mask], config.top_k, config.rsl_balance_weight, config.rsl_entropy_weight,
+            losses.append(autograd_rsl(probs[mask], config.top_k, config.rsl_balance_weight, config.rsl_entropy_weight,
                                  config.rsl_entropy_sign))
         loss = loss + torch.stack(losses).mean()
     loss.backward()
@@ -103,7 +94,7 @@ def test_sft_trainer_rsl_reaches_the_routers_and_is_logged(tmp_path, regime):
     args = trl.SFTConfig(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
                          max_grad_norm=0.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
                          disable_tqdm=True, seed=0, bf16=False)  # SFTConfig's default bf16 autocast: not exact
-    trainer = routing_sft_trainer()(model=model, args=args, train_dataset=prompt_completion_dataset(),
+    trainer = RoutingSFTTrainer(model=model, args=args, train_dataset=prompt_completion_dataset(),
                              processing_class=tiny_tokenizer(), callbacks=[RoutingCallback(), first])
     trainer.train()
 
