@@ -1,5 +1,9 @@
 """`trl.SFTTrainer` on LoRA-Mixer models: the RSL reaches the routers and is logged, completion-only loss."""
 
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +19,7 @@ from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer, RoutingCallback, Ro
 
 trl = pytest.importorskip("trl")
 
+REPO = Path(__file__).resolve().parent.parent
 RSL = dict(top_k=2, rsl_balance_weight=0.5, rsl_entropy_weight=0.3)
 
 
@@ -113,3 +118,10 @@ def test_sft_trainer_rsl_reaches_the_routers_and_is_logged(tmp_path, regime):
         torch.testing.assert_close(first.grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     router_change = max((expected[n] - without_rsl[n]).abs().max().item() for n in expected if "router" in n)
     assert router_change > 1e-4  # the RSL's share of the router gradient is not negligible, so the check bites
+
+
+def test_sft_example_runs_and_logs_the_rsl(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["trl_sft.py", "--max-steps", "2"])
+    runpy.run_path(str(REPO / "examples" / "trl_sft.py"), run_name="__main__")
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(steps) == 2 and all(float(line.split("rsl")[1].split()[0]) > 0 for line in steps)
