@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, get_peft_model
 from tiny_models import tiny_model
-from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainingArguments, default_data_collator
 
 from peft_lora_mixer import ExpertIdsCollator, LoraMixerConfig
 from peft_lora_mixer.routing_loss.stats import ModuleRoutingStats, usage_balance
@@ -34,8 +34,8 @@ def mixed_samples(count_per_domain: int, seed: int) -> list[dict]:
     return [s for d in range(NUM_DOMAINS) for s in domain_samples(d, count_per_domain, seed)]
 
 
-def domain_base() -> PreTrainedModel:
-    """A tiny llama whose embeddings and output head are given a direction per domain.
+def domain_base():
+    """A tiny llama whose embeddings and output head have a direction per domain.
 
     Random 32-wide embeddings of 128 tokens are not linearly separable by domain, and a random head cannot
     favour a whole range; real domains have both kinds of structure. The embedding of domain d's tokens leans
@@ -52,10 +52,9 @@ def domain_base() -> PreTrainedModel:
 
 
 def mixer_model(**config) -> PeftModel:
-    """`domain_base()` with one expert per domain.
-
-    The experts sit on `o_proj` only: with several adapted projections per layer one of them can carry a domain's
-    mapping alone, and the others' routing then barely changes the loss, so it is not learned.
+    """`domain_base` with one expert per domain. The experts sit on `o_proj` only: with several adapted projections
+    per layer one of them can carry a domain's mapping alone, and the others' routing then barely changes the loss,
+    so it is not learned.
     """
     base = domain_base()
     defaults = dict(r=8, lora_alpha=16, num_experts=NUM_DOMAINS, top_k=1, target_modules=["o_proj"],
