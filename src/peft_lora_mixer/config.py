@@ -9,6 +9,8 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .experts.card import add_mixer_section
+from .experts.card_hooks import card_folder
 from .experts.sources import ExpertSource, ExpertSourceLike
 
 ROUTING_MODES = ("hard_soft", "soft", "topk")
@@ -261,6 +263,15 @@ class LoraMixerConfig(PeftConfig):
         config = super().to_dict()
         del config["allow_pickle_experts"]
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's config file; when `PeftModel.save_pretrained` saves it (it passes `auto_mapping_dict`), also this
+        adapter's section of the model card PEFT has just written."""
+        saved_by_peft_model = "auto_mapping_dict" in kwargs
+        super().save_pretrained(save_directory, **kwargs)
+        card = card_folder(save_directory) if saved_by_peft_model else None
+        if card is not None:
+            add_mixer_section(card[0], card[1], self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

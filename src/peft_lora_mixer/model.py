@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
@@ -19,7 +20,8 @@ from peft.utils import _get_submodules
 from torch import nn
 
 from .config import LoraMixerConfig
-from .experts.checkpoint import pinned_expert_weights, without_expert_weights
+from .experts.card_hooks import keep_card_on_push
+from .experts.checkpoint import pinned_expert_weights, warn_about_absent_modules, without_expert_weights
 from .experts.loading import ExpertSet, load_experts
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
@@ -165,7 +167,12 @@ class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """PEFT's selection, minus the experts' weights when the config's pinned references stand for them."""
+        """PEFT's selection, minus the experts' weights when the config's pinned references stand for them.
+
+        PEFT calls this as it saves (and pushes) the model, so the model learns here to keep our card on a push.
+        """
+        if isinstance(model, PeftModel):
+            keep_card_on_push(model)
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         return selected if config.stores_expert_weights else without_expert_weights(model, selected, adapter_name)
 
@@ -173,8 +180,11 @@ class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: LoraMixerConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """A router-only checkpoint gets the experts fetched at their pinned commits when the adapter was built."""
+        """A router-only checkpoint gets the experts fetched at their pinned commits when the adapter was built.
+
+        Weights of modules the model lacks are named in a warning, as PEFT would drop them silently."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        warn_about_absent_modules(model, remapped, adapter_name)
         if config.stores_expert_weights:
             return remapped
         return {**pinned_expert_weights(model, config, adapter_name), **remapped}
