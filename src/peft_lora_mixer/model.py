@@ -25,6 +25,7 @@ from .experts.checkpoint import pinned_expert_weights, warn_about_absent_modules
 from .experts.loading import ExpertSet, load_experts
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
+from .quantization import check_supported_quantization
 from .targets import DEFAULT_TARGET_MODULES
 from .routing_loss.controller import RoutingTrainingMixin
 
@@ -52,6 +53,7 @@ class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
         return super()._prepare_adapter_config(peft_config, model_config)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        check_supported_quantization(model)
         config = self.peft_config[adapter_name]
         experts = load_experts(config, model)  # fetched and checked before the model is touched
         if experts is None:
