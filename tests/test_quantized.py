@@ -72,6 +72,7 @@ def test_qlora_trains_routers_and_experts_with_gradient_checkpointing(base_folde
     kinds = {name.split(".loramixer_")[1].split(".")[0] for name in gradients}
     assert kinds == {"A", "B", "router"}  # nothing else trains, in particular no quantised weight
     assert all(grad is not None and grad.abs().sum() > 0 for grad in gradients.values())
+    assert checkpointed.routing_loss().total > 0  # the RSL is part of the loss, through the recomputed forward too
 
     plain = trainable_gradients(qlora_mixer(base_folder, kind, gradient_checkpointing=False))
     assert gradients.keys() == plain.keys()

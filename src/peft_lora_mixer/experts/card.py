@@ -78,7 +78,7 @@ def _section(adapter_name: str, config: LoraMixerConfig, base_model: Optional[st
         "### Use",
         "",
         "```python",
-        "import peft_lora_mixer  # registers LoRA-Mixer with PEFT",
+        "import peft_lora_mixer  # registers LoRA-Mixer with PEFT (done by itself once the package is installed)",
         "from peft import PeftModel",
         "",
         f'model = PeftModel.from_pretrained(base_model, "{repo_id or "<this repository or folder>"}")',
