@@ -12,8 +12,8 @@ from peft.config import PeftConfig
 from .experts.card import add_mixer_section
 from .experts.card_hooks import card_folder
 from .experts.sources import ExpertSource, ExpertSourceLike
+from .routing import ROUTING_MODES
 
-ROUTING_MODES = ("hard_soft", "soft", "topk")
 
 
 class LoraMixerPeftType(str, enum.Enum):
@@ -45,7 +45,7 @@ class LoraMixerConfig(PeftConfig):
         metadata={"help": "Number of LoRA experts on each adapted projection. Default: len(experts), else 4."},
     )
     top_k: int = field(default=2, metadata={"help": "Experts kept per token by the `topk` and `hard_soft` modes."})
-    routing: Literal["hard_soft", "soft", "topk"] = field(
+    routing: Literal[ROUTING_MODES] = field(
         default="hard_soft",
         metadata={
             "help": (

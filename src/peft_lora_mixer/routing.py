@@ -6,6 +6,11 @@ from typing import Optional
 
 import torch
 
+# The routing modes (see `gates_from_logits`); the config, the CLI and the benchmarks read this tuple.
+ROUTING_MODES = ("hard_soft", "soft", "topk")
+# The modes whose forward gates are k-sparse
+SPARSE_ROUTING_MODES = ("hard_soft", "topk")
+
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores (router logits, or probabilities) per token; ties go to the lower index.
@@ -72,7 +77,7 @@ def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routi
     """
     if routing == "soft" or top_k >= logits.shape[-1]:
         return probs if probs is not None else torch.softmax(logits, dim=-1)
-    if routing not in ("topk", "hard_soft"):
+    if routing not in SPARSE_ROUTING_MODES:
         raise ValueError(f"Unknown routing mode {routing!r}.")
     index, weight = top_k_routes(logits.detach() if logits.requires_grad else logits, top_k)
     trains_router = probs is not None and probs.requires_grad
