@@ -58,9 +58,9 @@ def warn_about_absent_modules(model: nn.Module, state_dict: dict[str, torch.Tens
     present = model.state_dict().keys()
     absent = sorted(
         {
-            key.removeprefix(_PEFT_MODEL_PREFIX).rsplit(".loramixer_", 1)[0]
+            key.removeprefix(PEFT_MODEL_PREFIX).rsplit(".loramixer_", 1)[0]
             for key in state_dict
-            if ".loramixer_" in key and key not in present and key.removeprefix(_PEFT_MODEL_PREFIX) not in present
+            if ".loramixer_" in key and key not in present and key.removeprefix(PEFT_MODEL_PREFIX) not in present
         }
     )
     if absent:
