@@ -86,12 +86,14 @@ def test_qlora_trains_routers_and_experts_with_gradient_checkpointing(base_folde
         ("nf4", {}, None),
         ("fp4", {}, None),
         ("int8", {}, None),
+        ("nf4", {"bnb_4bit_quant_storage": torch.bfloat16}, None),  # the storage FSDP-QLoRA uses
         # bfloat16 compute rounds each quantised layer's input: float32 rounding noise may flip one bfloat16 digit
         ("nf4", {"bnb_4bit_compute_dtype": torch.bfloat16}, dict(rtol=0, atol=2e-2)),
     ],
 )
 def test_forced_routing_over_quantized_base_equals_peft_lora(base_folder, expert_folders, kind, overrides, tolerance):
     mixer = from_experts(quantized(base_folder, kind, **overrides), expert_folders, top_k=1)
+    assert {p.dtype for name, p in mixer.named_parameters() if ".loramixer_" in name} == {torch.float32}
     for expert, folder in enumerate(expert_folders):
         lora = PeftModel.from_pretrained(quantized(base_folder, kind, **overrides), folder)
         with torch.no_grad(), mixer.route_to(expert):
