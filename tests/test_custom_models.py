@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -92,6 +94,15 @@ def test_custom_model_pushes_a_loadable_adapter(server, tmp_path, monkeypatch):
         (tmp_path / "pulled" / name).write_bytes(content)
     loaded = PeftModel.from_pretrained(MLP(), str(tmp_path / "pulled"))
     torch.testing.assert_close(loaded(inputs), expected, rtol=0, atol=0)
+
+
+def test_saved_model_still_pickles_and_copies(tmp_path):
+    model = mixer(init_weights=False)
+    model.save_pretrained(tmp_path)  # gives the model its upload step
+    inputs = torch.randn(3, 8)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        torch.testing.assert_close(clone(inputs), model(inputs), rtol=0, atol=0)
+        assert clone._upload_modified_files.args == (clone,)  # pushes the clone, not the original
 
 
 def test_each_named_adapter_gets_its_own_card_section(tmp_path):

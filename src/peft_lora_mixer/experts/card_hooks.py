@@ -9,8 +9,8 @@ sections again on the card about to be uploaded. The `PeftModel` class and other
 
 from __future__ import annotations
 
+import functools
 import os
-import types
 from typing import Any, Optional
 
 from peft import PeftModel
@@ -35,16 +35,17 @@ def card_folder(config_directory: str) -> Optional[tuple[str, str]]:
 
 
 def keep_card_on_push(model: PeftModel) -> None:
-    """Give this model (only) an upload step that puts PEFT's card and our sections back before uploading."""
-    if "_upload_modified_files" in vars(model):
-        return
-    upload_modified_files = model._upload_modified_files
+    """Give this model (only) an upload step that puts PEFT's card and our sections back before uploading.
 
-    def upload_with_card(self: PeftModel, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        self.create_or_update_model_card(working_dir)
-        for name, config in self.peft_config.items():
-            if getattr(config, "peft_type", None) == "LORAMIXER":
-                add_mixer_section(working_dir, name, config, repo_id)
-        return upload_modified_files(working_dir, repo_id, *args, **kwargs)
+    A partial of a module-level function, so that the model still pickles and deep-copies (onto the copy).
+    """
+    if "_upload_modified_files" not in vars(model):
+        model._upload_modified_files = functools.partial(_upload_with_card, model)
 
-    model._upload_modified_files = types.MethodType(upload_with_card, model)
+
+def _upload_with_card(model: PeftModel, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+    model.create_or_update_model_card(working_dir)
+    for name, config in model.peft_config.items():
+        if getattr(config, "peft_type", None) == "LORAMIXER":
+            add_mixer_section(working_dir, name, config, repo_id)
+    return type(model)._upload_modified_files(model, working_dir, repo_id, *args, **kwargs)
