@@ -60,7 +60,9 @@ def train(model: PeftModel, steps: int = 5) -> list[float]:
 def test_custom_model_trains_saves_loads(tmp_path):
     model = mixer()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert any(".loramixer_router." in name for name in trainable) and any(".loramixer_B." in name for name in trainable)
+    assert any(".loramixer_router." in name for name in trainable) and any(
+        ".loramixer_B." in name for name in trainable
+    )
     losses = train(model)
     assert losses[-1] < losses[0]
     model.eval()
@@ -152,10 +154,16 @@ def _save_plain_lora(folder: Path, with_package: bool) -> dict[str, bytes]:
         import_line="import peft_lora_mixer" if with_package else "", imported=with_package
     )
     # PEFT writes the target-module set in hash order, so both processes get the same hash seed
-    env = {**os.environ, "PYTHONPATH": SRC, "PEFT_LORA_MIXER_AUTOREGISTER": "0", "OMP_NUM_THREADS": "1",
-           "PYTHONHASHSEED": "0"}
-    subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(folder)], env=env, check=True,
-                   capture_output=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC,
+        "PEFT_LORA_MIXER_AUTOREGISTER": "0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONHASHSEED": "0",
+    }
+    subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(folder)], env=env, check=True, capture_output=True
+    )
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
@@ -170,6 +178,8 @@ def test_loading_into_a_base_with_fewer_layers_names_the_dropped_modules(tmp_pat
     get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=2, r=2)).save_pretrained(tmp_path)
     config = AutoConfig.for_model("llama", vocab_size=VOCAB, **{**TINY_CONFIGS["llama"], "num_hidden_layers": 1})
     smaller = AutoModelForCausalLM.from_config(config)
-    with pytest.warns(UserWarning, match=r"4 module\(s\) this model does not have.*model\.layers\.1\.self_attn\.q_proj"):
+    with pytest.warns(
+        UserWarning, match=r"4 module\(s\) this model does not have.*model\.layers\.1\.self_attn\.q_proj"
+    ):
         loaded = PeftModel.from_pretrained(smaller, str(tmp_path))
     assert sum(isinstance(module, BaseTunerLayer) for module in loaded.modules()) == 4  # layer 0 still loads

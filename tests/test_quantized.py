@@ -28,8 +28,15 @@ INPUT = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory) -> str:
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("base")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -40,10 +47,21 @@ def base_folder(tmp_path_factory) -> str:
 def expert_folders(base_folder, tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("experts")
     return [
-        save_lora(root / "a", seed=1, base=AutoModelForCausalLM.from_pretrained(base_folder), r=4,
-                  target_modules=["q_proj", "v_proj"]),
-        save_lora(root / "b", seed=2, base=AutoModelForCausalLM.from_pretrained(base_folder), r=2, lora_alpha=8,
-                  target_modules=["q_proj", "o_proj"]),
+        save_lora(
+            root / "a",
+            seed=1,
+            base=AutoModelForCausalLM.from_pretrained(base_folder),
+            r=4,
+            target_modules=["q_proj", "v_proj"],
+        ),
+        save_lora(
+            root / "b",
+            seed=2,
+            base=AutoModelForCausalLM.from_pretrained(base_folder),
+            r=2,
+            lora_alpha=8,
+            target_modules=["q_proj", "o_proj"],
+        ),
     ]
 
 
