@@ -3,8 +3,9 @@
 `peft_lora_mixer_autoregister.pth`, installed with the package at the root of site-packages, runs one line at
 interpreter start-up: unless `PEFT_LORA_MIXER_AUTOREGISTER=0`, it puts a finder on `sys.meta_path` that ignores
 every import but `peft`'s and imports nothing itself (not even this module, whose lookup on `sys.path` would cost
-milliseconds in an editable install). The first time `peft` is imported, the finder calls `find_peft`: PEFT's own
-loader runs, then `peft_lora_mixer` is imported, which registers the method. Then a program that never names us
+milliseconds in an editable install). The first time `peft` is imported, the finder calls `find_peft` (if this
+module can still be found: a .pth left behind must not break `import peft`): PEFT's own loader runs, then
+`peft_lora_mixer` is imported, which registers the method. Then a program that never names us
 (lm-eval-harness's `peft=`, a TRL script, a notebook) loads LoRA-Mixer adapters with `PeftModel.from_pretrained`.
 
 This module is top-level, outside the package, because importing anything inside `peft_lora_mixer` runs the

@@ -47,13 +47,15 @@ def saved(tmp_path_factory) -> list[str]:
     return [str(root / "base"), str(root / "adapter"), str(root / "expected.pt")]
 
 
-def run(code: str, *args: str, env: dict[str, str], python: str = sys.executable) -> subprocess.CompletedProcess:
+def run(
+    code: str, *args: str, env: dict[str, str], python: str = sys.executable, python_options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """`code` in a fresh `python`; with `SITE_DIR` in `env`, that folder is first read as a site-packages folder."""
     code = textwrap.dedent(code)
     if "SITE_DIR" in env:
         code = f"import os, site; site.addsitedir(os.environ['SITE_DIR'])\n{code}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([python, "-c", code, *args], env=env, capture_output=True, text=True)
+    return subprocess.run([python, *python_options, "-c", code, *args], env=env, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -83,6 +85,19 @@ def test_start_up_imports_nothing(site_env):
     print(heavy, [type(finder).__name__ for finder in sys.meta_path].count("PeftLoraMixerAutoregister"))
     """
     assert run(code, env=site_env).stdout.split() == ["[]", "1"]
+
+
+def test_a_pth_left_behind_without_the_package_does_not_break_peft(tmp_path):
+    shutil.copy(ROOT / "src" / PTH, tmp_path)
+    code = f"""
+    import site, sys
+    sys.path.extend(site.getsitepackages())  # peft and torch, without running the .pth files there (checkouts)
+    site.addsitedir({str(tmp_path)!r})  # our .pth, but no package next to it
+    import peft
+    print("peft_lora_mixer" in sys.modules, [type(f).__name__ for f in sys.meta_path].count("PeftLoraMixerAutoregister"))
+    """
+    result = run(code, env={}, python_options=["-S"])
+    assert result.stdout.split() == ["False", "1"], result.stderr
 
 
 def test_importing_the_package_itself_is_unchanged(site_env):
