@@ -271,7 +271,8 @@ class LoraMixerConfig(PeftConfig):
         super().save_pretrained(save_directory, **kwargs)
         card = card_folder(save_directory) if saved_by_peft_model else None
         if card is not None:
-            add_mixer_section(card[0], card[1], self)
+            folder, adapter_name = card
+            add_mixer_section(folder, adapter_name, self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
