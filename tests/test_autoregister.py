@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import VOCAB, tiny_model
 
 from peft_lora_mixer import LoraMixerConfig
-from tiny_models import VOCAB, tiny_model
 
 ROOT = Path(__file__).parents[1]
 PTH = "peft_lora_mixer_autoregister.pth"

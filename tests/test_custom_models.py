@@ -17,13 +17,13 @@ from huggingface_hub import ModelCard, constants
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load as load_safetensors
+from tiny_models import TINY_CONFIGS, VOCAB, tiny_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import PushToHubMixin
 
 from peft_lora_mixer import LoraMixerConfig
 from peft_lora_mixer.experts.card import SECTION_START, section_markers
-from tiny_models import TINY_CONFIGS, VOCAB, tiny_model
 
 SRC = str(Path(__file__).parents[1] / "src")
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_experts import assert_unchanged, save_lora, snapshot
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors import safe_open
+from tiny_models import VOCAB, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora_experts import assert_unchanged, save_lora, snapshot
 from peft_lora_mixer import LoraMixerConfig, from_experts
-from tiny_models import VOCAB, tiny_model
-
-pytest.importorskip("bitsandbytes")
 
 QUANTIZATIONS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),

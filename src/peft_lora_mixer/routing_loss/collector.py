@@ -120,7 +120,7 @@ class _InjectRoutingGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probs: torch.Tensor, token_mask: Optional[torch.Tensor], usage: RouterUsage, step: RoutingStep,
                 adapter_name: str, collector: RoutingCollector) -> torch.Tensor:
-        ctx.save_for_backward(probs, token_mask, usage.fraction, usage.num_present)
+        ctx.save_for_backward(probs, token_mask, usage.fraction, usage.num_experts)
         ctx.step, ctx.num_tokens, ctx.adapter_name, ctx.collector = step, usage.num_tokens, adapter_name, collector
         return probs.view_as(probs)
 
@@ -130,8 +130,8 @@ class _InjectRoutingGradient(torch.autograd.Function):
         if step.gradient_scale is None:  # the RSL is not in the backpropagated loss, or came after the routers
             ctx.collector.warn_missing_rsl()
             return grad, None, None, None, None, None
-        probs, token_mask, fraction, num_present = ctx.saved_tensors
-        usage = RouterUsage(fraction, num_present, ctx.num_tokens)
+        probs, token_mask, fraction, num_experts = ctx.saved_tensors
+        usage = RouterUsage(fraction, num_experts, ctx.num_tokens)
         rsl_grad = specialization_loss_gradient(probs, usage, step.settings[ctx.adapter_name], token_mask)
         return grad + rsl_grad * (step.gradient_scale / step.num_routers), None, None, None, None, None
 
