@@ -58,6 +58,16 @@ def test_entropy_gradient_sign(sign):
     assert (after < before) if sign == 1 else (after > before)
 
 
+def test_balance_counts_every_expert_of_the_router():
+    """E in `alpha * E * sum_i pbar_i fbar_i` is the router's number of experts, also when one gets no probability
+    mass (routing to an expert without weights on a projection is a valid choice there)."""
+    probs = torch.tensor([[0.7, 0.0, 0.3], [0.2, 0.0, 0.8]])
+    usage = RouterUsage.of(probs, 1)
+    assert usage.num_present.item() == 3
+    expected = 3 * (probs.mean(0) * torch.tensor([0.5, 0.0, 0.5])).sum()
+    torch.testing.assert_close(specialization_loss(probs, 1, 1.0, 0.0, 1), expected)
+
+
 def test_entropy_of_absent_experts_has_finite_gradient():
     logits = torch.tensor([[1.0, -math.inf, 0.0]], requires_grad=True)
     specialization_loss(logits.softmax(-1), 1, 1.0, 1.0, 1).backward()
