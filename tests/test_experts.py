@@ -291,3 +291,18 @@ def test_saved_config_is_plain_json(tmp_path, sources):
     saved = json.loads((tmp_path / "mixer" / "adapter_config.json").read_text())
     assert saved["num_experts"] == 4 and len(saved["resolved_experts"]) == 4
     assert "hub_kwargs" not in saved
+
+
+def test_preservation_term_follows_trainable_experts_from_disk(tmp_path):
+    """Trainable experts loaded with `from_experts` and a preservation weight: the term grows as they move."""
+    folders = [save_lora(tmp_path / f"expert{i}", seed=i, r=4, target_modules=["q_proj", "v_proj"]) for i in range(2)]
+    model = from_experts(tiny_model("llama"), folders, trainable_experts=True, rsl_preservation_weight=1.0).train()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids)
+    assert model.routing_loss().preservation.item() == 0.0
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model.routing_loss().preservation.item() > 0.0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -33,12 +33,15 @@ class RouterSettings(NamedTuple):
     num_experts: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExpertSpec:
-    """Shape and scale of one expert on one projection; rank 0 means the expert is absent there."""
+    """Shape and scale of one expert on one projection (rank 0: absent there), and its factors when they were read
+    from an adapter (the layer only needs the shape and scale)."""
 
     r: int
     scaling: float
+    lora_A: Optional[torch.Tensor] = None  # (r, in_features)
+    lora_B: Optional[torch.Tensor] = None  # (out_features, r)
 
 
 def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -180,7 +183,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         padding mask."""
         if self.routing_observer is None:
             return torch.softmax(logits, dim=-1) if logits.requires_grad else None
-        return self.routing_observer.observe(self, adapter_name, torch.softmax(logits, dim=-1), token_shape)
+        return self.routing_observer.observe(self, adapter_name, logits, torch.softmax(logits, dim=-1), token_shape)
 
     def gates(self, x: torch.Tensor, adapter_name: str, token_shape: Optional[torch.Size] = None) -> torch.Tensor:
         """Per-token expert weights (float32, (..., E) over the tokens of `x`), or the forced one-hot of `route_to`.
@@ -278,8 +281,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         scale when the experts' scales differ (a common scale is applied by the caller's multiply).
 
         With one rank for all experts this is a broadcast over (expert, rank), which also keeps autograd from
-        saving a (tokens x slots) copy of the gates; otherwise the gates are expanded to the slots. (Multiplying in
-        place saves an operation when decoding but measured 2% slower in training: autograd then copies slices.)
+        saving a (tokens x slots) copy of the gates; otherwise the gates are expanded to the slots. Not in place:
+        autograd would then copy slices, which costs training more than the one operation it saves when decoding.
         """
         if self.common_scaling[adapter_name] is None:
             expert_gates = expert_gates * _as_dtype(self.loramixer_expert_scaling[adapter_name], expert_gates.dtype)
@@ -310,6 +313,13 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "loramixer." + super().__repr__()
+
+
+def iter_mixer_layers(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[tuple[str, LoraMixerLayer]]:
+    """(name, layer) of every LoRA-Mixer layer in `model`, or of those holding `adapter_name`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraMixerLayer) and (adapter_name is None or adapter_name in module.loramixer_A):
+            yield name, module
 
 
 def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
