@@ -50,7 +50,7 @@ class LoraMixerConfig(PeftConfig):
             Rank of each new expert: expert e's `A_e` is (r, in_features), its `B_e` (out_features, r). Experts
             from `experts` keep their own ranks.
         lora_alpha (`float`, defaults to `8`):
-            Scaling numerator: each expert's delta is multiplied by `s = lora_alpha / r`.
+            Scaling numerator, a finite number > 0: each expert's delta is multiplied by `s = lora_alpha / r`.
         lora_dropout (`float`, defaults to `0.0`):
             Dropout probability on the experts' input, in [0, 1); the router always sees the undropped input.
         use_rslora (`bool`, defaults to `False`):
@@ -60,7 +60,9 @@ class LoraMixerConfig(PeftConfig):
             `len(experts)` when `experts` is given (another value is an error), else 4.
         top_k (`int`, defaults to `2`):
             Experts kept per token by the `topk` and `hard_soft` modes, in [1, num_experts]. With
-            `top_k == num_experts` every mode is `soft`.
+            `top_k == num_experts` every mode is `soft`. `topk` with `top_k=1` weights the kept expert by its
+            router probability (Switch routing), so that the router trains; `hard_soft` with `top_k=1` gives it
+            weight 1 with the dense softmax's gradient. Change it after training with `model.set_routing`.
         routing (`str`, defaults to `"hard_soft"`):
             `"soft"`: softmax over all experts. `"topk"`: the top-k experts by logit (ties to the lower index),
             weighted by the softmax of their logits; the router's gradient flows through the kept experts only.
@@ -68,7 +70,7 @@ class LoraMixerConfig(PeftConfig):
             `soft` (straight-through). With many experts (`num_experts * r` about the projection's width or more)
             prefer `topk` for training: `hard_soft`'s router gradient needs every expert's output.
         router_temperature (`float`, defaults to `1.0`):
-            T > 0: the router's softmax is taken over `logits / T`.
+            T, finite and > 0: the router's softmax is taken over `logits / T`.
         target_modules (`Optional[Union[list[str], str]]`, defaults to `None`):
             Module names (suffix match) or a regex. None: the default projections of the model's `model_type`
             (`peft_lora_mixer.DEFAULT_TARGET_MODULES`), or, with `experts`, every module some expert adapts.

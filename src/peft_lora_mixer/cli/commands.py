@@ -15,7 +15,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as error:
         print(f"lora-mixer {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -55,6 +55,18 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
     inspect.add_argument("--text", required=True)
     inspect.set_defaults(handler=inspect_command)
+
+    evaluate = commands.add_parser("eval", help="score a mixer with lm-evaluation-harness, routing beside the scores")
+    add_base_argument(evaluate)
+    evaluate.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
+    evaluate.add_argument("--tasks", nargs="+", required=True, help="lm-eval task or group names")
+    evaluate.add_argument("--include-path", type=Path, help="folder of your own lm-eval task YAML files")
+    evaluate.add_argument("--num-fewshot", type=int)
+    evaluate.add_argument("--limit", type=float, help="documents per task (below 1: a fraction), for quick runs")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="above 1 the routing counts include padding")
+    evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    evaluate.add_argument("--output", type=Path, help="also write the results as JSON here")
+    evaluate.set_defaults(handler=eval_command)
     return root
 
 
@@ -121,6 +133,30 @@ def inspect_command(args: argparse.Namespace) -> int:
         model(**encoded)
     tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
     print(format_choices(tokens, {name: forwards[0] for name, forwards in choices.items()}))
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .evaluation import evaluate_mixer, format_report, require_lm_eval, task_manager
+
+    require_lm_eval()
+    manager = task_manager(args.tasks, args.include_path)  # unknown tasks fail here, before any model is loaded
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    model = PeftModel.from_pretrained(load_base(args.base), args.mixer).to(device)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = evaluate_mixer(model, tokenizer, args.tasks, manager=manager, num_fewshot=args.num_fewshot,
+                             limit=limit, batch_size=args.batch_size)
+    print(format_report(results))
+    if args.output:
+        args.output.write_text(json.dumps([dataclasses.asdict(result) for result in results], indent=2))
+        print(f"results: {args.output}")
     return 0
 
 
