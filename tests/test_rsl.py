@@ -10,6 +10,7 @@ from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
 from peft_lora_mixer.routing_loss.loss import (
     RouterLossSettings,
     RouterUsage,
+    balance_term,
     specialization_loss,
     specialization_loss_gradient,
     token_entropy,
@@ -62,6 +63,16 @@ def test_entropy_gradient_sign(sign):
     before = token_entropy(LOGITS.softmax(-1)).mean()
     after = token_entropy((LOGITS - 0.1 * logits.grad).softmax(-1)).mean()
     assert (after < before) if sign == 1 else (after > before)
+
+
+def test_balance_counts_every_expert_of_the_router():
+    """E in `alpha * E * sum_i pbar_i fbar_i` is the router's number of experts, also when one gets no probability
+    mass (routing to an expert without weights on a projection is a valid choice there)."""
+    probs = torch.tensor([[0.7, 0.0, 0.3], [0.2, 0.0, 0.8]])
+    usage = RouterUsage.of(probs, 1)
+    assert usage.num_experts.item() == 3
+    expected = 3 * (probs.mean(0) * torch.tensor([0.5, 0.0, 0.5])).sum()
+    torch.testing.assert_close(balance_term(probs, usage), expected)
 
 
 def test_entropy_of_absent_experts_has_finite_gradient():

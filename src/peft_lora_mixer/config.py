@@ -9,9 +9,10 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .experts.card import add_mixer_section
+from .experts.card_hooks import card_folder
 from .experts.sources import ExpertSource, ExpertSourceLike
 from .routing import ROUTING_MODES
-
 
 
 class LoraMixerPeftType(str, enum.Enum):
@@ -58,16 +59,18 @@ class LoraMixerConfig(PeftConfig):
             `len(experts)` when `experts` is given (another value is an error), else 4.
         top_k (`int`, defaults to `2`):
             Experts kept per token by the `topk` and `hard_soft` modes, in [1, num_experts]. With
-            `top_k == num_experts` every mode is `soft`. `model.set_routing` changes it on a trained adapter.
+            `top_k == num_experts` every mode is `soft`. `topk` with `top_k=1` weights the kept expert by its
+            router probability (Switch routing), so that the router trains; `hard_soft` with `top_k=1` gives it
+            weight 1 with the dense softmax's gradient. Change it after training with `model.set_routing`.
         routing (`str`, defaults to `"hard_soft"`):
             `"soft"`: softmax over all experts. `"topk"`: the top-k experts by logit (ties to the lower index),
-            weighted by the softmax of their logits; the router's gradient flows through the kept experts only. With
-            `top_k=1`, `topk` weights the kept expert by its router probability (Switch routing), so the router
-            trains. `"hard_soft"`: the paper's differentiable hard-soft top-k, the forward of `topk` with the gradient of
-            `soft` (straight-through). With many experts (`num_experts * r` about the projection's width or more)
-            prefer `topk` for training: `hard_soft`'s router gradient needs every expert's output.
+            weighted by the softmax of their logits; the router's gradient flows through the kept experts only (for
+            `top_k=1` see `top_k`). `"hard_soft"`: the paper's differentiable hard-soft top-k, the forward of `topk`
+            with the gradient of `soft` (straight-through). With many experts (`num_experts * r` about the
+            projection's width or more) prefer `topk` for training: `hard_soft`'s router gradient needs every
+            expert's output.
         router_temperature (`float`, defaults to `1.0`):
-            T, a finite number > 0: the router's softmax is taken over `logits / T`.
+            T, finite and > 0: the router's softmax is taken over `logits / T`.
         target_modules (`Optional[Union[list[str], str]]`, defaults to `None`):
             Module names (suffix match) or a regex. None: the default projections of the model's `model_type`
             (`peft_lora_mixer.DEFAULT_TARGET_MODULES`), or, with `experts`, every module some expert adapts.
@@ -365,6 +368,16 @@ class LoraMixerConfig(PeftConfig):
         config = super().to_dict()
         del config["allow_pickle_experts"]
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's config file; when `PeftModel.save_pretrained` saves it (it passes `auto_mapping_dict`), also this
+        adapter's section of the model card PEFT has just written."""
+        saved_by_peft_model = "auto_mapping_dict" in kwargs
+        super().save_pretrained(save_directory, **kwargs)
+        card = card_folder(save_directory) if saved_by_peft_model else None
+        if card is not None:
+            folder, adapter_name = card
+            add_mixer_section(folder, adapter_name, self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
