@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from mixers import make_layer, reference_gates
 
 from peft_lora_mixer import ExpertSpec, LoraMixerLayer
 from peft_lora_mixer.routing import SORT_MAX_ELEMENTS, top_k_indices, top_k_routes
@@ -14,23 +14,6 @@ from peft_lora_mixer.selected_experts import MIN_EXPERTS_PER_SELECTED, MIN_EXPER
 IN, OUT, R = 24, 20, 4
 MANY = 2 * MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH  # enough experts for the selected-experts path at k <= 2
 TOKENS = (2, MIN_TOKENS // 2 + 3)  # batch x sequence, just over the token threshold
-
-
-def make_layer(experts: list[ExpertSpec], routing: str = "topk", top_k: int = 2) -> LoraMixerLayer:
-    torch.manual_seed(0)
-    return LoraMixerLayer(nn.Linear(IN, OUT), "default", experts, routing=routing, top_k=top_k,
-                          router_temperature=0.7, lora_dropout=0.0, init_weights=False)
-
-
-def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
-    """Top-k by stable sort (ties to the lower index), renormalised; straight-through for hard_soft."""
-    if routing == "soft":
-        return probs
-    index = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
-    source = probs.detach() if routing == "hard_soft" else probs
-    kept = source.gather(-1, index)
-    hard = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
-    return hard + probs - probs.detach() if routing == "hard_soft" else hard
 
 
 def reference_delta(layer: LoraMixerLayer, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
