@@ -12,6 +12,8 @@ from peft.config import PeftConfig
 from .experts.sources import ExpertSource, ExpertSourceLike
 from .routing import ROUTING_MODES
 
+RSL_BALANCE_SCOPES = ("micro_batch", "global_batch")
+
 
 
 class LoraMixerPeftType(str, enum.Enum):
@@ -170,7 +172,18 @@ class LoraMixerConfig(PeftConfig):
         metadata={
             "help": (
                 "beta: weight of beta * sum_e ||theta_e - theta_e(0)||^2 over the experts that stay trainable, "
-                "theta_e(0) being their weights when `set_trainable` was called."
+                "theta_e(0) being their weights when `set_trainable` was called, or else at the first training "
+                "forward."
+            )
+        },
+    )
+    rsl_balance_scope: Literal[RSL_BALANCE_SCOPES] = field(
+        default="micro_batch",
+        metadata={
+            "help": (
+                "Tokens the balance term's statistics (pbar, fbar) are taken over: 'micro_batch' (each forward of "
+                "each process) or 'global_batch' (the forward's tokens on every data-parallel process, all-reduced "
+                "over the default process group, so N processes give the loss of one process on the whole batch)."
             )
         },
     )
@@ -234,6 +247,10 @@ class LoraMixerConfig(PeftConfig):
             raise ValueError(
                 f"`rsl_entropy_sign` must be 1 (minimise per-token entropy) or -1 (maximise it), "
                 f"got {self.rsl_entropy_sign!r}."
+            )
+        if self.rsl_balance_scope not in RSL_BALANCE_SCOPES:
+            raise ValueError(
+                f"Unknown `rsl_balance_scope` {self.rsl_balance_scope!r}; choose one of {', '.join(RSL_BALANCE_SCOPES)}."
             )
         target = self.rsl_entropy_target
         if target is not None and not 0 <= target <= math.log(self.num_experts):
