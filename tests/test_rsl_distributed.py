@@ -1,7 +1,6 @@
 """`rsl_balance_scope="global_batch"`: the balance statistics over every data-parallel process's tokens, so that
 N processes on N shares of a batch train like one process on the whole batch."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
