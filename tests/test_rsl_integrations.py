@@ -188,3 +188,21 @@ def test_sft_trainer_trains_routers_over_frozen_experts_without_crashing(tmp_pat
     if mixin:  # the logged loss holds the RSL
         assert all(log["loss"] > log["rsl/total"] for log in logs)
     assert not torch.equal(router, before)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_two_forwards_then_one_backward_under_checkpointing(reentrant):
+    """Accumulating two micro-batches' losses before one backward: each recomputed router finds its own forward."""
+    first, second = batch(seed=1), batch(seed=2)
+
+    def gradients_of_the_sum(checkpointing: bool):
+        model = rsl_mixer()
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable({"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            (model(**first).loss + 0.5 * model(**second).loss).backward()
+        return gradients(model)
+
+    assert_same_gradients(gradients_of_the_sum(True), gradients_of_the_sum(False))

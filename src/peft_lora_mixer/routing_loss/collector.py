@@ -60,7 +60,7 @@ def _reads_encoder_tokens(module_name: str) -> bool:
     return any(block in parts for block in CROSS_ATTENTION_BLOCKS) and parts[-1] in CROSS_ATTENTION_ENCODER_INPUTS
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: each forward is its own step
 class RoutingStep:
     """What one forward of the model shares with its routers (and, under reentrant checkpointing, their backward).
 
