@@ -38,13 +38,15 @@ def make_layer(experts: Sequence[ExpertSpec], routing: str = "topk", top_k: int 
 
 
 def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
-    """Top-k by stable sort (ties to the lower index), renormalised; straight-through for hard_soft."""
+    """Top-k by stable sort (ties to the lower index), renormalised (`topk` top-1: not); straight-through for
+    hard_soft."""
     if routing == "soft":
         return probs
     index = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
     source = probs.detach() if routing == "hard_soft" else probs
     kept = source.gather(-1, index)
-    hard = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+    switch = routing == "topk" and k == 1  # the kept probability itself
+    hard = torch.zeros_like(probs).scatter(-1, index, kept if switch else kept / kept.sum(-1, keepdim=True))
     return hard + probs - probs.detach() if routing == "hard_soft" else hard
 
 
@@ -82,8 +84,7 @@ class ProbeRouters:
 def autograd_rsl(probs, top_k, alpha, lam, sign):
     """The RSL of valid-token probabilities written out in torch, differentiated by autograd: the reference."""
     fbar = torch.zeros_like(probs).scatter(-1, probs.detach().topk(top_k, dim=-1).indices, 1.0).mean(0)
-    present = (probs.detach() > 0).any(0).sum()
     entropy = -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1).mean()
-    return alpha * present * (probs.mean(0) * fbar).sum() + sign * lam * entropy
+    return alpha * probs.shape[-1] * (probs.mean(0) * fbar).sum() + sign * lam * entropy
 
 

@@ -23,6 +23,7 @@ from .experts.checkpoint import pinned_expert_weights, without_expert_weights
 from .experts.loading import ExpertSet, load_experts
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features, iter_mixer_layers
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
+from .routing import as_expert_ids
 from .targets import DEFAULT_TARGET_MODULES
 from .routing_loss.controller import ExpertSelection, RoutingLossController
 from .routing_loss.loss import RoutingLoss
@@ -142,13 +143,12 @@ class LoraMixerModel(BaseTuner):
         This is the forced routing of stage-1 training: each expert learns its own domain, the routers are
         bypassed (and get no gradient).
         """
-        ids = torch.as_tensor(expert_ids, dtype=torch.long)
-        if ids.dim() > 1:
-            raise ValueError(f"route_to() takes one expert id per sample, got a tensor of shape {tuple(ids.shape)}.")
         num_experts = min(self.peft_config[name].num_experts for name in self.active_adapters)
-        if ids.numel() == 0 or ids.min() < 0 or ids.max() >= num_experts:
+        ids = as_expert_ids(expert_ids, num_experts)
+        if ids.dim() > 1 or ids.numel() == 0:
             raise ValueError(
-                f"route_to() expert ids must lie in [0, {num_experts}), got {ids.tolist()}."
+                f"route_to() takes one expert id per sample (or one int for all), got {ids.tolist()} of shape "
+                f"{tuple(ids.shape)}."
             )
         layers = [layer for _, layer in iter_mixer_layers(self.model)]
         previous = [layer.forced_expert_ids for layer in layers]
@@ -159,6 +159,30 @@ class LoraMixerModel(BaseTuner):
         finally:
             for layer, ids_before in zip(layers, previous):
                 layer.forced_expert_ids = ids_before
+
+    def set_routing(self, routing: Optional[str] = None, top_k: Optional[int] = None,
+                    adapter_name: Optional[str] = None) -> None:
+        """Change how a trained adapter routes, e.g. trained `soft`, used `topk` with `top_k=2` for inference.
+
+        Updates the adapter's config (so `save_pretrained` keeps the new routing) and every one of its layers; the
+        weights are untouched. Unset arguments keep their value; `adapter_name=None` changes the active adapters.
+        The values are checked as the config checks them, for every adapter, before anything changes.
+        """
+        names = [adapter_name] if adapter_name is not None else list(self.active_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter {unknown[0]!r}; adapters: {sorted(self.peft_config)}.")
+        updated = {}
+        for name in names:
+            config = copy.copy(self.peft_config[name])
+            config.routing = config.routing if routing is None else routing
+            config.top_k = config.top_k if top_k is None else top_k
+            config._validate()
+            updated[name] = config
+        for name, config in updated.items():
+            self.peft_config[name].routing, self.peft_config[name].top_k = config.routing, config.top_k
+            for _, layer in iter_mixer_layers(self.model, name):
+                layer.routing[name] = layer.routing[name]._replace(mode=config.routing, top_k=config.top_k)
 
     @classmethod
     def _get_adapter_state_dict(
@@ -182,6 +206,14 @@ class LoraMixerModel(BaseTuner):
         if config.stores_expert_weights:
             return remapped
         return {**pinned_expert_weights(model, config, adapter_name), **remapped}
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's upcast of a half-precision base's adapter weights to float32 (the default); without it, the experts
+        read from float32 files go to the base's dtype as well, as PEFT LoRA's weights would."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            for _, layer in iter_mixer_layers(self.model, adapter_name):
+                layer._move_adapter_to_device_of_base_layer(adapter_name)
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(MERGE_ERROR)

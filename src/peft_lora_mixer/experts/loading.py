@@ -124,8 +124,8 @@ class ExpertSet:
         for key, layer in iter_mixer_layers(model, adapter_name):
             factors = self.factors(key)
             if factors is not None:
-                layer.loramixer_A[adapter_name].copy_(factors[0])
-                layer.loramixer_B[adapter_name].copy_(factors[1])
+                _copy_exactly(layer.loramixer_A, adapter_name, factors[0])
+                _copy_exactly(layer.loramixer_B, adapter_name, factors[1])
             if frozen:
                 layer.freeze_experts(adapter_name)
 
@@ -160,6 +160,17 @@ class ExpertSet:
                     "modules, ranks or scalings changed). Restore the adapter as it was, or build a new mixer."
                 )
         return cls([Expert(e.source, recorded.requested_revision, e.blocks) for recorded, e in zip(pinned, fetched)])
+
+
+def _copy_exactly(factors: nn.ParameterDict, adapter_name: str, values: torch.Tensor) -> None:
+    """Copy an expert's factors in; a half-precision parameter (that of a half-precision base) is first replaced by a
+    float32 one, so that the expert keeps its file's values, as PEFT keeps LoRA weights in float32 on such a base
+    (`autocast_adapter_dtype`, whose upcast would come after the values were already rounded)."""
+    param = factors[adapter_name]
+    if param.dtype in (torch.float16, torch.bfloat16) and values.dtype != param.dtype:
+        factors[adapter_name] = nn.Parameter(values.to(param.device, torch.float32), requires_grad=param.requires_grad)
+    else:
+        param.copy_(values)
 
 
 def read_experts(config: LoraMixerConfig) -> Optional[ExpertSet]:

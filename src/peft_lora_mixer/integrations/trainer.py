@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback, default_data_collator
 from transformers.trainer_callback import ExportableState
 
+from ..routing import as_expert_ids
 from ..routing_loss.stats import summarize
 
 
@@ -35,7 +36,7 @@ class ExpertIdsCollator:
                 f"Samples {missing} have no {self.column!r} column. Keep it with "
                 "`TrainingArguments(remove_unused_columns=False)` and name it in `ExpertIdsCollator(column=...)`."
             )
-        expert_ids = torch.tensor([int(feature[self.column]) for feature in features], dtype=torch.long)
+        expert_ids = as_expert_ids([feature[self.column] for feature in features])
         batch = self.base_collator([{k: v for k, v in feature.items() if k != self.column} for feature in features])
         batch["expert_ids"] = expert_ids
         return batch

@@ -25,6 +25,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..layer import iter_mixer_layers
+from ..routing import as_expert_ids
 from .collector import RoutingCollector, RoutingStep, TokenMasks
 from .loss import RouterLossSettings, RoutingLoss, preservation_term, update_entropy_weight
 from .stats import ModuleRoutingStats
@@ -320,10 +321,7 @@ class RoutingLossController:
 def _kept_experts(experts: ExpertSelection, num_experts: int) -> list[int]:
     if isinstance(experts, bool):
         return list(range(num_experts)) if experts else []
-    kept = sorted({int(index) for index in experts})
-    if any(not 0 <= index < num_experts for index in kept):
-        raise ValueError(f"Expert indices must lie in [0, {num_experts}), got {list(experts)}.")
-    return kept
+    return sorted(set(as_expert_ids(experts, num_experts).reshape(-1).tolist()))
 
 
 def _mask_grad(keep: torch.Tensor, dim: int):

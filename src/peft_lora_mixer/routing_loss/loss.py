@@ -6,8 +6,8 @@ For one router with probabilities `p` (tokens x E) over its valid tokens:
 
 `pbar_i` is the mean probability of expert i and `fbar_i` the fraction of tokens whose top-k holds i (not
 differentiable: the balance gradient flows through `pbar`, as in Switch Transformers). With perfectly even
-routing the balance term equals `alpha * top_k`. `E` counts the experts present on the router (absent ones have
-probability 0). The model averages the RSL over its routers.
+routing the balance term equals `alpha * top_k`. `E` counts all the router's experts, also those without weights
+on its projection (routing to one of them means "no change here"). The model averages the RSL over its routers.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class RouterUsage(NamedTuple):
     """
 
     fraction: torch.Tensor  # fbar, (E,); zeros without tokens
-    num_present: torch.Tensor  # experts with any probability mass (absent ones have none), at least 1
+    num_experts: torch.Tensor  # E of the balance term: every expert counts, with weights on this projection or not
     num_tokens: int  # this forward's valid tokens: the entropy's mean is over them
     # pbar is `sum of these tokens' probabilities / balance_tokens`: `num_tokens`, or with statistics over the global
     # batch its token count divided by the number of processes (whose gradients the data-parallel wrapper averages)
@@ -95,10 +95,11 @@ class RouterUsage(NamedTuple):
     def of(cls, probs: torch.Tensor, top_k: int, logits: Optional[torch.Tensor] = None) -> RouterUsage:
         """From the valid tokens' probabilities (tokens x E) and, for fbar, their logits (see `top_k_fraction`)."""
         probs = probs.detach()
+        num_experts = probs.new_tensor(probs.shape[-1])
         if probs.shape[0] == 0:
-            return cls(probs.new_zeros(probs.shape[-1]), probs.new_ones(()), 0, 0)
+            return cls(probs.new_zeros(probs.shape[-1]), num_experts, 0, 0)
         fraction = top_k_fraction(probs if logits is None else logits, top_k).to(probs.dtype)
-        return cls(fraction, (probs > 0).any(0).sum().clamp_min(1), probs.shape[0], probs.shape[0])
+        return cls(fraction, num_experts, probs.shape[0], probs.shape[0])
 
     def over_global_batch(self, group: Optional[dist.ProcessGroup] = None) -> RouterUsage:
         """This usage with fbar (and pbar's token count) taken over the tokens of every process in `group`.
@@ -136,8 +137,8 @@ class RouterLossParts(NamedTuple):
 
 
 def balance_term(probs: torch.Tensor, usage: RouterUsage) -> torch.Tensor:
-    """E * sum_i pbar_i * fbar_i over the experts present (those with any probability mass)."""
-    return usage.num_present * (probs.sum(0) / usage.balance_tokens * usage.fraction).sum()
+    """E * sum_i pbar_i * fbar_i over all E experts of the router."""
+    return usage.num_experts * (probs.sum(0) / usage.balance_tokens * usage.fraction).sum()
 
 
 def router_loss_parts(probs: torch.Tensor, usage: RouterUsage) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +199,7 @@ def specialization_loss_gradient(
         return torch.zeros_like(probs)
     tiny = torch.finfo(probs.dtype).tiny
     entropy_gradient = -(probs.clamp_min(tiny).log() + (probs >= tiny).to(probs.dtype))
-    balance_gradient = usage.num_present * usage.fraction / usage.balance_tokens
+    balance_gradient = usage.num_experts * usage.fraction / usage.balance_tokens
     entropy_gradient = entropy_gradient / usage.num_tokens
     gradient = settings.balance_weight * balance_gradient + settings.entropy_sign * settings.entropy_weight * (
         entropy_gradient
