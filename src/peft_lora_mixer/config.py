@@ -117,7 +117,12 @@ class LoraMixerConfig(PeftConfig):
         rsl_entropy_adapt_rate (`float`, defaults to `0.01`):
             Step size of the adaptive lambda.
         rsl_preservation_weight (`float`, defaults to `0.0`):
-            beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable.
+            beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable
+            (theta_e(0): their weights at `set_trainable`, or else at the first training forward).
+        rsl_balance_scope (`str`, defaults to `"micro_batch"`):
+            The tokens the balance term's statistics are taken over: each forward's on each process, or
+            `"global_batch"`, all-reduced over the data-parallel processes (N processes then give the RSL of one
+            process on the whole batch).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
