@@ -24,7 +24,7 @@ FINDER_NAME = "PeftLoraMixerAutoregister"  # the class the .pth line defines
 def find_peft(name: str) -> Optional[ModuleSpec]:
     """PEFT's own spec, its loader wrapped to register LoRA-Mixer once PEFT is imported; the finders retire.
 
-    There may be several finders: some set-ups read the same site-packages twice, running the .pth line twice.
+    The .pth line adds no second finder when it runs again (an installed package and a checkout's copy).
     """
     # once only, and so that the lookup below finds PEFT itself
     sys.meta_path[:] = [finder for finder in sys.meta_path if type(finder).__name__ != FINDER_NAME]

@@ -14,6 +14,8 @@ from .experts.card_hooks import card_folder
 from .experts.sources import ExpertSource, ExpertSourceLike
 from .routing import ROUTING_MODES
 
+RSL_BALANCE_SCOPES = ("micro_batch", "global_batch")
+
 
 class LoraMixerPeftType(str, enum.Enum):
     """Our own PEFT type: PEFT's `PeftType` is a closed enum, so a plugin brings its own member.
@@ -120,7 +122,12 @@ class LoraMixerConfig(PeftConfig):
         rsl_entropy_adapt_rate (`float`, defaults to `0.01`):
             Step size of the adaptive lambda.
         rsl_preservation_weight (`float`, defaults to `0.0`):
-            beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable.
+            beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable
+            (theta_e(0): their weights at `set_trainable`, or else at the first training forward).
+        rsl_balance_scope (`str`, defaults to `"micro_batch"`):
+            The tokens the balance term's statistics are taken over: each forward's on each process, or
+            `"global_batch"`, all-reduced over the data-parallel processes (N processes then give the RSL of one
+            process on the whole batch).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
@@ -271,7 +278,18 @@ class LoraMixerConfig(PeftConfig):
         metadata={
             "help": (
                 "beta: weight of beta * sum_e ||theta_e - theta_e(0)||^2 over the experts that stay trainable, "
-                "theta_e(0) being their weights when `set_trainable` was called."
+                "theta_e(0) being their weights when `set_trainable` was called, or else at the first training "
+                "forward."
+            )
+        },
+    )
+    rsl_balance_scope: Literal[RSL_BALANCE_SCOPES] = field(
+        default="micro_batch",
+        metadata={
+            "help": (
+                "Tokens the balance term's statistics (pbar, fbar) are taken over: 'micro_batch' (each forward of "
+                "each process) or 'global_batch' (the forward's tokens on every data-parallel process, all-reduced "
+                "over the default process group, so N processes give the loss of one process on the whole batch)."
             )
         },
     )
@@ -341,6 +359,10 @@ class LoraMixerConfig(PeftConfig):
             raise ValueError(
                 f"`rsl_entropy_sign` must be 1 (minimise per-token entropy) or -1 (maximise it), "
                 f"got {self.rsl_entropy_sign!r}."
+            )
+        if self.rsl_balance_scope not in RSL_BALANCE_SCOPES:
+            raise ValueError(
+                f"Unknown `rsl_balance_scope` {self.rsl_balance_scope!r}; choose one of {', '.join(RSL_BALANCE_SCOPES)}."
             )
         target = self.rsl_entropy_target
         if target is not None and not (_is_number(target) and 0 <= target <= math.log(self.num_experts)):
