@@ -12,6 +12,7 @@ from peft.config import PeftConfig
 from .experts.sources import ExpertSource, ExpertSourceLike
 
 ROUTING_MODES = ("hard_soft", "soft", "topk")
+ROUTER_INITS = ("experts", "random")
 
 
 class LoraMixerPeftType(str, enum.Enum):
@@ -120,6 +121,18 @@ class LoraMixerConfig(PeftConfig):
             )
         },
     )
+    router_init: Literal["experts", "random"] = field(
+        default="experts",
+        metadata={
+            "help": (
+                "How the routers of a new mixer over `experts` start. 'experts': each router row points along its "
+                "expert's top input direction (top right singular vector of B_e A_e, signed by the projection's mean "
+                "input on one forward pass over random token ids), so tokens an expert changes most go to it before "
+                "any training. 'random': nn.Linear's default initialisation. A mixer of new experts (no `experts`) "
+                "and a loaded mixer ignore it."
+            )
+        },
+    )
     trainable_experts: bool = field(
         default=False, metadata={"help": "Train the experts from `experts` together with the routers."}
     )
@@ -212,6 +225,8 @@ class LoraMixerConfig(PeftConfig):
             raise ValueError(
                 f"`top_k` must be an integer between 1 and num_experts={self.num_experts}, got {self.top_k!r}."
             )
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"Unknown `router_init` {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}.")
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"Unknown `routing` {self.routing!r}; choose one of {', '.join(ROUTING_MODES)}.")
         if not self.router_temperature > 0:

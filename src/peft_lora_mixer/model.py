@@ -21,6 +21,7 @@ from torch import nn
 from .config import LoraMixerConfig
 from .experts.checkpoint import pinned_expert_weights, without_expert_weights
 from .experts.loading import ExpertSet, load_experts
+from .experts.router_init import router_weights_from_experts, set_router_weights
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .targets import DEFAULT_TARGET_MODULES
@@ -52,13 +53,17 @@ class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         config = self.peft_config[adapter_name]
         experts = load_experts(config, model)  # fetched and checked before the model is touched
+        router_weights = None
         if experts is None:
             self._check_targets(model, config)
         else:
             targets = set(experts.module_names) if config.target_modules is None else config.target_modules
             checked = copy.copy(config)
             checked.target_modules = targets
-            experts.check_covers(self._check_targets(model, checked))
+            matched = self._check_targets(model, checked)
+            experts.check_covers(matched)
+            if config.router_init == "experts" and not config.resolved_experts:  # a new mixer, not a saved one
+                router_weights = router_weights_from_experts(model, experts, matched)
             config.target_modules, config.resolved_experts = targets, experts.references()
         self._experts = experts
         try:
@@ -67,6 +72,8 @@ class LoraMixerModel(RoutingTrainingMixin, BaseTuner):
             self._experts = None
         if experts is not None:  # layers created empty (low_cpu_mem_usage) get the weights on load: see checkpoint
             experts.load_into(model, adapter_name, frozen=not config.trainable_experts)
+        if router_weights is not None:
+            set_router_weights(model, adapter_name, router_weights)
         self._install_training_hooks()
 
     def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> list[str]:
