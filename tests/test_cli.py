@@ -113,9 +113,9 @@ def test_inspect_per_module_layers_and_heatmap(tmp_path, base_dir, mixer_dir, ca
 
 
 def test_inspect_shows_byte_level_tokens_as_text():
-    from transformers import GPT2TokenizerFast
     from tokenizers import decoders
     from tokenizers.models import BPE
+    from transformers import GPT2TokenizerFast
 
     from peft_lora_mixer.cli.inspection import token_texts
 
@@ -214,14 +214,23 @@ def test_bad_lengths_and_empty_text_are_refused(tmp_path, base_dir, mixer_dir, c
 
 
 def test_demo_runs_end_to_end_with_every_row(tmp_path, capsys):
+    from peft_lora_mixer.cli.demo.run import plug_and_play_rows
+
     assert main(["demo", "--size", "smoke", "--output", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
+    plug_and_play = set(plug_and_play_rows())
+    assert len(plug_and_play) == 4 and {"random init", "experts init"} == {row.split(", ")[1] for row in plug_and_play}
     expected_rows = {"base model", "uniform merge (add_weighted_adapter)", "multi-task LoRA (same size)",
-                     "X-LoRA over the experts", "LoRA-Mixer plug-and-play, no RSL", "LoRA-Mixer plug-and-play, RSL",
-                     "LoRA-Mixer joint (2 stages, RSL)"} | {f"expert {d} alone" for d in results["domains"]}
+                     "X-LoRA over the experts", "LoRA-Mixer joint (2 stages, RSL)"} | plug_and_play | {
+                     f"expert {d} alone" for d in results["domains"]}
     assert set(results["accuracy"]) == expected_rows
     assert all(0.0 <= v <= 1.0 for row in results["accuracy"].values() for v in row.values())
-    assert set(results["routing_accuracy"]) == {"LoRA-Mixer plug-and-play, no RSL", "LoRA-Mixer plug-and-play, RSL"}
+    assert set(results["routing_accuracy"]) == set(results["before_router_training"]) == plug_and_play
+    for name, start in results["before_router_training"].items():
+        assert set(start) == {"accuracy", "oracle_share", "routing_accuracy", "heldout_loss"}
+        # evaluated before training, at the smoke size's checkpoint (step 2) and at the end (step 5)
+        assert list(results["oracle_share_by_router_step"][name]) == ["0", "2", "5"]
+    assert set(results["router_steps_to_95%_of_oracle"]) == plug_and_play
     assert (tmp_path / "routing_heatmap.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert all(row in printed for row in expected_rows)
@@ -240,10 +249,11 @@ def test_full_demo_claims(tmp_path):
 
     results = run_demo(tmp_path, SIZES["full"], seed=0)
     accuracy, oracle = results["accuracy"], results["oracle"]
-    plug_and_play = accuracy["LoRA-Mixer plug-and-play, RSL"]
+    plug_and_play = accuracy["LoRA-Mixer plug-and-play, experts init, RSL"]
     assert all(plug_and_play[d] >= 0.95 * oracle[d] for d in oracle), (plug_and_play, oracle)
     mean = sum(plug_and_play.values()) / len(oracle)
     merge = accuracy["uniform merge (add_weighted_adapter)"]
     assert mean > sum(merge.values()) / len(merge)
     routing = {name: sum(row.values()) / len(row) for name, row in results["routing_accuracy"].items()}
-    assert routing["LoRA-Mixer plug-and-play, RSL"] >= routing["LoRA-Mixer plug-and-play, no RSL"]
+    with_rsl, without = (routing[f"LoRA-Mixer plug-and-play, experts init, {rsl}"] for rsl in ("RSL", "no RSL"))
+    assert with_rsl >= without
