@@ -66,8 +66,8 @@ SIZES = {
         "smoke": DemoSize(pretrain_steps=20, expert_steps=10, router_steps=5, eval_count=8, checkpoints=(2,)),
     },
     "smollm2": {  # 3 domains: top-1 routing, so routing accuracy reads as "the right expert"
-        "full": DemoSize(rank=8, batch_size=4, seq_length=64, expert_steps=24, router_steps=16, eval_count=8, top_k=1,
-                         lr=2e-3, router_lr=1e-2, multitask=False, checkpoints=(8,)),
+        "full": DemoSize(rank=8, batch_size=4, seq_length=64, expert_steps=16, router_steps=12, eval_count=6, top_k=1,
+                         lr=3e-3, router_lr=1e-2, multitask=False, checkpoints=(6,)),
         "smoke": DemoSize(rank=4, batch_size=2, seq_length=32, expert_steps=2, router_steps=2, eval_count=2, top_k=1,
                           lr=2e-3, router_lr=1e-2, multitask=False, checkpoints=(1,)),
     },
