@@ -94,6 +94,16 @@ def test_a_loaded_mixer_keeps_its_saved_routers(expert_dirs, tmp_path):
     assert torch.equal(reloaded.weight, router.weight)
 
 
+def test_a_second_mixer_adapter_is_initialised_from_its_own_experts(expert_dirs):
+    model = from_experts(tiny_model("llama"), expert_dirs, router_init="random")
+    model.add_adapter("second", LoraMixerConfig(experts=expert_dirs[::-1], router_init="experts"))
+    layer = model.base_model.model.get_submodule(Q_PROJ)
+    first, second = layer.loramixer_router["default"].weight, layer.loramixer_router["second"].weight
+    direction = torch.linalg.svd(expert_delta(expert_dirs[1], Q_PROJ)).Vh[0]
+    assert abs(float(second[0] @ direction)) == pytest.approx(float(second[0].norm()), rel=1e-4)
+    assert abs(float(first[1] @ direction)) < 0.9 * float(first[1].norm())  # the random router is left alone
+
+
 def test_unknown_router_init_is_refused():
     with pytest.raises(ValueError, match="Unknown `router_init` 'svd'; choose one of experts, random"):
         LoraMixerConfig(router_init="svd")

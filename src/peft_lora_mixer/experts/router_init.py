@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..layer import LoraMixerLayer, in_out_features
@@ -96,9 +97,11 @@ def router_weights_from_experts(
 ) -> dict[str, torch.Tensor]:
     """The initial router weight (E x in_features) of every module in `module_names`, computed on the base model
     (before injection) from the experts' factors."""
-    directions = {
-        name: expert_directions(experts, name, in_out_features(model.get_submodule(name))[0]) for name in module_names
-    }
+    directions = {}
+    for name in module_names:
+        module = model.get_submodule(name)
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module  # a second adapter's case
+        directions[name] = expert_directions(experts, name, in_out_features(base)[0])
     moments = projected_input_moments(model, directions)
     weights = {}
     for name, direction in directions.items():
