@@ -21,6 +21,8 @@ import peft
 import torch
 import transformers
 
+from peft_lora_mixer.routing import ROUTING_MODES
+
 from .measure import Subject
 from .variants import REFERENCE, Variant, apply_variant, default_variants, parse_only
 from .workloads import WORKLOADS, Workload, default_workloads
@@ -35,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=None,
                         help="default: llama-1b-gpu when CUDA is available, else llama-cpu and mamba-cpu")
     parser.add_argument("--rows", nargs="+", default=None, help="row names to run (lora-r8 is always added)")
-    parser.add_argument("--routing", nargs="+", default=["hard_soft"], choices=["hard_soft", "topk", "soft"],
+    parser.add_argument("--routing", nargs="+", default=["hard_soft"], choices=ROUTING_MODES,
                         help="routing modes of the LoRA-Mixer rows")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row (median reported)")
     parser.add_argument("--gen-repeats", type=int, default=3, help="timed generation calls per row")

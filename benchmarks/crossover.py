@@ -18,6 +18,7 @@ from unittest import mock
 import torch
 
 from peft_lora_mixer.layer import ExpertSpec, LoraMixerLayer
+from peft_lora_mixer.routing import SPARSE_ROUTING_MODES
 
 
 def time_layer(layer: LoraMixerLayer, x: torch.Tensor, train: bool, selected: bool, repeats: int) -> float:
@@ -41,7 +42,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4, 256, 1024])
     parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--routing", nargs="+", choices=["topk", "hard_soft"], default=["topk", "hard_soft"])
+    parser.add_argument("--routing", nargs="+", choices=SPARSE_ROUTING_MODES,
+                        default=list(SPARSE_ROUTING_MODES))
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch (the thresholds used 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -34,14 +34,13 @@ def mixed_samples(count_per_domain: int, seed: int) -> list[dict]:
     return [s for d in range(NUM_DOMAINS) for s in domain_samples(d, count_per_domain, seed)]
 
 
-def mixer_model(**config) -> PeftModel:
-    """A tiny llama with one expert per domain, its embeddings and output head given a direction per domain.
+def domain_base():
+    """A tiny llama whose embeddings and output head have a direction per domain.
 
     Random 32-wide embeddings of 128 tokens are not linearly separable by domain, and a random head cannot
     favour a whole range; real domains have both kinds of structure. The embedding of domain d's tokens leans
     on hidden unit d, its output rows on unit NUM_DOMAINS + d: the base model cannot map one to the other, an
-    expert can. The experts sit on `o_proj` only: with several adapted projections per layer one of them can
-    carry a domain's mapping alone, and the others' routing then barely changes the loss, so it is not learned.
+    expert can.
     """
     base = tiny_model("llama")
     with torch.no_grad():
@@ -49,6 +48,15 @@ def mixer_model(**config) -> PeftModel:
             rows = slice(domain * SPAN, (domain + 1) * SPAN)
             base.model.embed_tokens.weight[rows, domain] += 1.0
             base.lm_head.weight[rows, NUM_DOMAINS + domain] += 1.0
+    return base
+
+
+def mixer_model(**config) -> PeftModel:
+    """`domain_base` with one expert per domain. The experts sit on `o_proj` only: with several adapted projections
+    per layer one of them can carry a domain's mapping alone, and the others' routing then barely changes the loss,
+    so it is not learned.
+    """
+    base = domain_base()
     defaults = dict(r=8, lora_alpha=16, num_experts=NUM_DOMAINS, top_k=1, target_modules=["o_proj"],
                     rsl_balance_weight=0.1, rsl_entropy_weight=0.3)
     return get_peft_model(base, LoraMixerConfig(**{**defaults, **config}))

@@ -66,3 +66,14 @@ def test_save_load_round_trip_is_bitwise(model_type, tmp_path):
     assert isinstance(loaded.base_model, type(model.base_model))
     assert torch.equal(loaded(**inputs).logits, expected)
     assert not torch.equal(expected, tiny_model(model_type)(**inputs).logits)
+
+
+def test_all_linear_and_exclusions_and_layer_selection():
+    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=2, r=2, target_modules="all-linear",
+                                                                exclude_modules=["down_proj"]))
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraMixerLayer)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}
+
+    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=2, r=2, layers_to_transform=[1]))
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoraMixerLayer)]
+    assert len(adapted) == 4 and all(".layers.1." in n for n in adapted)

@@ -95,7 +95,7 @@ def test_forced_expert_equals_that_lora_alone_on_other_architectures(tmp_path, m
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
-def test_targets_union_and_absent_experts_are_masked(sources):
+def test_targets_union_and_absent_experts_keep_their_router_logit(sources):
     mixer = get_peft_model(tiny_model("llama"), LoraMixerConfig(experts=sources, top_k=2))
     config = mixer.peft_config["default"]
     assert config.num_experts == 4
@@ -104,7 +104,7 @@ def test_targets_union_and_absent_experts_are_masked(sources):
     v_proj_0 = mixer.base_model.model.model.layers[0].self_attn.v_proj
     # experts on v_proj of layer 0: math (r=4) only; code, local (layer 1 only) and medical are absent
     assert v_proj_0.loramixer_A["default"].shape == (4, 32)
-    assert torch.isinf(v_proj_0.loramixer_logit_mask["default"]).tolist() == [False, True, True, True]
+    assert v_proj_0.loramixer_router["default"].out_features == 4  # the router still routes over all experts
     o_proj_1 = mixer.base_model.model.model.layers[1].self_attn.o_proj
     assert o_proj_1.loramixer_A["default"].shape == (2 + 3, 32)  # code r=2, medical's rank_pattern r=3
 
@@ -291,3 +291,18 @@ def test_saved_config_is_plain_json(tmp_path, sources):
     saved = json.loads((tmp_path / "mixer" / "adapter_config.json").read_text())
     assert saved["num_experts"] == 4 and len(saved["resolved_experts"]) == 4
     assert "hub_kwargs" not in saved
+
+
+def test_preservation_term_follows_trainable_experts_from_disk(tmp_path):
+    """Trainable experts loaded with `from_experts` and a preservation weight: the term grows as they move."""
+    folders = [save_lora(tmp_path / f"expert{i}", seed=i, r=4, target_modules=["q_proj", "v_proj"]) for i in range(2)]
+    model = from_experts(tiny_model("llama"), folders, trainable_experts=True, rsl_preservation_weight=1.0).train()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids)
+    assert model.routing_loss().preservation.item() == 0.0
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model.routing_loss().preservation.item() > 0.0

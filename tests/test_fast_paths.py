@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import get_peft_model
+from tiny_models import tiny_model
 from torch import nn
 
-from peft_lora_mixer import ExpertSpec, LoraMixerLayer
+from peft_lora_mixer import ExpertSpec, LoraMixerConfig, LoraMixerLayer
 from peft_lora_mixer.routing import SORT_MAX_ELEMENTS, top_k_indices, top_k_routes
-from peft_lora_mixer.selected_experts import MIN_EXPERTS_PER_SELECTED, MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH, MIN_TOKENS
+from peft_lora_mixer.selected_experts import (
+    MIN_EXPERTS_PER_SELECTED,
+    MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH,
+    MIN_TOKENS,
+)
 
 IN, OUT, R = 24, 20, 4
 MANY = 2 * MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH  # enough experts for the selected-experts path at k <= 2
@@ -23,13 +29,15 @@ def make_layer(experts: list[ExpertSpec], routing: str = "topk", top_k: int = 2)
 
 
 def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
-    """Top-k by stable sort (ties to the lower index), renormalised; straight-through for hard_soft."""
+    """Top-k by stable sort (ties to the lower index), renormalised (`topk` top-1: not); straight-through for
+    hard_soft."""
     if routing == "soft":
         return probs
     index = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
     source = probs.detach() if routing == "hard_soft" else probs
     kept = source.gather(-1, index)
-    hard = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+    switch = routing == "topk" and k == 1  # the kept probability itself
+    hard = torch.zeros_like(probs).scatter(-1, index, kept if switch else kept / kept.sum(-1, keepdim=True))
     return hard + probs - probs.detach() if routing == "hard_soft" else hard
 
 
@@ -45,7 +53,7 @@ def reference_delta(layer: LoraMixerLayer, x: torch.Tensor, gates: torch.Tensor)
 
 def reference_probs(layer: LoraMixerLayer, x: torch.Tensor) -> torch.Tensor:
     router = layer.loramixer_router["default"]
-    logits = x @ router.weight.T + router.bias + layer.loramixer_logit_mask["default"]
+    logits = x @ router.weight.T + router.bias
     return torch.softmax(logits / 0.7, dim=-1)
 
 
@@ -230,3 +238,48 @@ def test_straight_through_selected_path_trains_under_bf16_autocast():
     assert got[0].dtype == torch.bfloat16
     for g, w in zip(got, want):  # output, input, A, B and router gradients: bf16 rounding only
         torch.testing.assert_close(g.float(), w, atol=3e-2 * w.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [30, 32])
+@pytest.mark.parametrize("rank", range(1, 10))
+def test_selected_experts_path_on_unaligned_shapes(rank, width, dtype):
+    """`grouped_mm` needs 16-byte aligned rows: other ranks and widths run dense, with the same result, on both sides
+    of the token threshold, in training and in inference."""
+    torch.manual_seed(0)
+    layer = LoraMixerLayer(nn.Linear(width, width), "default", [ExpertSpec(rank, 0.5)] * MIN_EXPERTS_PER_SELECTED,
+                           routing="topk", top_k=1, router_temperature=1.0, lora_dropout=0.0,
+                           init_weights=False).to(dtype)
+    bytes_per_value = torch.finfo(dtype).bits // 8
+    aligned = rank * bytes_per_value % 16 == 0 and width * bytes_per_value % 16 == 0
+    for num_tokens in (MIN_TOKENS - 1, MIN_TOKENS + 44):
+        x = torch.randn(1, num_tokens, width, dtype=dtype)
+        assert (layer.selected_routes(x, "default") is not None) == (aligned and num_tokens >= MIN_TOKENS)
+        out = layer(x)
+        out.float().square().sum().backward()  # training: the router and the experts get gradients
+        assert layer.loramixer_router["default"].weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            gates = layer.gates(x, "default")
+            A, B = layer.loramixer_A["default"].float(), layer.loramixer_B["default"].float()
+            experts = torch.einsum("tbi,eri,oer->tbeo", x.float(), A.view(-1, rank, width),
+                                   B.view(width, -1, rank)) * 0.5
+            want = layer.base_layer(x).float() + (gates.unsqueeze(-1) * experts).sum(-2)
+            torch.testing.assert_close(layer(x).float(), want, atol=1e-5 if dtype == torch.float32 else 5e-2,
+                                       rtol=1e-5 if dtype == torch.float32 else 2e-2)
+        layer.zero_grad()
+
+
+def test_selected_experts_path_on_a_tiny_llama_with_rank_2():
+    """The shapes of the report: 16 rank-2 experts, top-1, a 300-token prompt; training, evaluation, forced routing
+    and generation."""
+    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=16, top_k=1, r=2, routing="topk",
+                                                                init_weights=False))
+    ids = torch.randint(0, 128, (1, 300))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        with model.route_to([3]):
+            model(input_ids=ids)
+    assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 302)

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from lora_experts import save_lora
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from tiny_models import VOCAB, tiny_model
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
@@ -82,7 +84,7 @@ def test_route_to_one_expert_per_sample():
             torch.testing.assert_close(mixed[sample : sample + 1], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_route_to_restores_learned_routing_and_checks_ids():
+def test_route_to_restores_learned_routing():
     model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, r=2, init_weights=False))
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
@@ -90,7 +92,45 @@ def test_route_to_restores_learned_routing_and_checks_ids():
         with model.route_to([0, 1]):
             assert not torch.allclose(model(input_ids=ids).logits, learned)
         assert torch.equal(model(input_ids=ids).logits, learned)
-    for bad in ([0, 3], [-1], []):
-        with pytest.raises(ValueError, match="expert ids must lie in"):
-            with model.route_to(bad):
-                pass
+
+
+def test_experts_from_files_stay_exact_on_a_bfloat16_base(tmp_path):
+    """Experts read from float32 files keep their values and their scales on a bfloat16 base, as PEFT keeps LoRA
+    weights in float32 there; new experts and routers are float32 as PEFT's are."""
+    folders = [save_lora(tmp_path / f"e{seed}", seed, r=3, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+               for seed in range(2)]  # scale 16 / 3: not a bfloat16 number
+    mixer = get_peft_model(tiny_model("llama", dtype=torch.bfloat16), LoraMixerConfig(experts=folders))
+    layer = mixer.base_model.model.model.layers[0].self_attn.q_proj
+    file = load_file(f"{folders[1]}/adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert torch.equal(layer.loramixer_A["default"][3:], file[f"{prefix}.lora_A.weight"])
+    assert torch.equal(layer.loramixer_B["default"][:, 3:], file[f"{prefix}.lora_B.weight"])
+    assert torch.equal(layer.loramixer_expert_scaling["default"], torch.tensor([16 / 3, 16 / 3]))
+    assert layer.loramixer_router["default"].weight.dtype == torch.float32
+
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(tiny_model("llama"), folders[1])(input_ids=ids).logits  # float32 reference
+        lora_bf16 = PeftModel.from_pretrained(tiny_model("llama", dtype=torch.bfloat16), folders[1])
+        peft_error = (lora_bf16(input_ids=ids).logits.float() - want).abs().max()
+        with mixer.route_to(1):
+            routed = mixer(input_ids=ids).logits
+        assert (routed.float() - want).abs().max() <= peft_error
+
+        mixer.save_pretrained(tmp_path / "mixer")
+        reloaded = PeftModel.from_pretrained(tiny_model("llama", dtype=torch.bfloat16), tmp_path / "mixer")
+        assert torch.equal(reloaded(input_ids=ids).logits, mixer(input_ids=ids).logits)
+
+    new = get_peft_model(tiny_model("llama", dtype=torch.bfloat16), LoraMixerConfig(num_experts=2, r=3))
+    new_layer = new.base_model.model.model.layers[0].self_attn.q_proj
+    assert {p.dtype for p in new_layer.parameters() if p.requires_grad} == {torch.float32}
+    assert new_layer.loramixer_expert_scaling["default"].dtype == torch.float32
+
+
+def test_experts_follow_the_base_dtype_without_autocast_adapter_dtype(tmp_path):
+    """`autocast_adapter_dtype=False` keeps PEFT LoRA weights in the base's dtype: the experts follow it too."""
+    folder = save_lora(tmp_path / "e0", 0, r=3, target_modules=["q_proj"])
+    mixer = get_peft_model(tiny_model("llama", dtype=torch.bfloat16), LoraMixerConfig(experts=[folder], top_k=1),
+                           autocast_adapter_dtype=False)
+    layer = mixer.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.loramixer_A["default"].dtype == layer.loramixer_router["default"].weight.dtype == torch.bfloat16

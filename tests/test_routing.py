@@ -25,13 +25,14 @@ def make_layer(routing: str, top_k: int, num_experts: int = E, temperature: floa
 
 
 def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
-    """Per-token loop: keep the k largest (lowest index first among equals), renormalise."""
+    """Per-token loop: keep the k largest (lowest index first among equals), renormalise; `topk` with k=1 keeps the
+    probability itself (Switch)."""
     if routing == "soft" or k == probs.shape[-1]:
         return probs.clone()
     gates = torch.zeros_like(probs)
     for t in range(probs.shape[0]):
         order = sorted(range(probs.shape[1]), key=lambda e: (-probs[t, e].item(), e))[:k]
-        total = sum(probs[t, e] for e in order)
+        total = 1.0 if routing == "topk" and k == 1 else sum(probs[t, e] for e in order)
         for e in order:
             gates[t, e] = probs[t, e] / total
     return gates
@@ -110,11 +111,48 @@ def test_hard_soft_forward_is_sparse_and_router_gradient_is_dense_softmax():
 
 
 def test_topk_router_gradient_only_through_kept_experts():
+    layer = make_layer("topk", top_k=2)
+    x = torch.randn(6, IN)
+    probs = layer.router_probs(x, "default")
+    upstream = torch.randn(6, E)
+    (layer.gates(x, "default") * upstream).sum().backward()
+    got = layer.loramixer_router["default"].weight.grad.clone()
+    layer.zero_grad()
+    (reference_gates(probs, "topk", 2) * upstream).sum().backward()  # autograd through the renormalised kept ones
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, layer.loramixer_router["default"].weight.grad)
+
+
+def test_top_1_topk_weights_the_expert_by_its_probability_and_trains_the_router():
+    """Renormalised, a single kept expert weighs 1 whatever the router says: Switch routing keeps its probability,
+    so the router gets the gradient of p_best. (The selected-experts path: tests/test_fast_paths.py.)"""
     layer = make_layer("topk", top_k=1)
-    x = torch.randn(1, IN)
-    gates = layer.gates(x, "default")
-    gates.sum().backward()  # renormalised top-1 is constant 1: no gradient at all reaches the router
-    assert torch.count_nonzero(layer.loramixer_router["default"].weight.grad) == 0
+    x = torch.randn(6, IN)
+    probs = layer.router_probs(x, "default")
+    best = probs.argmax(-1, keepdim=True)
+    A, B = layer.loramixer_A["default"].view(E, R, IN), layer.loramixer_B["default"].view(OUT, E, R).permute(1, 2, 0)
+    delta = probs.gather(-1, best) * (2.0 / R) * torch.einsum("ti,tri,tro->to", x, A[best[:, 0]], B[best[:, 0]])
+    upstream = torch.randn(6, OUT)
+    (delta * upstream).sum().backward()
+    want = layer.loramixer_router["default"].weight.grad.clone()
+    layer.zero_grad()
+    out = layer(x)
+    torch.testing.assert_close(out, layer.base_layer(x) + delta.detach(), rtol=1e-5, atol=1e-6)
+    ((out - layer.base_layer(x).detach()) * upstream).sum().backward()
+    got = layer.loramixer_router["default"].weight.grad
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_forced_routing_of_an_unbatched_token():
+    """A 1-D input is one token of one sample: one expert id (an int or a list of one) routes it."""
+    layer = make_layer("hard_soft", top_k=2)
+    x = torch.randn(IN)
+    for ids in (torch.tensor(3), torch.tensor([3])):
+        layer.forced_expert_ids = ids
+        assert torch.equal(layer.gates(x, "default"), torch.nn.functional.one_hot(torch.tensor(3), E).float())
+        A, B = layer.loramixer_A["default"][3 * R : 4 * R], layer.loramixer_B["default"][:, 3 * R : 4 * R]
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + (2.0 / R) * (B @ (A @ x)))
 
 
 def test_forced_routing_is_one_hot_per_sample():
@@ -131,13 +169,25 @@ def test_forced_routing_is_one_hot_per_sample():
         layer(x)
 
 
-def test_absent_expert_gets_no_weight():
+def test_expert_without_weights_keeps_its_routing_share_and_adds_nothing():
+    """The router routes over all E experts on every projection; the share of an expert without weights here is
+    simply not added: delta = sum over the experts present of g_e s_e B_e A_e x, g the softmax over all E."""
     torch.manual_seed(0)
     layer = LoraMixerLayer(
         nn.Linear(IN, OUT), "default", [ExpertSpec(R, 1.0), ExpertSpec(0, 1.0), ExpertSpec(2, 0.5)],
         routing="soft", top_k=3, router_temperature=1.0, lora_dropout=0.0, init_weights=False,
     )
-    gates = layer.gates(torch.randn(5, IN), "default")
-    assert torch.equal(gates[:, 1], torch.zeros(5))
-    torch.testing.assert_close(gates.sum(-1), torch.ones(5))
+    x = torch.randn(5, IN)
+    router = layer.loramixer_router["default"]
+    gates = torch.softmax(x @ router.weight.T + router.bias, dim=-1)
+    torch.testing.assert_close(layer.gates(x, "default"), gates)
+    assert (gates[:, 1] > 0).all()
     assert layer.loramixer_A["default"].shape == (R + 2, IN)
+    A, B = layer.loramixer_A["default"], layer.loramixer_B["default"]
+    delta = gates[:, :1] * (x @ A[:R].T @ B[:, :R].T) + gates[:, 2:] * 0.5 * (x @ A[R:].T @ B[:, R:].T)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + delta)
+    with torch.no_grad():  # routing everything to the expert without weights leaves the projection as it was
+        router.bias.copy_(torch.tensor([-1e4, 1e4, -1e4]))
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+

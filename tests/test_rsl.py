@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from peft import get_peft_model
-from tiny_models import tiny_model
+from mixers import ProbeRouters, autograd_rsl, batch, mixer
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
 from peft_lora_mixer.routing_loss.loss import (
+    RouterLossSettings,
     RouterUsage,
     specialization_loss,
     specialization_loss_gradient,
@@ -18,6 +18,12 @@ from peft_lora_mixer.routing_loss.loss import (
 )
 
 LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 1.2, 0.9]])
+
+
+def rsl(probs, top_k, alpha, lam, sign, mask=None):
+    """The library's RSL term of one router (the closed-form backward when `probs` requires grad)."""
+    usage = RouterUsage.of(valid_tokens(probs, mask), top_k)
+    return specialization_loss(probs, usage, RouterLossSettings(alpha, lam, sign), mask).term
 
 
 def hand_rsl(logits, top_k, alpha, lam, sign):
@@ -32,27 +38,27 @@ def hand_rsl(logits, top_k, alpha, lam, sign):
 
 @pytest.mark.parametrize("top_k,sign", [(1, 1), (2, 1), (2, -1)])
 def test_rsl_equals_hand_computation(top_k, sign):
-    value = specialization_loss(LOGITS.softmax(-1), top_k, 0.3, 0.2, sign)
+    value = rsl(LOGITS.softmax(-1), top_k, 0.3, 0.2, sign)
     assert value.item() == pytest.approx(hand_rsl(LOGITS, top_k, 0.3, 0.2, sign), rel=1e-6)
 
 
 def test_padding_tokens_do_not_count():
     probs = LOGITS.softmax(-1).view(2, 2, 3)
     mask = torch.tensor([[1, 1], [0, 1]])
-    masked = specialization_loss(valid_tokens(probs, mask), 1, 0.3, 0.2, 1)
+    masked = rsl(probs, 1, 0.3, 0.2, 1, mask)
     assert masked.item() == pytest.approx(hand_rsl(LOGITS[[0, 1, 3]], 1, 0.3, 0.2, 1), rel=1e-6)
 
 
 def test_balance_gradient_pushes_away_from_the_overloaded_expert():
     logits = torch.tensor([[3.0, 0.0, 0.0], [2.5, 0.5, 0.0], [2.0, 0.0, 1.0]], requires_grad=True)
-    specialization_loss(logits.softmax(-1), 1, 1.0, 0.0, 1).backward()
+    rsl(logits.softmax(-1), 1, 1.0, 0.0, 1).backward()
     assert (logits.grad[:, 0] > 0).all()  # descent lowers the logit of expert 0, which every token picks
 
 
 @pytest.mark.parametrize("sign", [1, -1])
 def test_entropy_gradient_sign(sign):
     logits = LOGITS.clone().requires_grad_()
-    specialization_loss(logits.softmax(-1), 1, 0.0, 1.0, sign).backward()
+    rsl(logits.softmax(-1), 1, 0.0, 1.0, sign).backward()
     before = token_entropy(LOGITS.softmax(-1)).mean()
     after = token_entropy((LOGITS - 0.1 * logits.grad).softmax(-1)).mean()
     assert (after < before) if sign == 1 else (after > before)
@@ -60,7 +66,7 @@ def test_entropy_gradient_sign(sign):
 
 def test_entropy_of_absent_experts_has_finite_gradient():
     logits = torch.tensor([[1.0, -math.inf, 0.0]], requires_grad=True)
-    specialization_loss(logits.softmax(-1), 1, 1.0, 1.0, 1).backward()
+    rsl(logits.softmax(-1), 1, 1.0, 1.0, 1).backward()
     assert torch.isfinite(logits.grad).all()
 
 
@@ -76,18 +82,25 @@ def test_closed_form_gradient_equals_autograd(top_k, sign):
     probs[1, 2] = 1e-30  # small, above it
     probs.requires_grad_()
     assert 0 < probs[0, 1] < torch.finfo(torch.float32).tiny < probs[1, 2]
-    (expected,) = torch.autograd.grad(specialization_loss(probs, top_k, 0.3, 0.7, sign), probs)
-    got = specialization_loss_gradient(probs.detach(), RouterUsage.of(probs, top_k), 0.3, 0.7, sign)
+    (expected,) = torch.autograd.grad(autograd_rsl(probs, top_k, 0.3, 0.7, sign), probs)
+    (got,) = torch.autograd.grad(rsl(probs, top_k, 0.3, 0.7, sign), probs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)  # float32 sums in another order
+    assert rsl(probs.detach(), top_k, 0.3, 0.7, sign).item() == pytest.approx(
+        autograd_rsl(probs.detach(), top_k, 0.3, 0.7, sign).item(), rel=1e-6
+    )
     empty = probs[:0].detach()
-    assert specialization_loss_gradient(empty, RouterUsage.of(empty, top_k), 0.3, 0.7, sign).shape == (0, 6)
+    settings = RouterLossSettings(0.3, 0.7, sign)
+    assert specialization_loss_gradient(empty, RouterUsage.of(empty, top_k), settings).shape == (0, 6)
 
 
 def test_adaptive_lambda_controller_moves_toward_target():
-    assert update_entropy_weight(0.1, entropy=1.0, target=0.5, rate=0.1, sign=1) == pytest.approx(0.15)
-    assert update_entropy_weight(0.1, entropy=0.2, target=0.5, rate=0.1, sign=1) == pytest.approx(0.07)
-    assert update_entropy_weight(0.01, entropy=0.0, target=0.5, rate=0.1, sign=1) == 0.0
-    assert update_entropy_weight(0.1, entropy=0.2, target=0.5, rate=0.1, sign=-1) == pytest.approx(0.13)
+    def step(weight, entropy, sign):
+        return update_entropy_weight(torch.tensor(weight), torch.tensor(entropy), 0.5, 0.1, sign).item()
+
+    assert step(0.1, 1.0, 1) == pytest.approx(0.15)
+    assert step(0.1, 0.2, 1) == pytest.approx(0.07)
+    assert step(0.01, 0.0, 1) == 0.0
+    assert step(0.1, 0.2, -1) == pytest.approx(0.13)
 
 
 @pytest.mark.parametrize(
@@ -101,42 +114,6 @@ def test_config_refuses_bad_rsl_values(field, value):
 
 
 # ---- in the model --------------------------------------------------------------------------------------------
-
-
-def mixer(**config):
-    defaults = dict(num_experts=4, top_k=2, init_weights=False, rsl_balance_weight=0.5, rsl_entropy_weight=0.3)
-    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(**{**defaults, **config}))
-    return model.train()
-
-
-def batch(seed=1):
-    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # left padding
-    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-
-
-class ProbeRouters:
-    """Keep every router's probabilities (with their graph) during a forward: the independent RSL computation."""
-
-    def __init__(self):
-        self.probs, self.original = [], LoraMixerLayer.router_logits
-
-    def __enter__(self):
-        def router_logits(layer, x, adapter_name):
-            logits = self.original(layer, x, adapter_name)
-            self.probs.append(torch.softmax(logits, dim=-1))
-            return logits
-
-        LoraMixerLayer.router_logits = router_logits
-        return self
-
-    def __exit__(self, *exc):
-        LoraMixerLayer.router_logits = self.original
-
-    def rsl(self, mask, top_k=2, alpha=0.5, lam=0.3, sign=1):
-        losses = [specialization_loss(valid_tokens(p, mask), top_k, alpha, lam, sign) for p in self.probs]
-        return torch.stack(losses).mean()
 
 
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])  # PeftModel and PeftModelForCausalLM forward differently
@@ -156,15 +133,22 @@ def test_added_loss_equals_routing_loss_and_an_independent_computation(task_type
     )
 
 
-def test_nothing_added_in_eval_or_without_labels():
+def test_nothing_added_in_eval_and_label_free_training_keeps_the_rsl_for_the_caller():
     model, inputs = mixer(), batch()
     model.eval()
     with torch.no_grad():
         eval_loss = model(**inputs).loss
     assert model.routing_loss() is None
+    assert model.routing_loss_term().item() == 0.0
     model.train()
-    model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    with torch.no_grad():
+        model(**inputs)  # training mode without autograd (e.g. a metric pass): no RSL
     assert model.routing_loss() is None
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert outputs.loss is None
+    term = model.routing_loss_term()
+    assert term.requires_grad and term.item() == pytest.approx(model.routing_loss().total.item())
+    assert model.routing_loss_term().item() == 0.0  # handed out once
     model.peft_config["default"].add_routing_loss = False
     assert model(**inputs).loss.item() == pytest.approx(eval_loss.item(), abs=1e-6)
     assert all(layer.routing_observer is None for layer in model.modules() if isinstance(layer, LoraMixerLayer))
@@ -277,7 +261,7 @@ def test_set_trainable_freezes_single_experts_and_preservation_term():
     model(**inputs).loss.backward()
     difference = with_preservation - layer.loramixer_A["default"].grad
     torch.testing.assert_close(difference[r : 2 * r], torch.full_like(difference[r : 2 * r], 2 * 2.0 * 0.1))
-    with pytest.raises(ValueError, match="Expert indices"):
+    with pytest.raises(ValueError, match="Expert ids must lie in"):
         model.set_trainable(routers=True, experts=[4])
     with pytest.raises(ValueError, match="Unknown adapter"):
         model.set_trainable(routers=True, experts=True, adapter_name="other")
@@ -305,7 +289,8 @@ def test_training_only_stats_leave_out_eval_forwards():
         model(**inputs)
     assert model.routing_stats() == {}
     model.train()
-    model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # no labels: stats only
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # no autograd: stats only
     assert model.routing_loss() is None
     assert {m.tokens for m in model.routing_stats(reset=True).values()} == {int(inputs["attention_mask"].sum())}
     model.eval()
@@ -315,3 +300,65 @@ def test_training_only_stats_leave_out_eval_forwards():
         assert model.routing_stats(reset=True)
         model(**inputs)  # ...and leaves the training-only recording as it was
     assert model.routing_stats() == {}
+
+
+# ---- the RSL's definition: one top-k, the right padding mask, theta(0) whenever the term is on ---------------------
+
+
+def test_expert_usage_fraction_picks_experts_as_routing_does_where_softmax_underflows():
+    logits = torch.tensor([[0.0, -200.0, -150.0]])
+    probs = logits.softmax(-1)
+    assert probs[0, 1] == probs[0, 2] == 0.0  # float32 cannot tell experts 1 and 2 apart...
+    assert RouterUsage.of(probs, 2, logits).fraction.tolist() == [1.0, 0.0, 1.0]  # ...routing's logits can
+
+    model, inputs = mixer(), batch()
+    for layer in model.modules():
+        if isinstance(layer, LoraMixerLayer):
+            router = layer.loramixer_router["default"]
+            torch.nn.init.zeros_(router.weight)
+            with torch.no_grad():
+                router.bias.copy_(torch.tensor([0.0, -200.0, -150.0, -300.0]))
+    model.eval()
+    with torch.no_grad(), model.collect_routing_stats():
+        model(**inputs)
+    for stats in model.routing_stats().values():
+        assert stats.top_k_usage.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_encoder_decoder_routers_count_their_own_side_unpadded_tokens(model_type):
+    model = mixer(model_type)
+    source = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    source_mask = torch.ones_like(source)
+    source_mask[1, 6:] = 0  # 16 source tokens, 4 of them padding
+    labels = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    labels[0, 5:] = -100  # 12 scored target tokens of 14
+    model.eval()
+    with torch.no_grad(), model.collect_routing_stats():
+        model(input_ids=source, attention_mask=source_mask, labels=labels)
+    stats = model.routing_stats(reset=True)
+    cross_attention = ("EncDecAttention", "encoder_attn")
+    for name, module in stats.items():
+        parts = name.split(".")
+        reads_source = "encoder" in parts or (
+            any(block in parts for block in cross_attention) and parts[-1] in ("k", "v", "k_proj", "v_proj")
+        )
+        assert module.tokens == (16 if reads_source else 12), name
+    # a given decoder mask wins over the labels
+    decoder_mask = torch.ones_like(labels)
+    decoder_mask[1, 3:] = 0
+    with torch.no_grad(), model.collect_routing_stats():
+        model(input_ids=source, attention_mask=source_mask, labels=labels, decoder_attention_mask=decoder_mask)
+    assert {m.tokens for m in model.routing_stats().values()} == {16, 10}
+
+
+def test_preservation_term_is_on_without_set_trainable():
+    model, inputs = mixer(rsl_preservation_weight=1.0), batch()
+    model(**inputs)  # the first training forward records theta(0)
+    assert model.routing_loss().preservation.item() == 0.0
+    layer = next(m for m in model.modules() if isinstance(m, LoraMixerLayer))
+    with torch.no_grad():
+        layer.loramixer_A["default"] += 0.1
+    model(**inputs)
+    expected = 0.01 * layer.loramixer_A["default"].numel()
+    assert model.routing_loss().preservation.item() == pytest.approx(expected, rel=1e-4)

@@ -13,7 +13,7 @@ from .registration import register
 from .routing_loss.loss import RoutingLoss
 from .routing_loss.stats import ModuleRoutingStats
 from .targets import DEFAULT_TARGET_MODULES
-from .integrations.trainer import ExpertIdsCollator, RoutingCallback
+from .integrations.trainer import ExpertIdsCollator, RoutingCallback, RoutingLossMixin
 
 register()
 
@@ -31,6 +31,7 @@ __all__ = [
     "ModuleRoutingStats",
     "RoutingCallback",
     "RoutingLoss",
+    "RoutingLossMixin",
     "from_experts",
     "register",
 ]

@@ -10,8 +10,8 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 
 from .experts.sources import ExpertSource, ExpertSourceLike
+from .routing import ROUTING_MODES
 
-ROUTING_MODES = ("hard_soft", "soft", "topk")
 ROUTER_INITS = ("experts", "random")
 
 
@@ -23,6 +23,15 @@ class LoraMixerPeftType(str, enum.Enum):
     """
 
     LORAMIXER = "LORAMIXER"
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number, not a bool or a numeric string (which would fail, or compare, deep inside training)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -43,13 +52,23 @@ class LoraMixerConfig(PeftConfig):
         default=None,
         metadata={"help": "Number of LoRA experts on each adapted projection. Default: len(experts), else 4."},
     )
-    top_k: int = field(default=2, metadata={"help": "Experts kept per token by the `topk` and `hard_soft` modes."})
-    routing: Literal["hard_soft", "soft", "topk"] = field(
+    top_k: int = field(
+        default=2,
+        metadata={
+            "help": (
+                "Experts kept per token by the `topk` and `hard_soft` modes. `topk` with top_k=1 weights the kept "
+                "expert by its router probability (Switch Transformers' top-1), so that the router trains."
+            )
+        },
+    )
+    routing: Literal[ROUTING_MODES] = field(
         default="hard_soft",
         metadata={
             "help": (
                 "'soft': softmax over all experts. 'topk': the top_k of the softmax, renormalised, gradient "
-                "through the kept experts only. 'hard_soft': forward as 'topk', backward as 'soft' "
+                "through the kept experts only (with top_k=1 not renormalised: the kept expert is weighted by its "
+                "probability, as in Switch Transformers; renormalised it would be 1 and the router would not "
+                "train). 'hard_soft': forward as 'topk', backward as 'soft' "
                 "(straight-through, the paper's differentiable hard-soft top-k). Ties go to the lower index. "
                 "With many experts (num_experts * r about the projection's width or more) prefer 'topk': "
                 "'hard_soft' training needs every expert's output for its router gradient, 'topk' only the "
@@ -217,11 +236,11 @@ class LoraMixerConfig(PeftConfig):
                     "`trainable_experts=True` with `save_expert_weights=False` would save the routers with the "
                     "original experts' references and lose the trained experts; leave `save_expert_weights` unset."
                 )
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not _is_integer(self.r) or self.r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.num_experts, int) or self.num_experts <= 0:
+        if not _is_integer(self.num_experts) or self.num_experts <= 0:
             raise ValueError(f"`num_experts` must be a positive integer, got {self.num_experts!r}.")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        if not _is_integer(self.top_k) or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"`top_k` must be an integer between 1 and num_experts={self.num_experts}, got {self.top_k!r}."
             )
@@ -229,10 +248,16 @@ class LoraMixerConfig(PeftConfig):
             raise ValueError(f"Unknown `router_init` {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}.")
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"Unknown `routing` {self.routing!r}; choose one of {', '.join(ROUTING_MODES)}.")
-        if not self.router_temperature > 0:
-            raise ValueError(f"`router_temperature` must be > 0, got {self.router_temperature!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        # written as `not 0 < value < inf` so that NaN, which fails every comparison, is refused too
+        if not _is_number(self.lora_alpha) or not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"`lora_alpha` must be a finite number > 0, got {self.lora_alpha!r}.")
+        if not _is_number(self.router_temperature) or not 0 < self.router_temperature < math.inf:
+            raise ValueError(
+                f"`router_temperature` must be a finite number > 0, got {self.router_temperature!r} (at inf the "
+                "router's gradient is exactly 0)."
+            )
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be a number in [0, 1), got {self.lora_dropout!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` only applies together with `layers_to_transform`.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -243,7 +268,7 @@ class LoraMixerConfig(PeftConfig):
         """The RSL weights are non-negative finite numbers; the sign picks the direction instead."""
         for name in ("rsl_balance_weight", "rsl_entropy_weight", "rsl_entropy_adapt_rate", "rsl_preservation_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            if not _is_number(value) or not 0 <= value < math.inf:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if self.rsl_entropy_sign not in (1, -1) or isinstance(self.rsl_entropy_sign, bool):
             raise ValueError(
@@ -251,7 +276,7 @@ class LoraMixerConfig(PeftConfig):
                 f"got {self.rsl_entropy_sign!r}."
             )
         target = self.rsl_entropy_target
-        if target is not None and not 0 <= target <= math.log(self.num_experts):
+        if target is not None and not (_is_number(target) and 0 <= target <= math.log(self.num_experts)):
             raise ValueError(
                 f"`rsl_entropy_target` must lie in [0, log(num_experts)] = [0, {math.log(self.num_experts):.4f}] "
                 f"nats, got {target!r}."

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .routing import forced_gates, gates_from_logits, top_k_routes, with_top_k_gradient
+from .routing import forced_gates, gates_from_logits, switch_route, top_k_routes, with_top_k_gradient
 from .selected_experts import (
     SelectedRoutes,
     grouped_mm_supported,
@@ -33,12 +33,15 @@ class RouterSettings(NamedTuple):
     num_experts: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExpertSpec:
-    """Shape and scale of one expert on one projection; rank 0 means the expert is absent there."""
+    """Shape and scale of one expert on one projection (rank 0: absent there), and its factors when they were read
+    from an adapter (the layer only needs the shape and scale)."""
 
     r: int
     scaling: float
+    lora_A: Optional[torch.Tensor] = None  # (r, in_features)
+    lora_B: Optional[torch.Tensor] = None  # (out_features, r)
 
 
 def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -62,12 +65,14 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
     then two matrix multiplies whatever the number of experts: `h = x A_cat^T`, `h *= gate[slot_expert] * scale`,
     `delta = h B_cat^T`. When few of many equal-rank experts are selected per token, only the selected experts
     are computed instead (see `selected_routes`). The router is fed the undropped input and runs in float32.
+    An expert without weights on this projection has no slots but keeps its place in the router: the router always
+    routes over all E experts, and the share routed to such an expert changes nothing here.
     """
 
     adapter_layer_names = ("loramixer_A", "loramixer_B", "loramixer_router")
     # everything else kept per adapter, so that `delete_adapter` removes all of it
-    other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_logit_mask",
-                         "loramixer_dropout", "routing", "expert_rank", "common_scaling")
+    other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_dropout", "routing",
+                         "expert_rank", "common_scaling")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, experts: Sequence[ExpertSpec], **update_kwargs):
         super().__init__()
@@ -80,7 +85,6 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         # derived from the experts' specs at construction, so they are not saved (persistent=False)
         self.loramixer_slot_expert = BufferDict(persistent=False)
         self.loramixer_expert_scaling = BufferDict(persistent=False)
-        self.loramixer_logit_mask = BufferDict(persistent=False)
         self.routing: dict[str, RouterSettings] = {}
         self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
         self.common_scaling: dict[str, Optional[float]] = {}  # the present experts' common scale, None if they differ
@@ -108,7 +112,6 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"Adapter {adapter_name!r} has no expert on this projection.")
         slot_expert = torch.repeat_interleave(torch.arange(len(experts)), torch.tensor(ranks))
         expert_scaling = torch.tensor([e.scaling for e in experts], dtype=torch.float32)
-        logit_mask = torch.tensor([0.0 if r else -math.inf for r in ranks], dtype=torch.float32)
 
         weight = self.get_base_layer().weight
         total_rank = int(sum(ranks))
@@ -118,7 +121,6 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.loramixer_slot_expert[adapter_name] = slot_expert
         self.loramixer_expert_scaling[adapter_name] = expert_scaling
-        self.loramixer_logit_mask[adapter_name] = logit_mask
         self.routing[adapter_name] = RouterSettings(routing, top_k, router_temperature, len(experts))
         self.expert_rank[adapter_name] = ranks[0] if len(set(ranks)) == 1 else None
         scalings = {expert.scaling for expert in experts if expert.r}
@@ -134,6 +136,14 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.frozen_peft_weight_names = frozen
         self._freeze_non_trainable_peft_weights(adapter_name)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT's move to the base layer's device and dtype, except the experts' scales, which stay float32: PEFT
+        LoRA keeps its scaling a Python float, never rounded to a half-precision base's dtype."""
+        scaling = self.loramixer_expert_scaling[adapter_name] if adapter_name in self.loramixer_expert_scaling else None
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if scaling is not None:
+            self.loramixer_expert_scaling[adapter_name] = scaling.to(self.loramixer_expert_scaling[adapter_name].device)
+
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, ranks: Sequence[int], init_weights: bool) -> None:
         """Each expert's A as PEFT LoRA initialises it; B zero when `init_weights` (a no-op at start)."""
@@ -146,7 +156,11 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             nn.init.normal_(self.loramixer_B[adapter_name], std=0.1)
 
     def router_logits(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The router's logits in float32, divided by the temperature, absent experts at -inf."""
+        """The router's logits over all E experts in float32, divided by the temperature.
+
+        An expert without weights on this projection keeps its logit: routing to it means "no change here". (Masking
+        it out would leave an expert alone on a projection always fully on there, whatever the router learns.)
+        """
         device_type = "cpu" if x.is_cpu else x.device.type  # `x.device` builds an object: slow on every decoding step
         if torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type=device_type, enabled=False):
@@ -155,12 +169,10 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         temperature = self.routing[adapter_name].temperature
         float32 = torch.float32
         logits = F.linear(_as_dtype(x, float32), _as_dtype(router.weight, float32), _as_dtype(router.bias, float32))
-        if self.expert_rank[adapter_name] is None:  # some expert may be absent (rank 0) on this projection
-            logits = logits + self.loramixer_logit_mask[adapter_name]
         return logits if temperature == 1.0 else logits / temperature
 
     def router_probs(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Softmax of the router logits in float32, absent experts masked out."""
+        """Softmax of the router logits in float32, over all E experts."""
         return torch.softmax(self.router_logits(x, adapter_name), dim=-1)
 
     def observed_probs(self, logits: torch.Tensor, adapter_name: str,
@@ -171,7 +183,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         padding mask."""
         if self.routing_observer is None:
             return torch.softmax(logits, dim=-1) if logits.requires_grad else None
-        return self.routing_observer.observe(self, adapter_name, torch.softmax(logits, dim=-1), token_shape)
+        return self.routing_observer.observe(self, adapter_name, logits, torch.softmax(logits, dim=-1), token_shape)
 
     def gates(self, x: torch.Tensor, adapter_name: str, token_shape: Optional[torch.Size] = None) -> torch.Tensor:
         """Per-token expert weights (float32, (..., E) over the tokens of `x`), or the forced one-hot of `route_to`.
@@ -195,8 +207,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         Exact whenever the forward gates are k-sparse: forced routing, `topk` and `hard_soft`. Training with
         `hard_soft` also needs the router gradient of every expert (straight-through), which the routes carry as
         `straight_through_probs`. Faster by the measured crossover of `prefer_selected_experts`. None means: use
-        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`). `token_shape` as
-        for `gates`.
+        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`, or `switch_route`
+        for `topk` top-1). `token_shape` as for `gates`.
         """
         token_shape = x.shape[:-1] if token_shape is None else token_shape
         routing, top_k, _, num_experts = self.routing[adapter_name]
@@ -208,12 +220,16 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         straight_through = routing == "hard_soft" and not forced and torch.is_grad_enabled()
         if not prefer_selected_experts(x.numel() // x.shape[-1], num_experts, top_k, straight_through):
             return None
-        if self.expert_rank[adapter_name] is None or not grouped_mm_supported(self.loramixer_A[adapter_name]):
+        rank = self.expert_rank[adapter_name]
+        if rank is None or not grouped_mm_supported(self.loramixer_A[adapter_name], self.loramixer_B[adapter_name],
+                                                    rank):
             return None
         if forced:
             return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name, token_shape), 1))
         logits = self.router_logits(x, adapter_name)
         probs = self.observed_probs(logits, adapter_name, token_shape)
+        if routing == "topk" and top_k == 1:
+            return SelectedRoutes(*switch_route(logits, probs))
         index, weight = top_k_routes(logits.detach(), top_k)
         trains_router = probs is not None and probs.requires_grad
         if routing == "topk":
@@ -297,6 +313,13 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "loramixer." + super().__repr__()
+
+
+def iter_mixer_layers(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[tuple[str, LoraMixerLayer]]:
+    """(name, layer) of every LoRA-Mixer layer in `model`, or of those holding `adapter_name`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraMixerLayer) and (adapter_name is None or adapter_name in module.loramixer_A):
+            yield name, module
 
 
 def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import numbers
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
+
+# The routing modes (see `gates_from_logits`); the config, the CLI and the benchmarks read this tuple.
+ROUTING_MODES = ("hard_soft", "soft", "topk")
+# The modes whose forward gates are k-sparse
+SPARSE_ROUTING_MODES = ("hard_soft", "topk")
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,6 +66,15 @@ def with_top_k_gradient(weight: torch.Tensor, probs: torch.Tensor, index: torch.
     return weight + (renormalised - renormalised.detach())
 
 
+def switch_route(logits: torch.Tensor, probs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, weight) of `topk` routing with `top_k=1`, as Switch Transformers route: each token's best expert,
+    weighted by its router probability. (Renormalised, the single kept weight would be a constant 1 and the router
+    would get no gradient at all.) `probs` as for `gates_from_logits`."""
+    index = top_k_indices(logits.detach(), 1)
+    probs = probs if probs is not None else torch.softmax(logits, dim=-1)
+    return index, probs.gather(-1, index)
+
+
 def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routing: str, top_k: int) -> torch.Tensor:
     """Mixture weights for every expert, from the router's logits.
 
@@ -66,23 +82,70 @@ def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routi
     observer, or autograd to train the router); None otherwise.
 
     - `soft`: the probabilities themselves.
-    - `topk`: the renormalised top-k; the router's gradient flows through the kept experts only.
+    - `topk`: the renormalised top-k; the router's gradient flows through the kept experts only. With `top_k=1`,
+      the kept expert's probability itself (`switch_route`).
     - `hard_soft`: the forward value of `topk`, the gradient of `soft` (straight-through estimator).
     With `top_k` equal to the number of experts every mode is `soft`.
     """
     if routing == "soft" or top_k >= logits.shape[-1]:
         return probs if probs is not None else torch.softmax(logits, dim=-1)
-    if routing not in ("topk", "hard_soft"):
+    if routing not in SPARSE_ROUTING_MODES:
         raise ValueError(f"Unknown routing mode {routing!r}.")
-    index, weight = top_k_routes(logits.detach() if logits.requires_grad else logits, top_k)
     trains_router = probs is not None and probs.requires_grad
-    if trains_router and routing == "topk":
-        weight = with_top_k_gradient(weight, probs, index)
+    if routing == "topk" and top_k == 1:
+        index, weight = switch_route(logits, probs)
+    else:
+        index, weight = top_k_routes(logits.detach() if logits.requires_grad else logits, top_k)
+        if trains_router and routing == "topk":
+            weight = with_top_k_gradient(weight, probs, index)
     gates = torch.zeros_like(logits).scatter_(-1, index, weight)
     if trains_router and routing == "hard_soft":
         # `probs - probs.detach()` is exactly zero, so the forward value is exactly `topk`'s
         return gates + (probs - probs.detach())
     return gates
+
+
+def as_expert_ids(expert_ids: Any, num_experts: Optional[int] = None) -> torch.Tensor:
+    """`expert_ids` (an int, a list or tuple of ints, or an integer tensor or array) as a long tensor, refusing
+    anything that is not a whole number (floats, strings, bools would otherwise be truncated or cast silently) and,
+    with `num_experts`, any id outside [0, num_experts)."""
+    if isinstance(expert_ids, (list, tuple)):
+        wrong = [value for value in _flattened(expert_ids) if not _is_integer(value)]
+        ids = None if wrong else torch.tensor(expert_ids, dtype=torch.long)
+    elif _is_integer(expert_ids):
+        wrong, ids = [], torch.tensor(int(expert_ids), dtype=torch.long)
+    else:
+        try:
+            ids = torch.as_tensor(expert_ids)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
+        integral = ids is not None and not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool)
+        wrong = [] if integral else [expert_ids]
+    if wrong:
+        raise ValueError(
+            f"Expert ids must be whole numbers (int, or an integer tensor), got {wrong[0]!r}; convert them with "
+            "int() where they are exact (a float or string id would otherwise be truncated silently)."
+        )
+    ids = ids.long()
+    if num_experts is not None and ids.numel() and (ids.min() < 0 or ids.max() >= num_experts):
+        raise ValueError(f"Expert ids must lie in [0, {num_experts}), got {ids.tolist()}.")
+    if num_experts is None and ids.numel() and ids.min() < 0:
+        raise ValueError(f"Expert ids must be >= 0, got {ids.tolist()}.")
+    return ids
+
+
+def _flattened(values: Any) -> Iterator[Any]:
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            yield from _flattened(value)
+        else:
+            yield value
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def forced_gates(expert_ids: torch.Tensor, num_experts: int, token_shape: torch.Size,
@@ -92,12 +155,15 @@ def forced_gates(expert_ids: torch.Tensor, num_experts: int, token_shape: torch.
     `token_shape` is the shape of the layer's tokens, batch first (its input's shape without the features); the
     gates broadcast over all its token dimensions. A single id (a 0-d tensor) sends every sample to that expert.
     """
+    if len(token_shape) == 0 and expert_ids.numel() == 1:  # one unbatched token (a 1-D input): one sample
+        return torch.nn.functional.one_hot(expert_ids.reshape(()).to(device), num_experts).to(torch.float32)
     if expert_ids.dim() == 0 and len(token_shape) >= 1:
         expert_ids = expert_ids.expand(token_shape[0])
     if len(token_shape) < 1 or token_shape[0] != expert_ids.shape[0]:
         raise ValueError(
-            f"route_to() was given {expert_ids.shape[0]} expert ids but a routed layer received tokens of shape "
-            f"{tuple(token_shape)}; pass one expert id per sample of the batch (batch dimension first)."
+            f"route_to() was given {expert_ids.numel()} expert ids but a routed layer received tokens of shape "
+            f"{tuple(token_shape)}; pass one expert id per sample of the batch (batch dimension first; an unbatched "
+            "input is one sample: add the batch dimension, e.g. `input_ids[None]`)."
         )
     one_hot = torch.nn.functional.one_hot(expert_ids.to(device), num_experts).to(torch.float32)
     return one_hot.view(expert_ids.shape[0], *([1] * (len(token_shape) - 1)), num_experts)

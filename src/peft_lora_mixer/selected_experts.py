@@ -77,14 +77,23 @@ def _expert_blocks_of_B(lora_B: torch.Tensor, num_experts: int, rank: int) -> to
     return lora_B.view(-1, num_experts, rank).permute(1, 2, 0)
 
 
-def grouped_mm_supported(weight: torch.Tensor) -> bool:
-    """Whether PyTorch's grouped matrix multiply can run here: eagerly on CPU, and on CUDA for bfloat16 from compute
-    capability 8.0. Under `torch.compile` its shape checks accept only the CUDA case, so compiled CPU models keep
-    the dense path (which compiles without graph breaks)."""
-    if weight.device.type == "cpu":
+def grouped_mm_supported(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> bool:
+    """Whether PyTorch's grouped matrix multiply can run on these experts: eagerly on CPU, and on CUDA for bfloat16
+    from compute capability 8.0, with every row it reads 16-byte aligned. Under `torch.compile` its shape checks
+    accept only the CUDA case, so compiled CPU models keep the dense path (which compiles without graph breaks).
+
+    The alignment: `grouped_mm` refuses operands whose strides are not multiples of 16 bytes ("strides should be
+    multiple of 16 bytes"), so the rank, the input width and the output width (the contiguous copy of B's blocks in
+    training) must each span a multiple of 16 bytes: fp32 ranks 4, 8, ..., bf16 ranks 8, 16, .... Other shapes use
+    the dense path.
+    """
+    bytes_per_value = lora_A.element_size()
+    if any(size * bytes_per_value % 16 for size in (rank, lora_A.shape[1], lora_B.shape[0])):
+        return False
+    if lora_A.device.type == "cpu":
         return not torch.compiler.is_compiling()
-    return weight.device.type == "cuda" and weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(
-        weight.device) >= (8, 0)
+    return lora_A.device.type == "cuda" and lora_A.dtype == torch.bfloat16 and torch.cuda.get_device_capability(
+        lora_A.device) >= (8, 0)
 
 
 def straight_through_router_gradient(output: torch.Tensor, probs: torch.Tensor, x: torch.Tensor,

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-ROUTINGS = ("hard_soft", "soft", "topk")
+from ..routing import ROUTING_MODES
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -38,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--experts", nargs="+", required=True, help="sources: org/name[@revision] or folders")
     build.add_argument("--output", type=Path, required=True)
     build.add_argument("--top-k", type=int, default=2)
-    build.add_argument("--routing", choices=ROUTINGS, default="hard_soft")
+    build.add_argument("--routing", choices=ROUTING_MODES, default="hard_soft")
     build.set_defaults(handler=build_command)
 
     train = commands.add_parser("train-router", help="train a mixer's routers on a JSONL dataset with Trainer")

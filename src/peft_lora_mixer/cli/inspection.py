@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer import LoraMixerLayer
+from ..layer import LoraMixerLayer, iter_mixer_layers
 
 
 @contextmanager
@@ -21,15 +21,14 @@ def recorded_choices(model: nn.Module, adapter_name: str = "default") -> Iterato
     """
     choices: dict[str, list[torch.Tensor]] = {}
     handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraMixerLayer) and adapter_name in module.loramixer_router:
+    for name, module in iter_mixer_layers(model, adapter_name):
 
-            def record(layer: LoraMixerLayer, args: tuple, output, name: str = name) -> None:
-                with torch.no_grad():
-                    probs = layer.router_probs(args[0], adapter_name)
-                choices.setdefault(name, []).append(probs.argmax(-1).cpu())
+        def record(layer: LoraMixerLayer, args: tuple, output, name: str = name) -> None:
+            with torch.no_grad():
+                probs = layer.router_probs(args[0], adapter_name)
+            choices.setdefault(name, []).append(probs.argmax(-1).cpu())
 
-            handles.append(module.register_forward_hook(record))
+        handles.append(module.register_forward_hook(record))
     try:
         yield choices
     finally:

@@ -11,10 +11,8 @@ import torch
 from torch import nn
 
 from ..config import LoraMixerConfig
-from .loading import read_experts
-from ..layer import LoraMixerLayer
-
-_PEFT_MODEL_PREFIX = "base_model.model."
+from ..layer import iter_mixer_layers
+from .loading import PEFT_MODEL_PREFIX, read_experts
 
 
 def is_expert_weight(key: str, adapter_name: str) -> bool:
@@ -43,11 +41,10 @@ def pinned_expert_weights(model: nn.Module, config: LoraMixerConfig, adapter_nam
         return current
     experts = read_experts(config)  # from the cache the adapter was just built from
     weights = {}
-    for key, module in model.named_modules():
-        if isinstance(module, LoraMixerLayer) and adapter_name in module.loramixer_A:
-            device = module.get_base_layer().weight.device
-            factors = experts.factors(key.removeprefix(_PEFT_MODEL_PREFIX))
-            for name, value in zip(("loramixer_A", "loramixer_B"), factors):
-                state_key = f"{key}.{name}.{adapter_name}"
-                weights[state_key] = value.to(device=device, dtype=current[state_key].dtype)
+    for key, module in iter_mixer_layers(model, adapter_name):
+        device = module.get_base_layer().weight.device
+        factors = experts.factors(key.removeprefix(PEFT_MODEL_PREFIX))
+        for name, value in zip(("loramixer_A", "loramixer_B"), factors):
+            state_key = f"{key}.{name}.{adapter_name}"
+            weights[state_key] = value.to(device=device, dtype=current[state_key].dtype)
     return weights

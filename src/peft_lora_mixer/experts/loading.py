@@ -31,10 +31,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..config import LoraMixerConfig
-from ..layer import ExpertSpec, LoraMixerLayer, in_out_features
+from ..layer import ExpertSpec, in_out_features, iter_mixer_layers
 from .sources import ExpertSource
 
-_PEFT_KEY_PREFIX = "base_model.model."
+PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel's state dict and saved adapters name the base model
 _ABSENT = ExpertSpec(0, 0.0)
 _SOURCE_KEYS = ("id", "revision", "subfolder", "path")
 
@@ -60,22 +60,12 @@ class ExpertError(ValueError):
 
 
 @dataclass(frozen=True)
-class ExpertBlock:
-    """One expert on one projection: its rank, its scaling, and (when read from the source) its factors."""
-
-    r: int
-    scaling: float
-    lora_A: Optional[torch.Tensor] = None  # (r, in_features)
-    lora_B: Optional[torch.Tensor] = None  # (out_features, r)
-
-
-@dataclass(frozen=True)
 class Expert:
     """A LoRA adapter used as an expert. A Hub expert's `source.revision` is the commit sha that was resolved."""
 
     source: ExpertSource
     requested_revision: Optional[str]
-    blocks: dict[str, ExpertBlock]
+    blocks: dict[str, ExpertSpec]
 
     def reference(self) -> dict[str, Any]:
         """The pinned reference written to `adapter_config.json` (`resolved_experts`)."""
@@ -89,7 +79,7 @@ class Expert:
     def from_reference(cls, reference: dict[str, Any]) -> Expert:
         """The expert a pinned reference describes, without its weights (they come from the mixer's checkpoint)."""
         source = ExpertSource.parse({key: reference[key] for key in _SOURCE_KEYS if key in reference})
-        blocks = {name: ExpertBlock(int(r), float(scaling)) for name, (r, scaling) in reference["modules"].items()}
+        blocks = {name: ExpertSpec(int(r), float(scaling)) for name, (r, scaling) in reference["modules"].items()}
         return cls(source, reference.get("requested_revision"), blocks)
 
 
@@ -110,7 +100,7 @@ class ExpertSet:
     def specs(self, module_name: str) -> list[ExpertSpec]:
         """Rank and scaling of each expert on `module_name`; rank 0 where the expert does not adapt it."""
         blocks = (expert.blocks.get(module_name) for expert in self.experts)
-        return [ExpertSpec(block.r, block.scaling) if block else _ABSENT for block in blocks]
+        return [block or _ABSENT for block in blocks]
 
     def check_covers(self, module_names: Iterable[str]) -> None:
         """Every projection the mixer targets needs at least one expert there."""
@@ -131,13 +121,11 @@ class ExpertSet:
     @torch.no_grad()
     def load_into(self, model: nn.Module, adapter_name: str, frozen: bool) -> None:
         """Write the experts' factors into the adapter's layers (every rank slot of A and B is an expert's)."""
-        for key, layer in model.named_modules():
-            if not isinstance(layer, LoraMixerLayer) or adapter_name not in layer.loramixer_A:
-                continue
+        for key, layer in iter_mixer_layers(model, adapter_name):
             factors = self.factors(key)
             if factors is not None:
-                layer.loramixer_A[adapter_name].copy_(factors[0])
-                layer.loramixer_B[adapter_name].copy_(factors[1])
+                _copy_exactly(layer.loramixer_A, adapter_name, factors[0])
+                _copy_exactly(layer.loramixer_B, adapter_name, factors[1])
             if frozen:
                 layer.freeze_experts(adapter_name)
 
@@ -172,6 +160,17 @@ class ExpertSet:
                     "modules, ranks or scalings changed). Restore the adapter as it was, or build a new mixer."
                 )
         return cls([Expert(e.source, recorded.requested_revision, e.blocks) for recorded, e in zip(pinned, fetched)])
+
+
+def _copy_exactly(factors: nn.ParameterDict, adapter_name: str, values: torch.Tensor) -> None:
+    """Copy an expert's factors in; a half-precision parameter (that of a half-precision base) is first replaced by a
+    float32 one, so that the expert keeps its file's values, as PEFT keeps LoRA weights in float32 on such a base
+    (`autocast_adapter_dtype`, whose upcast would come after the values were already rounded)."""
+    param = factors[adapter_name]
+    if param.dtype in (torch.float16, torch.bfloat16) and values.dtype != param.dtype:
+        factors[adapter_name] = nn.Parameter(values.to(param.device, torch.float32), requires_grad=param.requires_grad)
+    else:
+        param.copy_(values)
 
 
 def read_experts(config: LoraMixerConfig) -> Optional[ExpertSet]:
@@ -331,11 +330,11 @@ def _read_tensors(source: ExpertSource, path: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _blocks(source: ExpertSource, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, ExpertBlock]:
+def _blocks(source: ExpertSource, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, ExpertSpec]:
     """Pair each module's lora_A and lora_B and give it the scaling PEFT's LoRA would use there."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        module_name, _, factor = key.removeprefix(_PEFT_KEY_PREFIX).rpartition(".")[0].rpartition(".")
+        module_name, _, factor = key.removeprefix(PEFT_MODEL_PREFIX).rpartition(".")[0].rpartition(".")
         if not key.endswith(".weight") or factor not in ("lora_A", "lora_B") or tensor.dim() != 2:
             raise ExpertError(
                 f"Expert {source.label!r} holds {key!r} (shape {tuple(tensor.shape)}), which is not a linear LoRA "
@@ -355,7 +354,7 @@ def _blocks(source: ExpertSource, config: dict[str, Any], tensors: dict[str, tor
         r = pair["lora_A"].shape[0]
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", 8))
         scaling = alpha / (r**0.5 if config.get("use_rslora") else r)
-        blocks[name] = ExpertBlock(r, float(scaling), pair["lora_A"], pair["lora_B"])
+        blocks[name] = ExpertSpec(r, float(scaling), pair["lora_A"], pair["lora_B"])
     return blocks
 
 

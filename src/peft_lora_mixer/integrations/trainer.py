@@ -1,8 +1,11 @@
-"""Pieces for a plain `transformers.Trainer`: a collator for stage 1's expert column and a logging callback.
+"""Pieces for `transformers.Trainer`: a collator for stage 1's expert column, a logging callback, and a mixin that
+adds the RSL to whatever loss a trainer computes.
 
 Stage 1 (forced routing from a per-sample column) needs `TrainingArguments(remove_unused_columns=False)`, so the
 column reaches the collator, and `ExpertIdsCollator`, which turns it into the `expert_ids` keyword the model's
-forward accepts. Stage 2 needs nothing special: the RSL is added to `outputs.loss` by the model itself.
+forward accepts. Stage 2 with a plain `Trainer` needs nothing special: the RSL is added to `outputs.loss` by the
+model itself. A trainer whose loss is not `outputs.loss` (`label_smoothing_factor`, `compute_loss_func`, trl's
+`SFTTrainer`) needs `RoutingLossMixin`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from transformers import TrainerCallback, default_data_collator
 from transformers.trainer_callback import ExportableState
 
+from ..routing import as_expert_ids
 from ..routing_loss.stats import summarize
 
 
@@ -32,7 +36,7 @@ class ExpertIdsCollator:
                 f"Samples {missing} have no {self.column!r} column. Keep it with "
                 "`TrainingArguments(remove_unused_columns=False)` and name it in `ExpertIdsCollator(column=...)`."
             )
-        expert_ids = torch.tensor([int(feature[self.column]) for feature in features], dtype=torch.long)
+        expert_ids = as_expert_ids([feature[self.column] for feature in features])
         batch = self.base_collator([{k: v for k, v in feature.items() if k != self.column} for feature in features])
         batch["expert_ids"] = expert_ids
         return batch
@@ -43,6 +47,33 @@ def find_mixer(model: torch.nn.Module):
     from ..model import LoraMixerModel
 
     return next((module for module in model.modules() if isinstance(module, LoraMixerModel)), None)
+
+
+class RoutingLossMixin:
+    """Adds the RSL to the loss of any `transformers.Trainer` subclass, whatever computes the task loss.
+
+    Put it first: `class MyTrainer(RoutingLossMixin, SFTTrainer): pass`. Inside `compute_loss` the model leaves
+    `outputs.loss` alone, and the RSL of the training forward is added to the loss the trainer returns, weighted
+    as the model weights it in `outputs.loss`: by the micro-batch's share of the label tokens when the trainer
+    normalises by `num_items_in_batch` (times the number of processes when that count spans them, as the
+    trainer does with its own loss), else 1.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mixer = find_mixer(model)
+        if mixer is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs.get("labels")  # the trainer may pop them
+        with mixer.routing_controller.rsl_added_by_caller():
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
+        scale = mixer.routing_controller.loss_scale(labels, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            scale = scale * self.accelerator.num_processes
+        loss = loss + mixer.routing_controller.routing_loss_term(scale).to(loss.device)
+        return (loss, outputs) if return_outputs else loss
 
 
 class RoutingCallback(TrainerCallback, ExportableState):

@@ -1,101 +1,147 @@
-"""Watch the routers during a forward: RSL values, routing statistics, and the RSL gradient.
+"""Watch the routers during a forward: the RSL's per-router terms, the routing statistics, and under reentrant
+gradient checkpointing the RSL gradient of the recomputed routers.
 
-The RSL gradient is not obtained by differentiating a loss built from tensors kept during the forward: under
-reentrant gradient checkpointing the forward runs without autograd and the routers' real graph only exists when
-the checkpointed block is recomputed during backward. Instead each router's probabilities pass through an identity
-node (`_InjectRoutingGradient`) whose backward adds `scale * dRSL/dp` to the incoming gradient, recomputing the
-RSL of that router from the probabilities it saved. `scale` is the gradient that reached the RSL's place in
-`outputs.loss` (1 / accumulation steps, an AMP loss scale...), read by `_ScaleProbe`; the autograd engine runs
-that node first because it was created last and becomes ready first. This is exact with no checkpointing, with
-reentrant and with non-reentrant checkpointing alike.
+Each router's term is an ordinary differentiable scalar of its probabilities (`loss.specialization_loss`), so the
+RSL's gradient reaches the routers through plain autograd from wherever the term is added. Under reentrant
+checkpointing the forward runs without autograd, so a checkpointed router's term is a constant; when its block is
+recomputed during backward, an identity node on its probabilities (`_InjectRoutingGradient`) adds the term's
+gradient, scaled by what reached the model's RSL (recorded by `_RoutingLossProbe`, which the autograd engine runs
+first: it was created after every node of the model).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .loss import RouterUsage, router_loss_parts, specialization_loss_gradient, valid_tokens
+from .loss import RouterLossParts, RouterLossSettings, RouterUsage, specialization_loss, specialization_loss_gradient
+from .loss import valid_tokens
 from .stats import RoutingStatsAccumulator
 
+MISSING_RSL_WARNING = (
+    "LoRA-Mixer: the routers received gradient but the routing loss (RSL) of that forward never reached backward, "
+    "so the routers trained without it. This happens when the backpropagated loss does not contain `outputs.loss` "
+    "(Trainer with `label_smoothing_factor` or `compute_loss_func`, trl's SFTTrainer, a loss computed from the "
+    "logits). Add `model.routing_loss_term()` to your loss, or train with `RoutingLossMixin` "
+    "(`class MyTrainer(RoutingLossMixin, Trainer)`), or set `add_routing_loss=False` to train without the RSL."
+)
 
-@dataclass(frozen=True)
-class RouterLossSettings:
-    """alpha, lambda and the entropy sign of one adapter for one forward."""
+# Cross-attention projections that read the encoder's tokens (their router sees the encoder's padding mask).
+CROSS_ATTENTION_BLOCKS = ("EncDecAttention", "encoder_attn", "crossattention")
+CROSS_ATTENTION_ENCODER_INPUTS = ("k", "v", "k_proj", "v_proj", "key", "value")
 
-    balance_weight: float
-    entropy_weight: float
-    entropy_sign: int
+
+@dataclass
+class TokenMasks:
+    """The padding masks of one forward (batch x length, True = counts), and which one each router reads.
+
+    Decoder-only and SSM models have one (`decoder`); encoder-decoders also have the encoder's, read by the
+    encoder's routers and by the cross-attention projections fed the encoder's output.
+    """
+
+    decoder: Optional[torch.Tensor] = None
+    encoder: Optional[torch.Tensor] = None
+
+    def for_router(self, module_name: str, token_shape: torch.Size) -> Optional[torch.Tensor]:
+        """The mask for the router of `module_name`, if its tokens (of `token_shape`) are the ones it describes."""
+        mask = self.encoder if self.encoder is not None and _reads_encoder_tokens(module_name) else self.decoder
+        if mask is not None and tuple(mask.shape) == tuple(token_shape):
+            return mask
+        return None
+
+
+def _reads_encoder_tokens(module_name: str) -> bool:
+    parts = module_name.split(".")
+    if "encoder" in parts:
+        return True
+    return any(block in parts for block in CROSS_ATTENTION_BLOCKS) and parts[-1] in CROSS_ATTENTION_ENCODER_INPUTS
 
 
 @dataclass
 class RoutingStep:
-    """What one forward of the model needs to share with its routers (and with their backward, later)."""
+    """What one forward of the model shares with its routers (and, under reentrant checkpointing, their backward).
 
-    token_mask: Optional[torch.Tensor]
+    `builds_loss`: the forward trains with the RSL (training mode, autograd on, an adapter with `add_routing_loss`).
+    `gradient_scale`: what reached the RSL in backward (None until then, or if it never does).
+    `recomputed_routers`: routers that ran without autograd (reentrant checkpointing), by (layer id, adapter), with
+    how many recomputations still have to inject their gradient.
+    """
+
+    masks: TokenMasks
     settings: dict[str, RouterLossSettings]
-    inject_gradient: bool
+    builds_loss: bool
     record_stats: bool
-    num_routers: int = 0
-    parts: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    parts: list[tuple[str, RouterLossParts]] = field(default_factory=list)
     gradient_scale: Optional[torch.Tensor] = None
+    recomputed_routers: dict[tuple[int, str], int] = field(default_factory=dict)
 
-    def mask_for(self, token_shape: torch.Size) -> Optional[torch.Tensor]:
-        """The padding mask if this router's tokens (of `token_shape`) are the ones it describes (batch x length),
-        else None."""
-        if self.token_mask is not None and tuple(self.token_mask.shape) == tuple(token_shape):
-            return self.token_mask
-        return None
+    @property
+    def num_routers(self) -> int:
+        return len(self.parts)
 
 
-class _ScaleProbe(torch.autograd.Function):
-    """`value * scale` placed in the loss; its backward records the gradient that reached the RSL."""
+class _RoutingLossProbe(torch.autograd.Function):
+    """Identity on the model's RSL; its backward records the gradient that reached it, for the recomputed routers
+    and to tell whether the RSL was used at all."""
 
     @staticmethod
-    def forward(ctx, value: torch.Tensor, anchor: torch.Tensor, step: RoutingStep, scale) -> torch.Tensor:
-        ctx.step, ctx.scale = step, scale
-        return value * scale
+    def forward(ctx, value: torch.Tensor, anchor: torch.Tensor, step: RoutingStep) -> torch.Tensor:
+        ctx.step = step
+        return value.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        step, received = ctx.step, grad * ctx.scale
-        step.gradient_scale = received if step.gradient_scale is None else step.gradient_scale + received
-        return None, None, None, None
+        step = ctx.step
+        step.gradient_scale = grad if step.gradient_scale is None else step.gradient_scale + grad
+        return grad, None, None
+
+
+class _WatchRouterBackward(torch.autograd.Function):
+    """Identity on one router's probabilities; its backward warns (once) when the RSL never reached backward."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, step: RoutingStep, collector: RoutingCollector) -> torch.Tensor:
+        ctx.step, ctx.collector = step, collector
+        return probs.view_as(probs)  # a view, not a copy of every router output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.step.gradient_scale is None:
+            ctx.collector.warn_missing_rsl()
+        return grad, None, None
 
 
 class _InjectRoutingGradient(torch.autograd.Function):
-    """Identity on one router's probabilities; its backward adds the gradient of that router's RSL share."""
+    """Identity on a recomputed router's probabilities; its backward adds the gradient of that router's RSL share."""
 
     @staticmethod
     def forward(ctx, probs: torch.Tensor, token_mask: Optional[torch.Tensor], usage: RouterUsage, step: RoutingStep,
-                adapter_name: str) -> torch.Tensor:
-        ctx.save_for_backward(probs, token_mask, usage.fraction, usage.num_present)
-        ctx.step, ctx.num_tokens, ctx.adapter_name = step, usage.num_tokens, adapter_name
-        return probs.view_as(probs)  # identity; a view, not a copy of every router output
+                adapter_name: str, collector: RoutingCollector) -> torch.Tensor:
+        ctx.save_for_backward(probs, token_mask, usage.fraction, usage.num_experts)
+        ctx.step, ctx.num_tokens, ctx.adapter_name, ctx.collector = step, usage.num_tokens, adapter_name, collector
+        return probs.view_as(probs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         step: RoutingStep = ctx.step
-        if step.gradient_scale is None:
-            raise RuntimeError(
-                "The routers were reached by backward before the routing loss in `outputs.loss`. Backpropagate a "
-                "loss that contains `outputs.loss`, or set `add_routing_loss=False` to train without the RSL."
-            )
-        probs, token_mask, fraction, num_present = ctx.saved_tensors
-        settings = step.settings[ctx.adapter_name]
-        rsl_grad = specialization_loss_gradient(
-            probs.reshape(-1, probs.shape[-1]), RouterUsage(fraction, num_present, ctx.num_tokens),
-            settings.balance_weight, settings.entropy_weight, settings.entropy_sign,
-        )
-        if token_mask is not None:  # padding tokens take no part in the RSL
-            rsl_grad = rsl_grad * token_mask.reshape(-1, 1).to(device=rsl_grad.device, dtype=rsl_grad.dtype)
-        return grad + rsl_grad.view_as(grad) * (step.gradient_scale / step.num_routers), None, None, None, None
+        if step.gradient_scale is None:  # the RSL is not in the backpropagated loss, or came after the routers
+            ctx.collector.warn_missing_rsl()
+            return grad, None, None, None, None, None
+        probs, token_mask, fraction, num_experts = ctx.saved_tensors
+        usage = RouterUsage(fraction, num_experts, ctx.num_tokens)
+        rsl_grad = specialization_loss_gradient(probs, usage, step.settings[ctx.adapter_name], token_mask)
+        return grad + rsl_grad * (step.gradient_scale / step.num_routers), None, None, None, None, None
 
 
 class RoutingCollector:
     """Shared by the mixer layers of one model (a plain object, never a module, so nothing of it is saved)."""
+
+    # reentrant-checkpointed forwards kept until their routers are recomputed (several micro-batches may run their
+    # forwards before one backward); older ones were never backpropagated and are dropped
+    MAX_PENDING_RECOMPUTATIONS = 16
 
     def __init__(self) -> None:
         self.module_names: dict[int, str] = {}
@@ -104,42 +150,66 @@ class RoutingCollector:
         self.record_stats = False
         self.stats_training_only = False
         self.stats = RoutingStatsAccumulator()
+        self.awaiting_recomputation: list[RoutingStep] = []
+        self.warned_missing_rsl = False
 
-    def observe(self, layer, adapter_name: str, probs: torch.Tensor, token_shape: torch.Size) -> torch.Tensor:
-        """Called by a layer with its router's probabilities ((..., E) over tokens that had `token_shape`, batch
-        first); returns the tensor the layer should route with."""
-        step = self.step
+    def observe(self, layer, adapter_name: str, logits: torch.Tensor, probs: torch.Tensor,
+                token_shape: torch.Size) -> torch.Tensor:
+        """Called by a layer with its router's logits and probabilities ((..., E) over tokens that had
+        `token_shape`, batch first); returns the tensor the layer should route with."""
+        step = self.step if self.collecting else self._recomputed_step(layer, adapter_name, probs)
         if step is None:
             return probs
-        has_loss = adapter_name in step.settings
-        inject = step.inject_gradient and has_loss and probs.requires_grad
-        if not (self.collecting or inject):
-            return probs
-        token_mask = step.mask_for(token_shape)
+        has_loss = step.builds_loss and adapter_name in step.settings
+        token_mask = step.masks.for_router(self.module_names.get(id(layer), ""), token_shape)
         valid = valid_tokens(probs.detach(), token_mask)
-        usage = RouterUsage.of(valid, layer.routing[adapter_name].top_k)
-        if self.collecting:
-            if has_loss:
-                step.num_routers += 1
-                step.parts.append((adapter_name, *router_loss_parts(valid, usage)))
-            if step.record_stats:
-                self.stats.add(self.module_names.get(id(layer), type(layer).__name__), valid, usage)
-        if inject:
-            probs = _InjectRoutingGradient.apply(probs, token_mask, usage, step, adapter_name)
+        usage = RouterUsage.of(valid, layer.routing[adapter_name].top_k, valid_tokens(logits.detach(), token_mask))
+        if not self.collecting:  # a reentrant checkpoint's recomputation during backward
+            return _InjectRoutingGradient.apply(probs, token_mask, usage, step, adapter_name, self)
+        if step.record_stats:
+            self.stats.add(self.module_names.get(id(layer), type(layer).__name__), valid, usage)
+        if not has_loss:
+            return probs
+        step.parts.append((adapter_name, specialization_loss(probs, usage, step.settings[adapter_name], token_mask)))
+        if probs.requires_grad:
+            return _WatchRouterBackward.apply(probs, step, self)
+        if torch.is_grad_enabled():  # trains with autograd on, yet the router had none: nothing trains it
+            return probs
+        key = (id(layer), adapter_name)
+        step.recomputed_routers[key] = step.recomputed_routers.get(key, 0) + 1
         return probs
 
-    def loss_value(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(RSL averaged over the routers, mean balance term, mean entropy) of the last forward, detached."""
-        step = self.step
-        terms, balances, entropies = [], [], []
-        for adapter_name, balance, entropy in step.parts:
-            settings = step.settings[adapter_name]
-            terms.append(settings.balance_weight * balance + settings.entropy_sign * settings.entropy_weight * entropy)
-            balances.append(balance)
-            entropies.append(entropy)
-        return torch.stack(terms).mean(), torch.stack(balances).mean(), torch.stack(entropies).mean()
+    def _recomputed_step(self, layer, adapter_name: str, probs: torch.Tensor) -> Optional[RoutingStep]:
+        """The forward whose reentrant-checkpointed router this recomputation re-runs, or None."""
+        if not probs.requires_grad:
+            return None
+        key = (id(layer), adapter_name)
+        for step in reversed(self.awaiting_recomputation):
+            remaining = step.recomputed_routers.get(key, 0)
+            if remaining:
+                step.recomputed_routers[key] = remaining - 1
+                if not any(step.recomputed_routers.values()):
+                    self.awaiting_recomputation.remove(step)
+                return step
+        return None
 
-    def probe(self, value: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-        """`scale * value` as a loss term whose backward tells the routers the gradient scale."""
+    def finish_forward(self) -> Optional[torch.Tensor]:
+        """End the forward's collection; (RSL averaged over its routers, as a loss term) when it builds the loss."""
+        self.collecting = False
+        step = self.step
+        if step is None or not step.parts:
+            return None
+        if step.recomputed_routers:
+            self.awaiting_recomputation.append(step)
+            del self.awaiting_recomputation[: -self.MAX_PENDING_RECOMPUTATIONS]
+        return torch.stack([parts.term for _, parts in step.parts]).mean()
+
+    def probe(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` (the model's RSL), as a loss term whose backward records the gradient that reached it."""
         anchor = torch.zeros((), device=value.device, requires_grad=True)
-        return _ScaleProbe.apply(value, anchor, self.step, scale) if self.step.inject_gradient else value * scale
+        return _RoutingLossProbe.apply(value, anchor, self.step)
+
+    def warn_missing_rsl(self) -> None:
+        if not self.warned_missing_rsl:
+            self.warned_missing_rsl = True
+            warnings.warn(MISSING_RSL_WARNING, UserWarning, stacklevel=2)

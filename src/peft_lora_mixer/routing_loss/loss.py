@@ -6,14 +6,14 @@ For one router with probabilities `p` (tokens x E) over its valid tokens:
 
 `pbar_i` is the mean probability of expert i and `fbar_i` the fraction of tokens whose top-k holds i (not
 differentiable: the balance gradient flows through `pbar`, as in Switch Transformers). With perfectly even
-routing the balance term equals `alpha * top_k`. `E` counts the experts present on the router (absent ones have
-probability 0). The model averages the RSL over its routers.
+routing the balance term equals `alpha * top_k`. `E` counts all the router's experts, also those without weights
+on its projection (routing to one of them means "no change here"). The model averages the RSL over its routers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -65,33 +65,59 @@ def token_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
 
 
-def top_k_fraction(probs: torch.Tensor, top_k: int) -> torch.Tensor:
-    """fbar: for each expert, the fraction of tokens whose top-k holds it (sums to top_k)."""
-    chosen = torch.zeros_like(probs).scatter(-1, top_k_indices(probs.detach(), top_k), 1.0)
+def top_k_fraction(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """fbar: for each expert, the fraction of tokens whose top-k holds it (sums to top_k).
+
+    `scores` are the router logits, as routing picks its experts from them (the probabilities can tie where
+    float32's softmax underflows, logits [0, -200, -150]: routing picks {0, 2}); probabilities only where no logits
+    are at hand (they order alike while nothing underflows).
+    """
+    scores = scores.detach()
+    chosen = torch.zeros_like(scores, dtype=torch.float32).scatter(-1, top_k_indices(scores, top_k), 1.0)
     return chosen.mean(0)
 
 
 class RouterUsage(NamedTuple):
-    """The constants of one router's RSL in one forward, from its valid tokens' probabilities (no gradient).
+    """The constants of one router's RSL in one forward, from its valid tokens (no gradient).
 
     Computed once per router and forward, and shared by the RSL, its gradient and the routing statistics.
     """
 
     fraction: torch.Tensor  # fbar, (E,); zeros without tokens
-    num_present: torch.Tensor  # experts with any probability mass (absent ones have none), at least 1
+    num_experts: torch.Tensor  # E of the balance term: every expert counts, with weights on this projection or not
     num_tokens: int
 
     @classmethod
-    def of(cls, probs: torch.Tensor, top_k: int) -> RouterUsage:
+    def of(cls, probs: torch.Tensor, top_k: int, logits: Optional[torch.Tensor] = None) -> RouterUsage:
+        """From the valid tokens' probabilities (tokens x E) and, for fbar, their logits (see `top_k_fraction`)."""
         probs = probs.detach()
+        num_experts = probs.new_tensor(probs.shape[-1])
         if probs.shape[0] == 0:
-            return cls(probs.new_zeros(probs.shape[-1]), probs.new_ones(()), 0)
-        return cls(top_k_fraction(probs, top_k), (probs > 0).any(0).sum().clamp_min(1), probs.shape[0])
+            return cls(probs.new_zeros(probs.shape[-1]), num_experts, 0)
+        fraction = top_k_fraction(probs if logits is None else logits, top_k).to(probs.dtype)
+        return cls(fraction, num_experts, probs.shape[0])
+
+
+@dataclass(frozen=True)
+class RouterLossSettings:
+    """alpha, lambda and the entropy sign of one adapter for one forward."""
+
+    balance_weight: float
+    entropy_weight: Union[float, torch.Tensor]
+    entropy_sign: int
+
+
+class RouterLossParts(NamedTuple):
+    """One router's RSL in one forward: the weighted term (differentiable) and its unweighted parts (detached)."""
+
+    term: torch.Tensor
+    balance: torch.Tensor
+    entropy: torch.Tensor
 
 
 def balance_term(probs: torch.Tensor, usage: RouterUsage) -> torch.Tensor:
-    """E * sum_i pbar_i * fbar_i over the experts present (those with any probability mass)."""
-    return usage.num_present * (probs.mean(0) * usage.fraction).sum()
+    """E * sum_i pbar_i * fbar_i over all E experts of the router."""
+    return usage.num_experts * (probs.mean(0) * usage.fraction).sum()
 
 
 def router_loss_parts(probs: torch.Tensor, usage: RouterUsage) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,29 +129,63 @@ def router_loss_parts(probs: torch.Tensor, usage: RouterUsage) -> tuple[torch.Te
 
 
 def specialization_loss(
-    probs: torch.Tensor, top_k: int, balance_weight: float, entropy_weight: float, entropy_sign: int
-) -> torch.Tensor:
-    """One router's RSL: alpha * balance + sign * lambda * entropy."""
-    balance, entropy = router_loss_parts(probs, RouterUsage.of(probs, top_k))
-    return balance_weight * balance + entropy_sign * entropy_weight * entropy
+    probs: torch.Tensor,
+    usage: RouterUsage,
+    settings: RouterLossSettings,
+    token_mask: Optional[torch.Tensor] = None,
+) -> RouterLossParts:
+    """One router's RSL, `alpha * balance + sign * lambda * entropy`, over the tokens `token_mask` keeps.
+
+    `probs` are the router's probabilities over all its tokens ((..., E), the token dimensions those of
+    `token_mask`) and `usage` their valid tokens' constants. The term's backward is the closed-form gradient
+    (`specialization_loss_gradient`) times what reaches the term, so it needs no graph beyond `probs` itself.
+    """
+    valid = valid_tokens(probs.detach(), token_mask)
+    balance, entropy = router_loss_parts(valid, usage)
+    value = settings.balance_weight * balance + settings.entropy_sign * settings.entropy_weight * entropy
+    term = _SpecializationLoss.apply(probs, value, token_mask, usage, settings) if probs.requires_grad else value
+    return RouterLossParts(term, balance, entropy)
+
+
+class _SpecializationLoss(torch.autograd.Function):
+    """The RSL value of one router (computed by the caller), with its gradient to the probabilities in closed form."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, value: torch.Tensor, token_mask: Optional[torch.Tensor],
+                usage: RouterUsage, settings: RouterLossSettings) -> torch.Tensor:
+        # kept as attributes, not `save_for_backward`: non-reentrant checkpointing must see the same saved tensors
+        # in the recomputation, which builds no RSL (the probabilities, tokens x E, stay alive: a small cost)
+        ctx.probs, ctx.token_mask, ctx.usage, ctx.settings = probs.detach(), token_mask, usage, settings
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gradient = specialization_loss_gradient(ctx.probs, ctx.usage, ctx.settings, ctx.token_mask)
+        return gradient * grad, None, None, None, None
 
 
 def specialization_loss_gradient(
-    probs: torch.Tensor, usage: RouterUsage, balance_weight: float, entropy_weight: float, entropy_sign: int
+    probs: torch.Tensor, usage: RouterUsage, settings: RouterLossSettings, token_mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """The gradient of `specialization_loss` with respect to `probs` (tokens x E), in closed form.
+    """The gradient of `specialization_loss`'s term with respect to `probs` ((..., E)), in closed form.
 
     What autograd gives, without building and running a graph in every router's backward: the balance term is
     linear in the mean probabilities (its constants are `usage`), and a token's entropy `-sum p log p` has the
-    gradient `-(log p + 1)`, or `-log(tiny)` where `p` lies below the clamp that keeps the logarithm finite. Rows
-    beyond `usage.num_tokens` valid ones get the same per-token formula (the caller zeroes padding).
+    gradient `-(log p + 1)`, or `-log(tiny)` where `p` lies below the clamp that keeps the logarithm finite.
+    Tokens that `token_mask` drops (padding) get zero.
     """
     if usage.num_tokens == 0:
         return torch.zeros_like(probs)
     tiny = torch.finfo(probs.dtype).tiny
     entropy_gradient = -(probs.clamp_min(tiny).log() + (probs >= tiny).to(probs.dtype))
-    balance_gradient = usage.num_present * usage.fraction
-    return (balance_weight * balance_gradient + entropy_sign * entropy_weight * entropy_gradient) / usage.num_tokens
+    balance_gradient = usage.num_experts * usage.fraction
+    gradient = settings.balance_weight * balance_gradient + settings.entropy_sign * settings.entropy_weight * (
+        entropy_gradient
+    )
+    gradient = gradient / usage.num_tokens
+    if token_mask is not None:  # padding tokens take no part in the RSL
+        gradient = gradient * token_mask.reshape(*probs.shape[:-1], 1).to(device=probs.device, dtype=probs.dtype)
+    return gradient
 
 
 def preservation_term(current: torch.Tensor, anchor: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -136,10 +196,12 @@ def preservation_term(current: torch.Tensor, anchor: torch.Tensor, keep: torch.T
     return (diff.square() * keep.view(shape).to(diff.dtype)).sum()
 
 
-def update_entropy_weight(weight: float, entropy: float, target: float, rate: float, sign: int) -> float:
-    """One step of the Lagrange-multiplier controller for lambda, kept >= 0.
+def update_entropy_weight(
+    weight: torch.Tensor, entropy: torch.Tensor, target: float, rate: float, sign: int
+) -> torch.Tensor:
+    """One step of the Lagrange-multiplier controller for lambda, kept >= 0 (on the device: no synchronisation).
 
     With `sign=+1` the entropy is minimised: an entropy above target raises lambda (pushes harder), one below
     target lowers it. `sign=-1` mirrors this for maximisation.
     """
-    return max(0.0, weight + rate * sign * (entropy - target))
+    return (weight + rate * sign * (entropy - target)).clamp_min(0.0)

@@ -1,0 +1,190 @@
+"""The RSL reaches the routers whatever computes the task loss: Trainer with label smoothing or
+`compute_loss_func`, a hand-written loop, trl's SFTTrainer; and it warns instead of vanishing silently."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mixers import ProbeRouters, batch, mixer
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LabelSmoother
+
+from peft_lora_mixer import RoutingCallback, RoutingLossMixin
+
+MISSING = "never reached backward"
+
+
+class RoutingTrainer(RoutingLossMixin, Trainer):
+    pass
+
+
+def shifted_cross_entropy(outputs, labels, num_items_in_batch=None):
+    """A causal LM's loss computed outside the model, as a custom loss function would."""
+    logits = outputs["logits"][:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def reference_gradients(model, inputs, task_loss, with_rsl: bool = True) -> dict[str, torch.Tensor]:
+    """The gradients of `task_loss(outputs, labels) + RSL`, the RSL computed by autograd from the routers'
+    probabilities (the model's own RSL switched off)."""
+    config = model.peft_config["default"]
+    model.zero_grad()
+    config.add_routing_loss = False
+    forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with ProbeRouters() as probe:
+        outputs = model(**forward_inputs)
+    loss = task_loss(outputs, inputs["labels"])
+    if with_rsl:
+        loss = loss + probe.rsl(inputs["attention_mask"].bool())
+    loss.backward()
+    config.add_routing_loss = True
+    result = gradients(model)
+    model.zero_grad()
+    return result
+
+
+def assert_same_gradients(got, expected):
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(value.abs().sum() > 0 for name, value in got.items() if "router" in name)
+
+
+def trainer_args(tmp_path, **kwargs) -> TrainingArguments:
+    return TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False, **kwargs)
+
+
+def training_step_gradients(trainer, model, inputs) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this step runs without
+    trainer.training_step(model, dict(inputs))
+    return gradients(model)
+
+
+@pytest.mark.parametrize("routers_only", [True, False])
+def test_trainer_with_label_smoothing_adds_the_rsl_through_the_mixin(tmp_path, routers_only):
+    model, inputs = mixer(), batch()
+    model.set_trainable(routers=True, experts=not routers_only)
+    smoother = LabelSmoother(epsilon=0.1)
+    expected = reference_gradients(model, inputs, lambda out, labels: smoother(out, labels, shift_labels=True))
+    trainer = RoutingTrainer(model=model, args=trainer_args(tmp_path, label_smoothing_factor=0.1))
+    assert_same_gradients(training_step_gradients(trainer, model, inputs), expected)
+    assert model.routing_loss().scale.item() == 1.0
+
+
+def test_plain_trainer_with_label_smoothing_warns_once_that_the_rsl_is_missing(tmp_path):
+    model, inputs = mixer(), batch()
+    smoother = LabelSmoother(epsilon=0.1)
+    without_rsl = reference_gradients(model, inputs, lambda out, labels: smoother(out, labels, shift_labels=True),
+                                      with_rsl=False)
+    trainer = Trainer(model=model, args=trainer_args(tmp_path, label_smoothing_factor=0.1))
+    with pytest.warns(UserWarning, match=MISSING):
+        got = training_step_gradients(trainer, model, inputs)
+    assert_same_gradients(got, without_rsl)  # the routers trained on the task loss alone: what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next steps stay quiet
+        training_step_gradients(trainer, model, inputs)
+
+
+def test_trainer_with_compute_loss_func_adds_the_rsl_through_the_mixin(tmp_path):
+    model, inputs = mixer(), batch()
+    expected = reference_gradients(model, inputs, shifted_cross_entropy)
+    trainer = RoutingTrainer(model=model, args=trainer_args(tmp_path), compute_loss_func=shifted_cross_entropy)
+    assert_same_gradients(training_step_gradients(trainer, model, inputs), expected)
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False])  # off, reentrant, non-reentrant
+def test_hand_loop_adds_routing_loss_term_to_its_own_loss(checkpointing):
+    model, inputs = mixer(), batch()
+    expected = reference_gradients(model, inputs, shifted_cross_entropy)
+    if checkpointing is not None:
+        model.get_base_model().gradient_checkpointing_enable({"use_reentrant": checkpointing})
+        model.enable_input_require_grads()
+    forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs = model(**forward_inputs)
+        (shifted_cross_entropy(outputs, inputs["labels"]) + model.routing_loss_term()).backward()
+    assert_same_gradients(gradients(model), expected)
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False])
+def test_hand_loop_that_forgets_the_rsl_warns_and_does_not_crash(checkpointing):
+    model, inputs = mixer(), batch()
+    if checkpointing is not None:
+        model.get_base_model().gradient_checkpointing_enable({"use_reentrant": checkpointing})
+        model.enable_input_require_grads()
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+    with pytest.warns(UserWarning, match=MISSING):
+        shifted_cross_entropy(outputs, inputs["labels"]).backward()
+    outputs = model(**inputs)  # with labels, but the loss is taken from the logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning was given once already
+        shifted_cross_entropy(outputs, inputs["labels"]).backward()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocabulary = {f"t{i}": i for i in range(128)}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
+
+
+def sft_trainer(tmp_path, model, mixin: bool, **config):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ids = torch.randint(2, 128, (8, 10), generator=torch.Generator().manual_seed(0))
+    args = SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                     bf16=False, save_strategy="no", logging_steps=1, disable_tqdm=True, **config)
+    trainer_class = type("RoutingSFTTrainer", (RoutingLossMixin, SFTTrainer), {}) if mixin else SFTTrainer
+    return trainer_class(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids.tolist()}),
+                         processing_class=tiny_tokenizer(), callbacks=[RoutingCallback()])
+
+
+@pytest.mark.parametrize("routers_only", [True, False])
+@pytest.mark.parametrize("reentrant", [None, True, False])  # None: SFTConfig's default checkpointing
+def test_sft_trainer_adds_the_rsl_with_exact_gradients(tmp_path, routers_only, reentrant):
+    pytest.importorskip("trl")
+    model, inputs = mixer(), batch()
+    model.set_trainable(routers=True, experts=not routers_only)
+
+    def mean_token_loss(outputs, labels):  # SFTTrainer's loss without `num_items_in_batch`
+        return shifted_cross_entropy(outputs, labels)
+
+    expected = reference_gradients(model, inputs, mean_token_loss)
+    kwargs = {} if reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+    trainer = sft_trainer(tmp_path, model, mixin=True, **kwargs)
+    # what `train()` does first with SFTConfig's default `gradient_checkpointing=True`
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = training_step_gradients(trainer, model, inputs)
+    assert model.get_base_model().is_gradient_checkpointing  # SFTTrainer's default: the hard case
+    assert_same_gradients(got, expected)
+
+
+@pytest.mark.parametrize("mixin", [True, False])
+def test_sft_trainer_trains_routers_over_frozen_experts_without_crashing(tmp_path, mixin):
+    pytest.importorskip("trl")
+    model = mixer()
+    model.set_trainable(routers=True, experts=False)
+    router = next(p for n, p in model.named_parameters() if "loramixer_router" in n)
+    before = router.detach().clone()
+    trainer = sft_trainer(tmp_path, model, mixin=mixin)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    missing = [w for w in caught if MISSING in str(w.message)]
+    assert len(missing) == (0 if mixin else 1)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(log["rsl/total"] > 0 for log in logs)
+    if mixin:  # the logged loss holds the RSL
+        assert all(log["loss"] > log["rsl/total"] for log in logs)
+    assert not torch.equal(router, before)
