@@ -56,7 +56,7 @@ def test_top_input_direction_is_the_top_right_singular_vector():
 
 def test_routers_point_along_each_experts_direction_signed_by_the_mean_input(expert_dirs):
     inputs = calibration_inputs(tiny_model("llama"), Q_PROJ)
-    model = from_experts(tiny_model("llama"), expert_dirs)
+    model = from_experts(tiny_model("llama"), expert_dirs, router_init="experts")
     router = model.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"]
     for index, folder in enumerate(expert_dirs):
         direction = torch.linalg.svd(expert_delta(folder, Q_PROJ)).Vh[0]
@@ -69,14 +69,14 @@ def test_routers_point_along_each_experts_direction_signed_by_the_mean_input(exp
 
 
 def test_an_expert_absent_from_a_projection_gets_a_zero_row(expert_dirs):
-    model = from_experts(tiny_model("llama"), expert_dirs)
+    model = from_experts(tiny_model("llama"), expert_dirs, router_init="experts")
     router = model.base_model.model.get_submodule(K_PROJ).loramixer_router["default"]
     assert torch.equal(router.weight[0].detach(), torch.zeros(router.in_features))
     assert router.weight[1].detach().norm() > 0
 
 
-def test_random_init_is_kept_on_request_and_saved_in_the_config(expert_dirs, tmp_path):
-    model = from_experts(tiny_model("llama"), expert_dirs, router_init="random")
+def test_random_init_is_the_default_and_saved_in_the_config(expert_dirs, tmp_path):
+    model = from_experts(tiny_model("llama"), expert_dirs)
     router = model.base_model.model.get_submodule(K_PROJ).loramixer_router["default"]
     assert router.weight[0].detach().norm() > 0 and router.bias.detach().abs().sum() > 0
     model.save_pretrained(tmp_path / "mixer")
@@ -84,7 +84,7 @@ def test_random_init_is_kept_on_request_and_saved_in_the_config(expert_dirs, tmp
 
 
 def test_a_loaded_mixer_keeps_its_saved_routers(expert_dirs, tmp_path):
-    model = from_experts(tiny_model("llama"), expert_dirs)
+    model = from_experts(tiny_model("llama"), expert_dirs, router_init="experts")
     router = model.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"]
     with torch.no_grad():
         router.weight.mul_(-3.0)
@@ -95,7 +95,7 @@ def test_a_loaded_mixer_keeps_its_saved_routers(expert_dirs, tmp_path):
 
 
 def test_a_second_mixer_adapter_is_initialised_from_its_own_experts(expert_dirs):
-    model = from_experts(tiny_model("llama"), expert_dirs, router_init="random")
+    model = from_experts(tiny_model("llama"), expert_dirs)
     model.add_adapter("second", LoraMixerConfig(experts=expert_dirs[::-1], router_init="experts"))
     layer = model.base_model.model.get_submodule(Q_PROJ)
     first, second = layer.loramixer_router["default"].weight, layer.loramixer_router["second"].weight
@@ -105,5 +105,5 @@ def test_a_second_mixer_adapter_is_initialised_from_its_own_experts(expert_dirs)
 
 
 def test_unknown_router_init_is_refused():
-    with pytest.raises(ValueError, match="Unknown `router_init` 'svd'; choose one of experts, random"):
+    with pytest.raises(ValueError, match="Unknown `router_init` 'svd'; choose one of random, experts"):
         LoraMixerConfig(router_init="svd")

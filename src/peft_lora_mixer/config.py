@@ -12,7 +12,7 @@ from peft.config import PeftConfig
 from .experts.sources import ExpertSource, ExpertSourceLike
 from .routing import ROUTING_MODES
 
-ROUTER_INITS = ("experts", "random")
+ROUTER_INITS = ("random", "experts")
 
 
 class LoraMixerPeftType(str, enum.Enum):
@@ -140,15 +140,16 @@ class LoraMixerConfig(PeftConfig):
             )
         },
     )
-    router_init: Literal["experts", "random"] = field(
-        default="experts",
+    router_init: Literal["random", "experts"] = field(
+        default="random",
         metadata={
             "help": (
-                "How the routers of a new mixer over `experts` start. 'experts': each router row points along its "
-                "expert's top input direction (top right singular vector of B_e A_e, signed by the projection's mean "
-                "input on one forward pass over random token ids), so tokens an expert changes most go to it before "
-                "any training. 'random': nn.Linear's default initialisation. A mixer of new experts (no `experts`) "
-                "and a loaded mixer ignore it."
+                "How the routers of a new mixer over `experts` start. 'random': nn.Linear's initialisation. "
+                "'experts': each router row points along its expert's top input direction (top right singular "
+                "vector of B_e A_e, signed by the projection's mean input on one forward pass over random token "
+                "ids), so the tokens an expert changes most go to it before any training; it did not measure better "
+                "than 'random' on the demos (docs/plug_and_play.md), hence not the default. A mixer of new experts "
+                "(no `experts`) and a loaded mixer ignore it."
             )
         },
     )
