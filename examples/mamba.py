@@ -33,7 +33,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     model.train()
-    for step in range(20):
+    for _ in range(20):
         loss = model(input_ids=ids, labels=ids).loss  # task loss + Routing Specialization Loss
         loss.backward()
         optimizer.step()

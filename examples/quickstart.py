@@ -21,8 +21,15 @@ VOCAB, DOMAINS, SEQ = 64, 4, 16
 
 def tiny_llama() -> AutoModelForCausalLM:
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -30,11 +37,6 @@ def domain_batch(domain: torch.Tensor) -> torch.Tensor:
     """Domain d counts upward in steps of d + 1, modulo the vocabulary: easy to learn, different per domain."""
     start = torch.randint(0, VOCAB, (domain.shape[0], 1))
     return (start + (domain[:, None] + 1) * torch.arange(SEQ)) % VOCAB
-
-
-def set_trainable(model, *name_parts: str) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad = any(part in name for part in name_parts)
 
 
 def train(model, steps: int, forced: bool) -> float:
@@ -57,9 +59,9 @@ def main() -> None:
     model = get_peft_model(tiny_llama(), LoraMixerConfig(num_experts=DOMAINS, top_k=1, r=8, lora_alpha=16))
     model.print_trainable_parameters()
 
-    set_trainable(model, "loramixer_A", "loramixer_B")
+    model.set_trainable(routers=False, experts=True)
     print(f"stage 1 (experts, forced routing): loss {train(model, 60, forced=True):.3f}")
-    set_trainable(model, "loramixer_router")
+    model.set_trainable(routers=True, experts=False)
     print(f"stage 2 (routers only):            loss {train(model, 30, forced=False):.3f}")
 
     model.eval()

@@ -151,7 +151,6 @@ def sft_trainer(tmp_path, model, mixin: bool, **config):
 @pytest.mark.parametrize("routers_only", [True, False])
 @pytest.mark.parametrize("reentrant", [None, True, False])  # None: SFTConfig's default checkpointing
 def test_sft_trainer_adds_the_rsl_with_exact_gradients(tmp_path, routers_only, reentrant):
-    pytest.importorskip("trl")
     model, inputs = mixer(), batch()
     model.set_trainable(routers=True, experts=not routers_only)
 
@@ -172,7 +171,6 @@ def test_sft_trainer_adds_the_rsl_with_exact_gradients(tmp_path, routers_only, r
 
 @pytest.mark.parametrize("mixin", [True, False])
 def test_sft_trainer_trains_routers_over_frozen_experts_without_crashing(tmp_path, mixin):
-    pytest.importorskip("trl")
     model = mixer()
     model.set_trainable(routers=True, experts=False)
     router = next(p for n, p in model.named_parameters() if "loramixer_router" in n)

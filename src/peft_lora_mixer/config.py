@@ -38,8 +38,85 @@ def _is_number(value: Any) -> bool:
 class LoraMixerConfig(PeftConfig):
     """Configuration of a LoRA-Mixer adapter (arXiv 2507.00029).
 
-    Each adapted projection gets `num_experts` LoRA experts and one linear router fed the projection's own input;
-    the output is `W x + sum_e g_e(x) * s_e * B_e A_e x`, with the gates `g` chosen per token by `routing`.
+    Each adapted projection (in_features -> out_features) gets `num_experts` LoRA experts and one router, an
+    `nn.Linear(in_features, num_experts)` fed the projection's own input; the output is
+    `W x + sum_e g_e(x) * s_e * B_e A_e x`, with the gates `g` chosen per token by `routing`. The experts of a
+    projection are stored as one `A` of shape (sum_e r_e, in_features) and one `B` of shape
+    (out_features, sum_e r_e).
+
+    Args:
+        r (`int`, defaults to `8`):
+            Rank of each new expert: expert e's `A_e` is (r, in_features), its `B_e` (out_features, r). Experts
+            from `experts` keep their own ranks.
+        lora_alpha (`float`, defaults to `8`):
+            Scaling numerator: each expert's delta is multiplied by `s = lora_alpha / r`.
+        lora_dropout (`float`, defaults to `0.0`):
+            Dropout probability on the experts' input, in [0, 1); the router always sees the undropped input.
+        use_rslora (`bool`, defaults to `False`):
+            Scale by `lora_alpha / sqrt(r)` (rank-stabilised LoRA) instead of `lora_alpha / r`.
+        num_experts (`Optional[int]`, defaults to `None`):
+            E, the number of experts on each adapted projection (and the router's output width). None:
+            `len(experts)` when `experts` is given (another value is an error), else 4.
+        top_k (`int`, defaults to `2`):
+            Experts kept per token by the `topk` and `hard_soft` modes, in [1, num_experts]. With
+            `top_k == num_experts` every mode is `soft`.
+        routing (`str`, defaults to `"hard_soft"`):
+            `"soft"`: softmax over all experts. `"topk"`: the top-k experts by logit (ties to the lower index),
+            weighted by the softmax of their logits; the router's gradient flows through the kept experts only.
+            `"hard_soft"`: the paper's differentiable hard-soft top-k, the forward of `topk` with the gradient of
+            `soft` (straight-through). With many experts (`num_experts * r` about the projection's width or more)
+            prefer `topk` for training: `hard_soft`'s router gradient needs every expert's output.
+        router_temperature (`float`, defaults to `1.0`):
+            T > 0: the router's softmax is taken over `logits / T`.
+        target_modules (`Optional[Union[list[str], str]]`, defaults to `None`):
+            Module names (suffix match) or a regex. None: the default projections of the model's `model_type`
+            (`peft_lora_mixer.DEFAULT_TARGET_MODULES`), or, with `experts`, every module some expert adapts.
+            `"all-linear"`: every linear layer but the output head.
+        exclude_modules (`Optional[Union[list[str], str]]`, defaults to `None`):
+            Module names or a regex never to adapt, as in PEFT's `LoraConfig`.
+        layers_to_transform (`Optional[Union[list[int], int]]`, defaults to `None`):
+            Adapt only the layers with these indices, as in PEFT's `LoraConfig`.
+        layers_pattern (`Optional[Union[list[str], str]]`, defaults to `None`):
+            Name of the layer list that `layers_to_transform` indexes (e.g. `"layers"`); needs
+            `layers_to_transform`.
+        modules_to_save (`Optional[list[str]]`, defaults to `None`):
+            Modules besides the adapters to train and save whole (e.g. a new classification head).
+        init_weights (`bool`, defaults to `True`):
+            True: every expert's B starts at zero, so the model's output is unchanged until training. False: B is
+            random too (for tests).
+        experts (`Optional[list]`, defaults to `None`):
+            Existing PEFT LoRA adapters to use as frozen experts, in router order: Hub ids (`"org/name"`,
+            `"org/name@revision"`), local folders, or dicts `{"id", "revision", "subfolder"}` / `{"path"}`. Ranks,
+            alphas, rsLoRA and target modules may differ. None: the experts are new LoRAs of rank `r` (the joint
+            regime). See docs/plug_and_play.md.
+        resolved_experts (`Optional[list[dict]]`, defaults to `None`):
+            Written when the adapter is created from `experts`, not by the user: each expert pinned to the commit
+            that was resolved, with its rank and scaling per module. Loading uses these pins.
+        save_expert_weights (`Optional[bool]`, defaults to `None`):
+            Whether `save_pretrained` writes the experts' weights next to the routers. None: only when an expert is
+            a local folder or `trainable_experts` is set; otherwise the checkpoint holds the routers and the pinned
+            references.
+        trainable_experts (`bool`, defaults to `False`):
+            Train the experts from `experts` together with the routers.
+        allow_pickle_experts (`bool`, defaults to `False`):
+            Accept experts that only have a pickle checkpoint (`adapter_model.bin`), read with
+            `torch.load(weights_only=True)`. Never saved: whoever loads a mixer decides again.
+        add_routing_loss (`bool`, defaults to `True`):
+            Add the Routing Specialization Loss (RSL) to `outputs.loss` when training with labels.
+        rsl_balance_weight (`float`, defaults to `0.01`):
+            alpha, the weight of the balance term `alpha * E * sum_i pbar_i * fbar_i`.
+        rsl_entropy_weight (`float`, defaults to `0.01`):
+            lambda, the weight of the mean per-token routing entropy (its start value when adaptive).
+        rsl_entropy_sign (`int`, defaults to `1`):
+            1 minimises the per-token entropy (sharp, input-aware routing, the paper's text); -1 maximises it (the
+            sign printed in the paper's equation).
+        rsl_entropy_target (`Optional[float]`, defaults to `None`):
+            Target mean per-token entropy in nats, in [0, log(num_experts)]. When set, lambda adapts after every
+            training forward: `lambda <- max(0, lambda + rsl_entropy_adapt_rate * sign * (H - target))`.
+        rsl_entropy_adapt_rate (`float`, defaults to `0.01`):
+            Step size of the adaptive lambda.
+        rsl_preservation_weight (`float`, defaults to `0.0`):
+            beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})

@@ -25,10 +25,10 @@ from .experts.router_init import router_weights_from_experts, set_router_weights
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features, iter_mixer_layers
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .routing import as_expert_ids
-from .targets import DEFAULT_TARGET_MODULES
 from .routing_loss.controller import ExpertSelection, RoutingLossController
 from .routing_loss.loss import RoutingLoss
 from .routing_loss.stats import ModuleRoutingStats
+from .targets import DEFAULT_TARGET_MODULES
 
 
 class LoraMixerModel(BaseTuner):

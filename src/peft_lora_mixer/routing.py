@@ -20,8 +20,8 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     `torch.topk` does not promise which of tied values it returns, so it runs on exact integer keys that order by
     score first and by lower index second: a float32's bit pattern, read as a signed integer with the lower 31 bits
     of negative values flipped, orders like the float, and `bits * E + (E - 1 - index)` breaks ties without
-    reordering distinct values. This matches a stable descending sort and is several times faster than one
-    (1024 tokens x 64 experts on CPU: 1.7 ms against 4.5 ms).
+    reordering distinct values. This matches a stable descending sort and beats it on many logits
+    (docs/benchmarks.md).
     """
     if k == 1:
         return scores.argmax(dim=-1, keepdim=True)  # documented to return the first of tied maxima
@@ -34,9 +34,7 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # Up to this many logits (a decoding step's, a short prompt's) one stable sort, which also returns the kept values,
-# beats the integer keys of `top_k_indices` plus a gather; beyond it the keys win. Sort against keys, k=2, CPU, one
-# thread of a busy machine: 4 tokens x 8 experts 16 us against 49, 256 x 8 48 against 78, 512 x 8 83 against 109,
-# 768 x 8 144 against 144, 64 x 64 106 against 112, 128 x 64 337 against 91.
+# beats the integer keys of `top_k_indices` plus a gather; beyond it the keys win (timings in docs/benchmarks.md).
 SORT_MAX_ELEMENTS = 4096
 
 

@@ -8,18 +8,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-# Set by `python -m benchmarks.crossover` (one 512 -> 512 projection, rank-8 experts, `topk`, fp32, one CPU thread
-# of a shared 2-core machine). Time of the selected-experts path / the dense path, for a training step, inference:
-#   1024 tokens: E=8 k=1 0.95, 1.00 | E=16 k=2 1.03, 1.05 | E=16 k=1 0.60, 0.87 | E=32 k=2 0.78, 0.88
-#                E=64 k=2 0.64, 0.64
-#    256 tokens: E=8 k=1 0.98, 1.04 | E=16 k=2 0.93, 1.06 | E=16 k=1 0.79, 0.83 | E=32 k=2 0.86, 0.85
-#                E=64 k=2 0.73, 0.69
-#      4 tokens: 1.2 to 1.8 for every E up to 64 (the fixed cost of grouping the rows dominates)
-# so it wins once E / k >= 16 with a few hundred tokens per call, and is break-even at E / k = 8.
-# `hard_soft` in training adds two dense matrix multiplies to the selected path (its straight-through router
-# gradient), so it needs more experts per selected one. Same projection, selected / dense, training step:
-#   1024 tokens: E=16 k=1 0.93 | E=16 k=2 1.11 | E=32 k=1 0.70 | E=32 k=2 0.89 | E=64 k=1 0.60 | E=64 k=2 0.75
-#    256 tokens: E=16 k=1 1.11 | E=16 k=2 1.24 | E=32 k=1 0.83 | E=32 k=2 0.98 | E=64 k=1 0.78 | E=64 k=2 0.88
+# The crossover of `python -m benchmarks.crossover` (figures in docs/benchmarks.md): grouping the rows has a fixed
+# cost that only many experts per selected one and a few hundred tokens repay; `hard_soft` training adds two dense
+# multiplies (its straight-through router gradient), so it needs twice the experts per selected one.
 MIN_EXPERTS_PER_SELECTED = 16
 MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH = 32
 MIN_TOKENS = 256
@@ -67,9 +58,9 @@ def add_selected_experts(accumulator: torch.Tensor, tokens: torch.Tensor, lora_A
 def _expert_blocks_of_B(lora_B: torch.Tensor, num_experts: int, rank: int) -> torch.Tensor:
     """`lora_B` (out, E * rank) as the (E, rank, out) right-hand side of the grouped multiply.
 
-    With autograd on, a contiguous copy: the backward multiplies the output gradient by each expert's B two to three
-    times faster against a contiguous (rank, out) block than against `rank` strided columns of `lora_B`, which pays
-    for the copy (by far at a thousand tokens). The forward multiply is as fast either way, so without autograd it
+    With autograd on, a contiguous copy: the backward multiplies the output gradient by each expert's B much faster
+    against a contiguous (rank, out) block than against `rank` strided columns of `lora_B`, which pays for the copy
+    (docs/design.md). The forward multiply is as fast either way, so without autograd it
     is a view.
     """
     if torch.is_grad_enabled():

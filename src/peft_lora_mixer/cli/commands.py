@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as error:
         print(f"lora-mixer {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -67,6 +68,18 @@ def parser() -> argparse.ArgumentParser:
                          help="one column per adapted projection (its top-1 expert) instead of the expert mix")
     inspect.add_argument("--heatmap", type=Path, metavar="PNG", help="also draw the expert mix per token to a PNG")
     inspect.set_defaults(handler=inspect_command)
+
+    evaluate = commands.add_parser("eval", help="score a mixer with lm-evaluation-harness, routing beside the scores")
+    add_base_argument(evaluate)
+    evaluate.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
+    evaluate.add_argument("--tasks", nargs="+", required=True, help="lm-eval task or group names")
+    evaluate.add_argument("--include-path", type=Path, help="folder of your own lm-eval task YAML files")
+    evaluate.add_argument("--num-fewshot", type=int)
+    evaluate.add_argument("--limit", type=float, help="documents per task (below 1: a fraction), for quick runs")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="above 1 the routing counts include padding")
+    evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    evaluate.add_argument("--output", type=Path, help="also write the results as JSON here")
+    evaluate.set_defaults(handler=eval_command)
     return root
 
 
@@ -170,6 +183,30 @@ def inspect_command(args: argparse.Namespace) -> int:
         from .plot import plot_token_mix
 
         print(f"heatmap: {plot_token_mix(tokens, choices, names, args.heatmap)}")
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .evaluation import evaluate_mixer, format_report, require_lm_eval, task_manager
+
+    require_lm_eval()
+    manager = task_manager(args.tasks, args.include_path)  # unknown tasks fail here, before any model is loaded
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    model = PeftModel.from_pretrained(load_base(args.base, args.dtype), args.mixer).to(device)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = evaluate_mixer(model, tokenizer, args.tasks, manager=manager, num_fewshot=args.num_fewshot,
+                             limit=limit, batch_size=args.batch_size)
+    print(format_report(results))
+    if args.output:
+        args.output.write_text(json.dumps([dataclasses.asdict(result) for result in results], indent=2))
+        print(f"results: {args.output}")
     return 0
 
 

@@ -95,7 +95,7 @@ class SmolLM2Workload(Workload):
         """`count` training windows of domain `index`, drawn without replacement while they last."""
         windows = self._chunks[self.domains[index]][0]
         rng = random.Random(seed)
-        order = [i for _ in range(math.ceil(count / len(windows))) 
+        order = [i for _ in range(math.ceil(count / len(windows)))
                  for i in rng.sample(range(len(windows)), len(windows))]
         return [_sample(windows[i], index) for i in order[:count]]
 
