@@ -96,6 +96,10 @@ class LoraMixerConfig(PeftConfig):
             Whether `save_pretrained` writes the experts' weights next to the routers. None: only when an expert is
             a local folder or `trainable_experts` is set; otherwise the checkpoint holds the routers and the pinned
             references.
+        router_init (`str`, defaults to `"random"`):
+            How the routers of a new mixer over `experts` start: `"random"` (nn.Linear's initialisation) or
+            `"experts"` (each row along its expert's top input direction, the top right singular vector of
+            `B_e A_e`, signed by the projection's mean input on random token ids; see docs/plug_and_play.md).
         trainable_experts (`bool`, defaults to `False`):
             Train the experts from `experts` together with the routers.
         allow_pickle_experts (`bool`, defaults to `False`):
