@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .texts import DOMAINS, split_documents
 from .workload import Workload
@@ -89,7 +89,7 @@ class SmolLM2Workload(Workload):
 
     @property
     def hidden_size(self) -> int:
-        return self.base().config.hidden_size
+        return AutoConfig.from_pretrained(self.base_dir).hidden_size
 
     def training_samples(self, index: int, count: int, seed: int) -> list[dict]:
         """`count` training windows of domain `index`, drawn without replacement while they last."""
