@@ -1,21 +1,53 @@
-"""Shared test helpers: a tiny mixer in training mode, a padded batch, and the RSL computed independently."""
+"""Shared test helpers: tiny mixers (a model, or one layer), a padded batch, and independent references for the
+gates and the RSL."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from peft import PeftModel, get_peft_model
 from tiny_models import tiny_model
+from torch import nn
 
-from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
+from peft_lora_mixer import ExpertSpec, LoraMixerConfig, LoraMixerLayer
 from peft_lora_mixer.routing_loss.loss import valid_tokens
 
-RSL_DEFAULTS = dict(num_experts=4, top_k=2, init_weights=False, rsl_balance_weight=0.5, rsl_entropy_weight=0.3)
+MIXER_DEFAULTS = dict(num_experts=4, top_k=2, r=4, init_weights=False)
+# rank 8 and RSL weights large enough for the RSL to matter next to the task loss
+RSL_DEFAULTS = dict(r=8, rsl_balance_weight=0.5, rsl_entropy_weight=0.3)
 
 
-def mixer(model_type: str = "llama", **config) -> PeftModel:
-    """A tiny model with a 4-expert top-2 mixer whose RSL weights are large enough to matter, in training mode."""
-    model = get_peft_model(tiny_model(model_type), LoraMixerConfig(**{**RSL_DEFAULTS, **config}))
-    return model.train()
+def mixer(model_type: str = "llama", dtype: torch.dtype = torch.float32, **config) -> PeftModel:
+    """A tiny model with a LoRA-Mixer (4 random experts of rank 4, top-2 unless `config` says otherwise)."""
+    return get_peft_model(tiny_model(model_type, dtype=dtype), LoraMixerConfig(**{**MIXER_DEFAULTS, **config}))
+
+
+def rsl_mixer(model_type: str = "llama", **config) -> PeftModel:
+    """`mixer` with rank 8 and weighty RSL terms (alpha 0.5, lambda 0.3), in training mode."""
+    return mixer(model_type, **{**RSL_DEFAULTS, **config}).train()
+
+
+def make_layer(experts: Sequence[ExpertSpec], routing: str = "topk", top_k: int = 2, temperature: float = 0.7,
+               in_features: int = 24, out_features: int = 20) -> LoraMixerLayer:
+    """One mixer layer over a fresh `nn.Linear`, its experts and router random (seeded); the temperature is not 1
+    by default, so that references must apply it."""
+    torch.manual_seed(0)
+    return LoraMixerLayer(nn.Linear(in_features, out_features), "default", list(experts), routing=routing,
+                          top_k=top_k, router_temperature=temperature, lora_dropout=0.0, init_weights=False)
+
+
+def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
+    """Top-k by stable sort (ties to the lower index), renormalised (`topk` top-1: not); straight-through for
+    hard_soft."""
+    if routing == "soft":
+        return probs
+    index = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
+    source = probs.detach() if routing == "hard_soft" else probs
+    kept = source.gather(-1, index)
+    switch = routing == "topk" and k == 1  # the kept probability itself
+    hard = torch.zeros_like(probs).scatter(-1, index, kept if switch else kept / kept.sum(-1, keepdim=True))
+    return hard + probs - probs.detach() if routing == "hard_soft" else hard
 
 
 def batch(seed: int = 1) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from mixers import mixer
 from tiny_models import SEQ2SEQ, TINY_CONFIGS, VOCAB, tiny_model
 
 from peft_lora_mixer import DEFAULT_TARGET_MODULES, LoraMixerConfig, LoraMixerLayer
@@ -19,9 +20,9 @@ def batch(model_type: str) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def mixer(model_type: str, **config) -> PeftModel:
-    config = {"num_experts": 3, "top_k": 2, "r": 4, "lora_alpha": 8, **config}
-    return get_peft_model(tiny_model(model_type), LoraMixerConfig(**config))
+def arch_mixer(model_type: str, **config) -> PeftModel:
+    """3 experts with PEFT's default initialisation (the mixer starts as a no-op) unless `config` says otherwise."""
+    return mixer(model_type, **{"num_experts": 3, "lora_alpha": 8, "init_weights": True, **config})
 
 
 def test_every_default_architecture_has_a_tiny_model():
@@ -30,7 +31,7 @@ def test_every_default_architecture_has_a_tiny_model():
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_default_targets_exist_and_are_wrapped(model_type):
-    model = mixer(model_type)
+    model = arch_mixer(model_type)
     wrapped = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraMixerLayer)}
     expected = {target.rsplit(".", 1)[-1] for target in DEFAULT_TARGET_MODULES[model_type]}
     assert wrapped == expected
@@ -38,7 +39,7 @@ def test_default_targets_exist_and_are_wrapped(model_type):
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_forward_backward_only_adapters_get_gradients(model_type):
-    model = mixer(model_type, init_weights=False).train()
+    model = arch_mixer(model_type, init_weights=False).train()
     model(**batch(model_type)).loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(".loramixer_" in name for name in with_grad)
@@ -50,7 +51,7 @@ def test_forward_backward_only_adapters_get_gradients(model_type):
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_init_is_a_no_op(model_type):
     inputs = batch(model_type)
-    model = mixer(model_type)
+    model = arch_mixer(model_type)
     # Mamba's CPU path rounds differently when its weights require grad: compare with a base frozen the same way
     base = tiny_model(model_type).requires_grad_(False)
     assert torch.equal(model(**inputs).logits, base(**inputs).logits)
@@ -59,7 +60,7 @@ def test_init_is_a_no_op(model_type):
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_save_load_round_trip_is_bitwise(model_type, tmp_path):
     inputs = batch(model_type)
-    model = mixer(model_type, init_weights=False).eval()
+    model = arch_mixer(model_type, init_weights=False).eval()
     expected = model(**inputs).logits
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model(model_type), tmp_path, is_trainable=True).eval()

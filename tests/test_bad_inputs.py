@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import tiny_model
 from torch import nn
 
-from peft_lora_mixer import ExpertIdsCollator, LoraMixerConfig, LoraMixerLayer
+from peft_lora_mixer import ExpertIdsCollator, LoraMixerConfig, LoraMixerLayer, from_experts
 
 
 def llama() -> nn.Module:
@@ -25,6 +25,17 @@ def llama() -> nn.Module:
 
 def llama_with_peft_lora() -> nn.Module:
     return get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"])).base_model.model
+
+
+def quantized_with(method: str) -> Callable[[], nn.Module]:
+    """A tiny llama whose config records another library's quantisation, as such a loaded model's config does."""
+
+    def base() -> nn.Module:
+        model = tiny_model("llama")
+        model.config.quantization_config = {"quant_method": method, "bits": 4}
+        return model
+
+    return base
 
 
 @dataclass
@@ -140,6 +151,15 @@ CASES: dict[str, Case] = {
     "set_routing unknown mode": Case(lambda s: s.mixer.set_routing(routing="sparse"), ValueError, "Unknown `routing`"),
     "set_routing unknown adapter": Case(lambda s: s.mixer.set_routing(top_k=1, adapter_name="nope"), ValueError,
                                         "Unknown adapter 'nope'"),
+    # quantised bases other than bitsandbytes
+    **{
+        f"{method} base": Case(lambda s: s.build(), ValueError,
+                               f"quantised with '{method}'.*Supported quantised bases: bitsandbytes 4-bit",
+                               base=quantized_with(method))
+        for method in ("gptq", "awq", "hqq", "torchao")
+    },
+    "awq base plug-and-play": Case(lambda s: from_experts(s.base, [str(s.folder / "expert")], top_k=1), ValueError,
+                                   "quantised with 'awq'", base=quantized_with("awq")),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from mixers import make_layer, reference_gates
 from tiny_models import tiny_model
 from torch import nn
 
@@ -20,25 +21,6 @@ from peft_lora_mixer.selected_experts import (
 IN, OUT, R = 24, 20, 4
 MANY = 2 * MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH  # enough experts for the selected-experts path at k <= 2
 TOKENS = (2, MIN_TOKENS // 2 + 3)  # batch x sequence, just over the token threshold
-
-
-def make_layer(experts: list[ExpertSpec], routing: str = "topk", top_k: int = 2) -> LoraMixerLayer:
-    torch.manual_seed(0)
-    return LoraMixerLayer(nn.Linear(IN, OUT), "default", experts, routing=routing, top_k=top_k,
-                          router_temperature=0.7, lora_dropout=0.0, init_weights=False)
-
-
-def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
-    """Top-k by stable sort (ties to the lower index), renormalised (`topk` top-1: not); straight-through for
-    hard_soft."""
-    if routing == "soft":
-        return probs
-    index = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
-    source = probs.detach() if routing == "hard_soft" else probs
-    kept = source.gather(-1, index)
-    switch = routing == "topk" and k == 1  # the kept probability itself
-    hard = torch.zeros_like(probs).scatter(-1, index, kept if switch else kept / kept.sum(-1, keepdim=True))
-    return hard + probs - probs.detach() if routing == "hard_soft" else hard
 
 
 def reference_delta(layer: LoraMixerLayer, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

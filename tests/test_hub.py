@@ -9,12 +9,11 @@ import warnings
 import pytest
 import torch
 from huggingface_hub import ModelCard, constants
-from huggingface_hub.utils import _http
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
-from fake_hub import HubCache, HubServer
+from fake_hub import HubCache
 from lora_experts import save_lora, save_pickle_lora
 from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
 from peft_lora_mixer.experts.card import SECTION_END, SECTION_START
@@ -159,15 +158,6 @@ def test_changed_local_expert_is_detected_on_router_only_load(folders, tmp_path)
     save_lora(local, seed=9, r=2, target_modules=["q_proj", "v_proj"])  # same place, another adapter
     with pytest.raises(ExpertError, match="no longer matches"):
         PeftModel.from_pretrained(base_model(), str(tmp_path / "router"))
-
-
-@pytest.fixture
-def server(monkeypatch) -> HubServer:
-    """The Hub's HTTP API in memory; huggingface_hub's own client code runs up to the transport."""
-    server = HubServer()
-    _http.set_client_factory(server.client)
-    yield server
-    _http.set_client_factory(_http.default_client_factory)
 
 
 def test_online_fetch_sends_the_token_and_pins_the_served_commit(folders, server, tmp_path, monkeypatch):

@@ -3,14 +3,10 @@
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from mixers import mixer
 from tiny_models import VOCAB, tiny_model
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
-
-
-def mixer(model_type: str = "llama", dtype=torch.float32, **config):
-    config = {"num_experts": 4, "top_k": 2, "r": 4, "init_weights": False, **config}
-    return get_peft_model(tiny_model(model_type, dtype=dtype), LoraMixerConfig(**config))
 
 
 def ids(batch: int = 2, length: int = 8) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from mixers import make_layer, reference_gates
 from torch import nn
 
 from peft_lora_mixer import ExpertSpec, LoraMixerLayer
@@ -9,33 +10,9 @@ from peft_lora_mixer import ExpertSpec, LoraMixerLayer
 IN, OUT, R, E = 12, 10, 3, 5
 
 
-def make_layer(routing: str, top_k: int, num_experts: int = E, temperature: float = 1.0) -> LoraMixerLayer:
-    torch.manual_seed(0)
-    layer = LoraMixerLayer(
-        nn.Linear(IN, OUT),
-        "default",
-        [ExpertSpec(R, 2.0 / R)] * num_experts,
-        routing=routing,
-        top_k=top_k,
-        router_temperature=temperature,
-        lora_dropout=0.0,
-        init_weights=False,
-    )
-    return layer
-
-
-def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
-    """Per-token loop: keep the k largest (lowest index first among equals), renormalise; `topk` with k=1 keeps the
-    probability itself (Switch)."""
-    if routing == "soft" or k == probs.shape[-1]:
-        return probs.clone()
-    gates = torch.zeros_like(probs)
-    for t in range(probs.shape[0]):
-        order = sorted(range(probs.shape[1]), key=lambda e: (-probs[t, e].item(), e))[:k]
-        total = 1.0 if routing == "topk" and k == 1 else sum(probs[t, e] for e in order)
-        for e in order:
-            gates[t, e] = probs[t, e] / total
-    return gates
+def routing_layer(routing: str, top_k: int, num_experts: int = E, temperature: float = 1.0) -> LoraMixerLayer:
+    """`num_experts` experts of rank R on a 12 -> 10 projection."""
+    return make_layer([ExpertSpec(R, 2.0 / R)] * num_experts, routing, top_k, temperature, IN, OUT)
 
 
 def reference_output(layer: LoraMixerLayer, x: torch.Tensor, routing: str, k: int, temperature: float = 1.0):
@@ -55,7 +32,7 @@ def reference_output(layer: LoraMixerLayer, x: torch.Tensor, routing: str, k: in
 @pytest.mark.parametrize("routing", ["soft", "topk", "hard_soft"])
 @pytest.mark.parametrize("top_k", [1, 2, E])
 def test_matches_per_expert_reference(routing, top_k):
-    layer = make_layer(routing, top_k, temperature=0.7)
+    layer = routing_layer(routing, top_k, temperature=0.7)
     x = torch.randn(17, IN)
     torch.testing.assert_close(layer(x), reference_output(layer, x, routing, top_k, 0.7), rtol=1e-5, atol=1e-6)
 
@@ -63,7 +40,7 @@ def test_matches_per_expert_reference(routing, top_k):
 @pytest.mark.parametrize("shape", [(IN,), (3, 4, IN), (2, 3, 2, IN), "transposed"])
 def test_any_input_shape_routes_each_token_alike(shape):
     """The layer flattens its input's tokens once (the base layer included) and restores the shape at the end."""
-    layer = make_layer("hard_soft", top_k=2)
+    layer = routing_layer("hard_soft", top_k=2)
     x = torch.randn(4, 3, IN).transpose(0, 1) if shape == "transposed" else torch.randn(*shape)
     out = layer(x)
     assert out.shape == (*x.shape[:-1], OUT)
@@ -76,7 +53,7 @@ def test_any_input_shape_routes_each_token_alike(shape):
 
 @pytest.mark.parametrize("routing", ["topk", "hard_soft"])
 def test_ties_go_to_lower_expert_index(routing):
-    layer = make_layer(routing, top_k=2)
+    layer = routing_layer(routing, top_k=2)
     with torch.no_grad():
         layer.loramixer_router["default"].weight.zero_()
         layer.loramixer_router["default"].bias.copy_(torch.tensor([0.0, 1.0, 1.0, 1.0, -1.0]))
@@ -90,11 +67,11 @@ def test_ties_go_to_lower_expert_index(routing):
 @pytest.mark.parametrize("routing", ["topk", "hard_soft"])
 def test_top_k_equal_to_num_experts_is_soft(routing):
     x = torch.randn(9, IN)
-    torch.testing.assert_close(make_layer(routing, top_k=E)(x), make_layer("soft", top_k=E)(x))
+    torch.testing.assert_close(routing_layer(routing, top_k=E)(x), routing_layer("soft", top_k=E)(x))
 
 
 def test_hard_soft_forward_is_sparse_and_router_gradient_is_dense_softmax():
-    layer = make_layer("hard_soft", top_k=2)
+    layer = routing_layer("hard_soft", top_k=2)
     x = torch.randn(6, IN)
     router = layer.loramixer_router["default"]
     upstream = torch.randn(6, E)
@@ -111,7 +88,7 @@ def test_hard_soft_forward_is_sparse_and_router_gradient_is_dense_softmax():
 
 
 def test_topk_router_gradient_only_through_kept_experts():
-    layer = make_layer("topk", top_k=2)
+    layer = routing_layer("topk", top_k=2)
     x = torch.randn(6, IN)
     probs = layer.router_probs(x, "default")
     upstream = torch.randn(6, E)
@@ -126,7 +103,7 @@ def test_topk_router_gradient_only_through_kept_experts():
 def test_top_1_topk_weights_the_expert_by_its_probability_and_trains_the_router():
     """Renormalised, a single kept expert weighs 1 whatever the router says: Switch routing keeps its probability,
     so the router gets the gradient of p_best. (The selected-experts path: tests/test_fast_paths.py.)"""
-    layer = make_layer("topk", top_k=1)
+    layer = routing_layer("topk", top_k=1)
     x = torch.randn(6, IN)
     probs = layer.router_probs(x, "default")
     best = probs.argmax(-1, keepdim=True)
@@ -146,7 +123,7 @@ def test_top_1_topk_weights_the_expert_by_its_probability_and_trains_the_router(
 
 def test_forced_routing_of_an_unbatched_token():
     """A 1-D input is one token of one sample: one expert id (an int or a list of one) routes it."""
-    layer = make_layer("hard_soft", top_k=2)
+    layer = routing_layer("hard_soft", top_k=2)
     x = torch.randn(IN)
     for ids in (torch.tensor(3), torch.tensor([3])):
         layer.forced_expert_ids = ids
@@ -156,7 +133,7 @@ def test_forced_routing_of_an_unbatched_token():
 
 
 def test_forced_routing_is_one_hot_per_sample():
-    layer = make_layer("hard_soft", top_k=2)
+    layer = routing_layer("hard_soft", top_k=2)
     x = torch.randn(3, 4, IN)
     layer.forced_expert_ids = torch.tensor([4, 0, 2])
     gates = layer.gates(x, "default")

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-from mixers import ProbeRouters, autograd_rsl, batch, mixer
+from mixers import ProbeRouters, autograd_rsl, batch, rsl_mixer
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
 from peft_lora_mixer.routing_loss.loss import (
     RouterLossSettings,
     RouterUsage,
+    balance_term,
     specialization_loss,
     specialization_loss_gradient,
     token_entropy,
@@ -62,6 +63,16 @@ def test_entropy_gradient_sign(sign):
     before = token_entropy(LOGITS.softmax(-1)).mean()
     after = token_entropy((LOGITS - 0.1 * logits.grad).softmax(-1)).mean()
     assert (after < before) if sign == 1 else (after > before)
+
+
+def test_balance_counts_every_expert_of_the_router():
+    """E in `alpha * E * sum_i pbar_i fbar_i` is the router's number of experts, also when one gets no probability
+    mass (routing to an expert without weights on a projection is a valid choice there)."""
+    probs = torch.tensor([[0.7, 0.0, 0.3], [0.2, 0.0, 0.8]])
+    usage = RouterUsage.of(probs, 1)
+    assert usage.num_experts.item() == 3
+    expected = 3 * (probs.mean(0) * torch.tensor([0.5, 0.0, 0.5])).sum()
+    torch.testing.assert_close(balance_term(probs, usage), expected)
 
 
 def test_entropy_of_absent_experts_has_finite_gradient():
@@ -118,7 +129,7 @@ def test_config_refuses_bad_rsl_values(field, value):
 
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])  # PeftModel and PeftModelForCausalLM forward differently
 def test_added_loss_equals_routing_loss_and_an_independent_computation(task_type):
-    model, inputs = mixer(task_type=task_type), batch()
+    model, inputs = rsl_mixer(task_type=task_type), batch()
     with ProbeRouters() as probe:
         with_rsl = model(**inputs).loss
     routing = model.routing_loss()
@@ -134,7 +145,7 @@ def test_added_loss_equals_routing_loss_and_an_independent_computation(task_type
 
 
 def test_nothing_added_in_eval_and_label_free_training_keeps_the_rsl_for_the_caller():
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     model.eval()
     with torch.no_grad():
         eval_loss = model(**inputs).loss
@@ -155,7 +166,7 @@ def test_nothing_added_in_eval_and_label_free_training_keeps_the_rsl_for_the_cal
 
 
 def test_routing_gradient_equals_direct_differentiation():
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     (model(**inputs).loss * 0.25).backward()  # the injected RSL gradient must follow the loss scaling too
     injected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -174,7 +185,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     inputs = batch()
 
     def gradients(checkpointing):
-        model = mixer()
+        model = rsl_mixer()
         if checkpointing:
             model.get_base_model().gradient_checkpointing_enable({"use_reentrant": reentrant})
             model.enable_input_require_grads()
@@ -193,7 +204,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
 
 
 def test_adaptive_lambda_in_the_model_moves_toward_target():
-    model, inputs = mixer(rsl_entropy_target=0.0, rsl_entropy_adapt_rate=0.5), batch()
+    model, inputs = rsl_mixer(rsl_entropy_target=0.0, rsl_entropy_adapt_rate=0.5), batch()
     model(**inputs)
     first = model.routing_loss()
     model(**inputs)
@@ -209,7 +220,7 @@ def test_adaptive_lambda_in_the_model_moves_toward_target():
 
 
 def test_token_count_scaling_under_trainer_normalisation():
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     loss = model(**inputs, num_items_in_batch=torch.tensor(20)).loss
     routing = model.routing_loss()
     counted = inputs["labels"][:, 1:].ne(-100).sum().item()
@@ -220,7 +231,7 @@ def test_token_count_scaling_under_trainer_normalisation():
 
 
 def test_routing_stats_count_only_unpadded_tokens_and_cost_nothing_when_off():
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     model.eval()
     with torch.no_grad():
         model(**inputs)
@@ -238,7 +249,7 @@ def test_routing_stats_count_only_unpadded_tokens_and_cost_nothing_when_off():
 
 
 def test_set_trainable_freezes_single_experts_and_preservation_term():
-    model, inputs = mixer(rsl_preservation_weight=2.0), batch()
+    model, inputs = rsl_mixer(rsl_preservation_weight=2.0), batch()
     model.set_trainable(routers=False, experts=[1])
     layer = next(m for m in model.modules() if isinstance(m, LoraMixerLayer))
     r = 8
@@ -270,7 +281,7 @@ def test_set_trainable_freezes_single_experts_and_preservation_term():
 
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
 def test_forced_routing_by_keyword_matches_route_to(task_type):
-    model, inputs = mixer(task_type=task_type), batch()
+    model, inputs = rsl_mixer(task_type=task_type), batch()
     model.eval()
     with torch.no_grad():
         by_keyword = model(**inputs, expert_ids=torch.tensor([2, 0])).logits
@@ -282,7 +293,7 @@ def test_forced_routing_by_keyword_matches_route_to(task_type):
 
 
 def test_training_only_stats_leave_out_eval_forwards():
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     model.record_routing_stats(True, training_only=True)
     model.eval()
     with torch.no_grad():
@@ -311,7 +322,7 @@ def test_expert_usage_fraction_picks_experts_as_routing_does_where_softmax_under
     assert probs[0, 1] == probs[0, 2] == 0.0  # float32 cannot tell experts 1 and 2 apart...
     assert RouterUsage.of(probs, 2, logits).fraction.tolist() == [1.0, 0.0, 1.0]  # ...routing's logits can
 
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     for layer in model.modules():
         if isinstance(layer, LoraMixerLayer):
             router = layer.loramixer_router["default"]
@@ -327,7 +338,7 @@ def test_expert_usage_fraction_picks_experts_as_routing_does_where_softmax_under
 
 @pytest.mark.parametrize("model_type", ["t5", "bart"])
 def test_encoder_decoder_routers_count_their_own_side_unpadded_tokens(model_type):
-    model = mixer(model_type)
+    model = rsl_mixer(model_type)
     source = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     source_mask = torch.ones_like(source)
     source_mask[1, 6:] = 0  # 16 source tokens, 4 of them padding
@@ -353,7 +364,7 @@ def test_encoder_decoder_routers_count_their_own_side_unpadded_tokens(model_type
 
 
 def test_preservation_term_is_on_without_set_trainable():
-    model, inputs = mixer(rsl_preservation_weight=1.0), batch()
+    model, inputs = rsl_mixer(rsl_preservation_weight=1.0), batch()
     model(**inputs)  # the first training forward records theta(0)
     assert model.routing_loss().preservation.item() == 0.0
     layer = next(m for m in model.modules() if isinstance(m, LoraMixerLayer))

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from mixers import ProbeRouters, batch, mixer
+from mixers import ProbeRouters, batch, rsl_mixer
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LabelSmoother
@@ -70,7 +70,7 @@ def training_step_gradients(trainer, model, inputs) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("routers_only", [True, False])
 def test_trainer_with_label_smoothing_adds_the_rsl_through_the_mixin(tmp_path, routers_only):
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     model.set_trainable(routers=True, experts=not routers_only)
     smoother = LabelSmoother(epsilon=0.1)
     expected = reference_gradients(model, inputs, lambda out, labels: smoother(out, labels, shift_labels=True))
@@ -80,7 +80,7 @@ def test_trainer_with_label_smoothing_adds_the_rsl_through_the_mixin(tmp_path, r
 
 
 def test_plain_trainer_with_label_smoothing_warns_once_that_the_rsl_is_missing(tmp_path):
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     smoother = LabelSmoother(epsilon=0.1)
     without_rsl = reference_gradients(model, inputs, lambda out, labels: smoother(out, labels, shift_labels=True),
                                       with_rsl=False)
@@ -94,7 +94,7 @@ def test_plain_trainer_with_label_smoothing_warns_once_that_the_rsl_is_missing(t
 
 
 def test_trainer_with_compute_loss_func_adds_the_rsl_through_the_mixin(tmp_path):
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     expected = reference_gradients(model, inputs, shifted_cross_entropy)
     trainer = RoutingTrainer(model=model, args=trainer_args(tmp_path), compute_loss_func=shifted_cross_entropy)
     assert_same_gradients(training_step_gradients(trainer, model, inputs), expected)
@@ -102,7 +102,7 @@ def test_trainer_with_compute_loss_func_adds_the_rsl_through_the_mixin(tmp_path)
 
 @pytest.mark.parametrize("checkpointing", [None, True, False])  # off, reentrant, non-reentrant
 def test_hand_loop_adds_routing_loss_term_to_its_own_loss(checkpointing):
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     expected = reference_gradients(model, inputs, shifted_cross_entropy)
     if checkpointing is not None:
         model.get_base_model().gradient_checkpointing_enable({"use_reentrant": checkpointing})
@@ -117,7 +117,7 @@ def test_hand_loop_adds_routing_loss_term_to_its_own_loss(checkpointing):
 
 @pytest.mark.parametrize("checkpointing", [None, True, False])
 def test_hand_loop_that_forgets_the_rsl_warns_and_does_not_crash(checkpointing):
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     if checkpointing is not None:
         model.get_base_model().gradient_checkpointing_enable({"use_reentrant": checkpointing})
         model.enable_input_require_grads()
@@ -151,7 +151,7 @@ def sft_trainer(tmp_path, model, mixin: bool, **config):
 @pytest.mark.parametrize("routers_only", [True, False])
 @pytest.mark.parametrize("reentrant", [None, True, False])  # None: SFTConfig's default checkpointing
 def test_sft_trainer_adds_the_rsl_with_exact_gradients(tmp_path, routers_only, reentrant):
-    model, inputs = mixer(), batch()
+    model, inputs = rsl_mixer(), batch()
     model.set_trainable(routers=True, experts=not routers_only)
 
     def mean_token_loss(outputs, labels):  # SFTTrainer's loss without `num_items_in_batch`
@@ -171,7 +171,7 @@ def test_sft_trainer_adds_the_rsl_with_exact_gradients(tmp_path, routers_only, r
 
 @pytest.mark.parametrize("mixin", [True, False])
 def test_sft_trainer_trains_routers_over_frozen_experts_without_crashing(tmp_path, mixin):
-    model = mixer()
+    model = rsl_mixer()
     model.set_trainable(routers=True, experts=False)
     router = next(p for n, p in model.named_parameters() if "loramixer_router" in n)
     before = router.detach().clone()
@@ -186,3 +186,21 @@ def test_sft_trainer_trains_routers_over_frozen_experts_without_crashing(tmp_pat
     if mixin:  # the logged loss holds the RSL
         assert all(log["loss"] > log["rsl/total"] for log in logs)
     assert not torch.equal(router, before)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_two_forwards_then_one_backward_under_checkpointing(reentrant):
+    """Accumulating two micro-batches' losses before one backward: each recomputed router finds its own forward."""
+    first, second = batch(seed=1), batch(seed=2)
+
+    def gradients_of_the_sum(checkpointing: bool):
+        model = rsl_mixer()
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable({"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            (model(**first).loss + 0.5 * model(**second).loss).backward()
+        return gradients(model)
+
+    assert_same_gradients(gradients_of_the_sum(True), gradients_of_the_sum(False))

@@ -9,10 +9,13 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .experts.card import add_mixer_section
+from .experts.card_hooks import card_folder
 from .experts.sources import ExpertSource, ExpertSourceLike
 from .routing import ROUTING_MODES
 
 ROUTER_INITS = ("random", "experts")
+RSL_BALANCE_SCOPES = ("micro_batch", "global_batch")
 
 
 class LoraMixerPeftType(str, enum.Enum):
@@ -49,7 +52,7 @@ class LoraMixerConfig(PeftConfig):
             Rank of each new expert: expert e's `A_e` is (r, in_features), its `B_e` (out_features, r). Experts
             from `experts` keep their own ranks.
         lora_alpha (`float`, defaults to `8`):
-            Scaling numerator: each expert's delta is multiplied by `s = lora_alpha / r`.
+            Scaling numerator, a finite number > 0: each expert's delta is multiplied by `s = lora_alpha / r`.
         lora_dropout (`float`, defaults to `0.0`):
             Dropout probability on the experts' input, in [0, 1); the router always sees the undropped input.
         use_rslora (`bool`, defaults to `False`):
@@ -59,7 +62,9 @@ class LoraMixerConfig(PeftConfig):
             `len(experts)` when `experts` is given (another value is an error), else 4.
         top_k (`int`, defaults to `2`):
             Experts kept per token by the `topk` and `hard_soft` modes, in [1, num_experts]. With
-            `top_k == num_experts` every mode is `soft`.
+            `top_k == num_experts` every mode is `soft`. `topk` with `top_k=1` weights the kept expert by its
+            router probability (Switch routing), so that the router trains; `hard_soft` with `top_k=1` gives it
+            weight 1 with the dense softmax's gradient. Change it after training with `model.set_routing`.
         routing (`str`, defaults to `"hard_soft"`):
             `"soft"`: softmax over all experts. `"topk"`: the top-k experts by logit (ties to the lower index),
             weighted by the softmax of their logits; the router's gradient flows through the kept experts only.
@@ -67,7 +72,7 @@ class LoraMixerConfig(PeftConfig):
             `soft` (straight-through). With many experts (`num_experts * r` about the projection's width or more)
             prefer `topk` for training: `hard_soft`'s router gradient needs every expert's output.
         router_temperature (`float`, defaults to `1.0`):
-            T > 0: the router's softmax is taken over `logits / T`.
+            T, finite and > 0: the router's softmax is taken over `logits / T`.
         target_modules (`Optional[Union[list[str], str]]`, defaults to `None`):
             Module names (suffix match) or a regex. None: the default projections of the model's `model_type`
             (`peft_lora_mixer.DEFAULT_TARGET_MODULES`), or, with `experts`, every module some expert adapts.
@@ -120,7 +125,12 @@ class LoraMixerConfig(PeftConfig):
         rsl_entropy_adapt_rate (`float`, defaults to `0.01`):
             Step size of the adaptive lambda.
         rsl_preservation_weight (`float`, defaults to `0.0`):
-            beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable.
+            beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable
+            (theta_e(0): their weights at `set_trainable`, or else at the first training forward).
+        rsl_balance_scope (`str`, defaults to `"micro_batch"`):
+            The tokens the balance term's statistics are taken over: each forward's on each process, or
+            `"global_batch"`, all-reduced over the data-parallel processes (N processes then give the RSL of one
+            process on the whole batch).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
@@ -284,7 +294,18 @@ class LoraMixerConfig(PeftConfig):
         metadata={
             "help": (
                 "beta: weight of beta * sum_e ||theta_e - theta_e(0)||^2 over the experts that stay trainable, "
-                "theta_e(0) being their weights when `set_trainable` was called."
+                "theta_e(0) being their weights when `set_trainable` was called, or else at the first training "
+                "forward."
+            )
+        },
+    )
+    rsl_balance_scope: Literal[RSL_BALANCE_SCOPES] = field(
+        default="micro_batch",
+        metadata={
+            "help": (
+                "Tokens the balance term's statistics (pbar, fbar) are taken over: 'micro_batch' (each forward of "
+                "each process) or 'global_batch' (the forward's tokens on every data-parallel process, all-reduced "
+                "over the default process group, so N processes give the loss of one process on the whole batch)."
             )
         },
     )
@@ -357,6 +378,10 @@ class LoraMixerConfig(PeftConfig):
                 f"`rsl_entropy_sign` must be 1 (minimise per-token entropy) or -1 (maximise it), "
                 f"got {self.rsl_entropy_sign!r}."
             )
+        if self.rsl_balance_scope not in RSL_BALANCE_SCOPES:
+            raise ValueError(
+                f"Unknown `rsl_balance_scope` {self.rsl_balance_scope!r}; choose one of {', '.join(RSL_BALANCE_SCOPES)}."
+            )
         target = self.rsl_entropy_target
         if target is not None and not (_is_number(target) and 0 <= target <= math.log(self.num_experts)):
             raise ValueError(
@@ -383,6 +408,16 @@ class LoraMixerConfig(PeftConfig):
         config = super().to_dict()
         del config["allow_pickle_experts"]
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's config file; when `PeftModel.save_pretrained` saves it (it passes `auto_mapping_dict`), also this
+        adapter's section of the model card PEFT has just written."""
+        saved_by_peft_model = "auto_mapping_dict" in kwargs
+        super().save_pretrained(save_directory, **kwargs)
+        card = card_folder(save_directory) if saved_by_peft_model else None
+        if card is not None:
+            folder, adapter_name = card
+            add_mixer_section(folder, adapter_name, self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -52,8 +52,10 @@ def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
         in_features, out_features = base_layer.weight.shape
         return in_features, out_features
     raise TypeError(
-        f"LoRA-Mixer adapts torch.nn.Linear and transformers' Conv1D projections, not {type(base_layer).__name__}. "
-        "Remove this module from `target_modules` (or add it to `exclude_modules`)."
+        f"LoRA-Mixer adapts torch.nn.Linear (bitsandbytes' 4-bit and 8-bit layers included) and transformers' Conv1D "
+        f"projections, not {type(base_layer).__name__}. Remove this module from "
+        "`target_modules` (or add it to `exclude_modules`); for a quantised base, load it with bitsandbytes instead "
+        "(GPTQ, AWQ, HQQ and torchao layers are not supported)."
     )
 
 

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
@@ -19,11 +20,13 @@ from peft.utils import _get_submodules
 from torch import nn
 
 from .config import LoraMixerConfig
-from .experts.checkpoint import pinned_expert_weights, without_expert_weights
+from .experts.card_hooks import keep_card_on_push
+from .experts.checkpoint import pinned_expert_weights, warn_about_absent_modules, without_expert_weights
 from .experts.loading import ExpertSet, load_experts
 from .experts.router_init import router_weights_from_experts, set_router_weights
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features, iter_mixer_layers
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
+from .quantization import check_supported_quantization
 from .routing import as_expert_ids
 from .routing_loss.controller import ExpertSelection, RoutingLossController
 from .routing_loss.loss import RoutingLoss
@@ -59,6 +62,7 @@ class LoraMixerModel(BaseTuner):
         return super()._prepare_adapter_config(peft_config, model_config)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        check_supported_quantization(model)
         config = self.peft_config[adapter_name]
         experts = load_experts(config, model)  # fetched and checked before the model is touched
         router_weights = None
@@ -200,7 +204,12 @@ class LoraMixerModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """PEFT's selection, minus the experts' weights when the config's pinned references stand for them."""
+        """PEFT's selection, minus the experts' weights when the config's pinned references stand for them.
+
+        PEFT calls this as it saves (and pushes) the model, so the model learns here to keep our card on a push.
+        """
+        if isinstance(model, PeftModel):
+            keep_card_on_push(model)
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         return selected if config.stores_expert_weights else without_expert_weights(model, selected, adapter_name)
 
@@ -208,8 +217,11 @@ class LoraMixerModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: LoraMixerConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """A router-only checkpoint gets the experts fetched at their pinned commits when the adapter was built."""
+        """A router-only checkpoint gets the experts fetched at their pinned commits when the adapter was built.
+
+        Weights of modules the model lacks are named in a warning, as PEFT would drop them silently."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        warn_about_absent_modules(model, remapped, adapter_name)
         if config.stores_expert_weights:
             return remapped
         return {**pinned_expert_weights(model, config, adapter_name), **remapped}

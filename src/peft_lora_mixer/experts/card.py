@@ -1,20 +1,20 @@
 """The model card of a LoRA-Mixer adapter: PEFT's card plus a section saying what the mixture is made of.
 
-The section sits between two HTML comments, so writing it again (each save, each push) replaces it and leaves the
-rest of the card, including anything the user wrote, as it was.
+Each adapter's section sits between two HTML comments naming it, so writing it again (each save, each push) replaces
+it and leaves the rest of the card, including anything the user wrote, as it was.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import fields
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from huggingface_hub import ModelCard
 
-from ..config import LoraMixerConfig
+if TYPE_CHECKING:  # the config writes the card when PEFT saves it: a runtime import would be circular
+    from ..config import LoraMixerConfig
 
 SECTION_START = "<!-- lora-mixer:start -->"
 SECTION_END = "<!-- lora-mixer:end -->"
@@ -22,23 +22,30 @@ TAG = "lora-mixer"
 _ROUTER_FIELDS = ("routing", "top_k", "router_temperature")
 
 
-def add_mixer_section(
-    folder: str, configs: Mapping[str, LoraMixerConfig], base_model: Optional[str], repo_id: Optional[str] = None
-) -> None:
-    """Write (or rewrite) the LoRA-Mixer section and tag into `folder/README.md`, which PEFT has already written."""
+def add_mixer_section(folder: str, adapter_name: str, config: LoraMixerConfig, repo_id: Optional[str] = None) -> None:
+    """Write (or rewrite) the section of adapter `adapter_name` and our tag into `folder/README.md`, which PEFT has
+    already written."""
     path = os.path.join(folder, "README.md")
     card = ModelCard.load(path)
     card.data.tags = sorted(set(card.data.tags or ()) | {TAG})
+    base_model = config.base_model_name_or_path
     if base_model and not card.data.get("base_model"):
         card.data["base_model"] = base_model
-    section = "\n\n".join(_section(name, config, base_model, repo_id) for name, config in configs.items())
-    block = f"{SECTION_START}\n{section}\n{SECTION_END}"
-    pattern = re.compile(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END), re.DOTALL)
+    start, end = section_markers(adapter_name)
+    block = f"{start}\n{_section(adapter_name, config, base_model, repo_id)}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     if pattern.search(card.text):
         card.text = pattern.sub(lambda _: block, card.text)
     else:
         card.text = f"{block}\n\n{card.text.lstrip()}"
     card.save(path)
+
+
+def section_markers(adapter_name: str) -> tuple[str, str]:
+    """The comments around an adapter's section (the default adapter's are the plain ones)."""
+    if adapter_name == "default":
+        return SECTION_START, SECTION_END
+    return SECTION_START.replace(" -->", f" {adapter_name} -->"), SECTION_END.replace(" -->", f" {adapter_name} -->")
 
 
 def _section(adapter_name: str, config: LoraMixerConfig, base_model: Optional[str], repo_id: Optional[str]) -> str:
@@ -71,7 +78,7 @@ def _section(adapter_name: str, config: LoraMixerConfig, base_model: Optional[st
         "### Use",
         "",
         "```python",
-        "import peft_lora_mixer  # registers LoRA-Mixer with PEFT",
+        "import peft_lora_mixer  # registers LoRA-Mixer with PEFT (done by itself once the package is installed)",
         "from peft import PeftModel",
         "",
         f'model = PeftModel.from_pretrained(base_model, "{repo_id or "<this repository or folder>"}")',

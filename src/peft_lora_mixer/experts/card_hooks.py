@@ -1,53 +1,51 @@
-"""Keep the LoRA-Mixer model card through `save_pretrained` and `push_to_hub`.
+"""Keep the LoRA-Mixer model card through `save_pretrained` and `push_to_hub`, touching no other PEFT method.
 
-PEFT writes its card in `PeftModel.create_or_update_model_card` (called by `save_pretrained`), and transformers'
-`push_to_hub` then overwrites README.md with a card of its own (the repository's current card, or a transformers
-template) just before uploading. Both steps are wrapped here, for models holding a LoRA-Mixer adapter only: the
-first adds our section to PEFT's card, the second runs PEFT's card step again on the card about to be uploaded, so
-what reaches the Hub is the repository's card plus PEFT's metadata plus our section. Other models are untouched.
+`PeftModel.save_pretrained` writes PEFT's card, then saves each adapter's config: our config's `save_pretrained`
+(`card_folder` finds the card and the adapter's name) adds our section there. `push_to_hub` then overwrites README.md
+with a card of transformers' own (the repository's current card, or a template) just before uploading; a PeftModel
+that saved a LoRA-Mixer adapter therefore gets, on that instance only, an upload step that writes PEFT's card and our
+sections again on the card about to be uploaded. The `PeftModel` class and other models are left as they are.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
 from typing import Any, Optional
 
 from peft import PeftModel
 
 from .card import add_mixer_section
-from ..config import LoraMixerConfig
+
+_README = "README.md"
 
 
-def install_card_hooks() -> None:
-    """Wrap PEFT's card step and the upload step of `PeftModel` (idempotent)."""
-    if getattr(PeftModel.create_or_update_model_card, "_loramixer_hook", False):
-        return
-    PeftModel.create_or_update_model_card = _card_step(PeftModel.create_or_update_model_card)
-    PeftModel._upload_modified_files = _upload_step(PeftModel._upload_modified_files)
+def card_folder(config_directory: str) -> Optional[tuple[str, str]]:
+    """(folder of the card, adapter name) for a config PEFT saves into `config_directory`, or None without a card.
+
+    PEFT saves the card in the save directory, the default adapter's config there too, and any other adapter's
+    config in a subfolder named after it.
+    """
+    if os.path.isfile(os.path.join(config_directory, _README)):
+        return config_directory, "default"
+    parent = os.path.dirname(os.path.normpath(config_directory))
+    if os.path.isfile(os.path.join(parent, _README)):
+        return parent, os.path.basename(os.path.normpath(config_directory))
+    return None
 
 
-def _mixer_configs(model: PeftModel) -> dict[str, LoraMixerConfig]:
-    return {name: config for name, config in model.peft_config.items() if isinstance(config, LoraMixerConfig)}
+def keep_card_on_push(model: PeftModel) -> None:
+    """Give this model (only) an upload step that puts PEFT's card and our sections back before uploading.
+
+    A partial of a module-level function, so that the model still pickles and deep-copies (onto the copy).
+    """
+    if "_upload_modified_files" not in vars(model):
+        model._upload_modified_files = functools.partial(_upload_with_card, model)
 
 
-def _card_step(create_or_update_model_card: Callable) -> Callable:
-    @functools.wraps(create_or_update_model_card)
-    def wrapper(self: PeftModel, output_dir: str, repo_id: Optional[str] = None) -> None:
-        create_or_update_model_card(self, output_dir)
-        configs = _mixer_configs(self)
-        if configs:
-            add_mixer_section(output_dir, configs, self.get_base_model().name_or_path or None, repo_id)
-
-    wrapper._loramixer_hook = True
-    return wrapper
-
-
-def _upload_step(upload_modified_files: Callable) -> Callable:
-    @functools.wraps(upload_modified_files)
-    def wrapper(self: PeftModel, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if _mixer_configs(self):
-            self.create_or_update_model_card(working_dir, repo_id=repo_id)
-        return upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
-
-    return wrapper
+def _upload_with_card(model: PeftModel, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+    model.create_or_update_model_card(working_dir)
+    for name, config in model.peft_config.items():
+        if getattr(config, "peft_type", None) == "LORAMIXER":
+            add_mixer_section(working_dir, name, config, repo_id)
+    return type(model)._upload_modified_files(model, working_dir, repo_id, *args, **kwargs)

@@ -7,6 +7,8 @@ were created empty, on the meta device, by `low_cpu_mem_usage=True`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -48,3 +50,23 @@ def pinned_expert_weights(model: nn.Module, config: LoraMixerConfig, adapter_nam
             state_key = f"{key}.{name}.{adapter_name}"
             weights[state_key] = value.to(device=device, dtype=current[state_key].dtype)
     return weights
+
+
+def warn_about_absent_modules(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Warn, naming them, about the checkpoint's modules that `model` lacks (e.g. a base with fewer layers): their
+    weights would otherwise be dropped without a word."""
+    present = model.state_dict().keys()
+    absent = sorted(
+        {
+            key.removeprefix(PEFT_MODEL_PREFIX).rsplit(".loramixer_", 1)[0]
+            for key in state_dict
+            if ".loramixer_" in key and key not in present and key.removeprefix(PEFT_MODEL_PREFIX) not in present
+        }
+    )
+    if absent:
+        warnings.warn(
+            f"The checkpoint of adapter {adapter_name!r} holds weights for {len(absent)} module(s) this model does not "
+            f"have, which are not loaded: {', '.join(absent)}. The adapter was probably trained on another base "
+            "model (e.g. one with more layers); load it into that model.",
+            stacklevel=2,
+        )

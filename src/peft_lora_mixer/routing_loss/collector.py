@@ -60,14 +60,15 @@ def _reads_encoder_tokens(module_name: str) -> bool:
     return any(block in parts for block in CROSS_ATTENTION_BLOCKS) and parts[-1] in CROSS_ATTENTION_ENCODER_INPUTS
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: each forward is its own step
 class RoutingStep:
     """What one forward of the model shares with its routers (and, under reentrant checkpointing, their backward).
 
     `builds_loss`: the forward trains with the RSL (training mode, autograd on, an adapter with `add_routing_loss`).
     `gradient_scale`: what reached the RSL in backward (None until then, or if it never does).
     `recomputed_routers`: routers that ran without autograd (reentrant checkpointing), by (layer id, adapter), with
-    how many recomputations still have to inject their gradient.
+    the usage of each run whose recomputation has yet to inject its gradient (kept, so that backward needs no
+    all-reduce for global-batch statistics).
     """
 
     masks: TokenMasks
@@ -76,7 +77,7 @@ class RoutingStep:
     record_stats: bool
     parts: list[tuple[str, RouterLossParts]] = field(default_factory=list)
     gradient_scale: Optional[torch.Tensor] = None
-    recomputed_routers: dict[tuple[int, str], int] = field(default_factory=dict)
+    recomputed_routers: dict[tuple[int, str], list[RouterUsage]] = field(default_factory=dict)
 
     @property
     def num_routers(self) -> int:
@@ -120,8 +121,8 @@ class _InjectRoutingGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probs: torch.Tensor, token_mask: Optional[torch.Tensor], usage: RouterUsage, step: RoutingStep,
                 adapter_name: str, collector: RoutingCollector) -> torch.Tensor:
-        ctx.save_for_backward(probs, token_mask, usage.fraction, usage.num_experts)
-        ctx.step, ctx.num_tokens, ctx.adapter_name, ctx.collector = step, usage.num_tokens, adapter_name, collector
+        ctx.save_for_backward(probs, token_mask)
+        ctx.step, ctx.usage, ctx.adapter_name, ctx.collector = step, usage, adapter_name, collector
         return probs.view_as(probs)
 
     @staticmethod
@@ -130,9 +131,8 @@ class _InjectRoutingGradient(torch.autograd.Function):
         if step.gradient_scale is None:  # the RSL is not in the backpropagated loss, or came after the routers
             ctx.collector.warn_missing_rsl()
             return grad, None, None, None, None, None
-        probs, token_mask, fraction, num_experts = ctx.saved_tensors
-        usage = RouterUsage(fraction, num_experts, ctx.num_tokens)
-        rsl_grad = specialization_loss_gradient(probs, usage, step.settings[ctx.adapter_name], token_mask)
+        probs, token_mask = ctx.saved_tensors
+        rsl_grad = specialization_loss_gradient(probs, ctx.usage, step.settings[ctx.adapter_name], token_mask)
         return grad + rsl_grad * (step.gradient_scale / step.num_routers), None, None, None, None, None
 
 
@@ -157,41 +157,45 @@ class RoutingCollector:
                 token_shape: torch.Size) -> torch.Tensor:
         """Called by a layer with its router's logits and probabilities ((..., E) over tokens that had
         `token_shape`, batch first); returns the tensor the layer should route with."""
-        step = self.step if self.collecting else self._recomputed_step(layer, adapter_name, probs)
+        module_name = self.module_names.get(id(layer), "")
+        if not self.collecting:  # perhaps a reentrant checkpoint's recomputation during backward
+            return self._inject_into_recomputed(layer, adapter_name, module_name, probs, token_shape)
+        step = self.step
         if step is None:
             return probs
-        has_loss = step.builds_loss and adapter_name in step.settings
-        token_mask = step.masks.for_router(self.module_names.get(id(layer), ""), token_shape)
+        token_mask = step.masks.for_router(module_name, token_shape)
         valid = valid_tokens(probs.detach(), token_mask)
         usage = RouterUsage.of(valid, layer.routing[adapter_name].top_k, valid_tokens(logits.detach(), token_mask))
-        if not self.collecting:  # a reentrant checkpoint's recomputation during backward
-            return _InjectRoutingGradient.apply(probs, token_mask, usage, step, adapter_name, self)
         if step.record_stats:
-            self.stats.add(self.module_names.get(id(layer), type(layer).__name__), valid, usage)
-        if not has_loss:
+            self.stats.add(module_name or type(layer).__name__, valid, usage)
+        if not (step.builds_loss and adapter_name in step.settings):
             return probs
-        step.parts.append((adapter_name, specialization_loss(probs, usage, step.settings[adapter_name], token_mask)))
+        settings = step.settings[adapter_name]
+        if settings.global_balance:
+            usage = usage.over_global_batch()
+        step.parts.append((adapter_name, specialization_loss(probs, usage, settings, token_mask)))
         if probs.requires_grad:
             return _WatchRouterBackward.apply(probs, step, self)
         if torch.is_grad_enabled():  # trains with autograd on, yet the router had none: nothing trains it
             return probs
-        key = (id(layer), adapter_name)
-        step.recomputed_routers[key] = step.recomputed_routers.get(key, 0) + 1
+        step.recomputed_routers.setdefault((id(layer), adapter_name), []).append(usage)
         return probs
 
-    def _recomputed_step(self, layer, adapter_name: str, probs: torch.Tensor) -> Optional[RoutingStep]:
-        """The forward whose reentrant-checkpointed router this recomputation re-runs, or None."""
+    def _inject_into_recomputed(self, layer, adapter_name: str, module_name: str, probs: torch.Tensor,
+                                token_shape: torch.Size) -> torch.Tensor:
+        """In the recomputation of a reentrant-checkpointed router, the node that adds its RSL gradient."""
         if not probs.requires_grad:
-            return None
+            return probs
         key = (id(layer), adapter_name)
         for step in reversed(self.awaiting_recomputation):
-            remaining = step.recomputed_routers.get(key, 0)
-            if remaining:
-                step.recomputed_routers[key] = remaining - 1
+            usages = step.recomputed_routers.get(key)
+            if usages:
+                usage = usages.pop(0)
                 if not any(step.recomputed_routers.values()):
                     self.awaiting_recomputation.remove(step)
-                return step
-        return None
+                token_mask = step.masks.for_router(module_name, token_shape)
+                return _InjectRoutingGradient.apply(probs, token_mask, usage, step, adapter_name, self)
+        return probs
 
     def finish_forward(self) -> Optional[torch.Tensor]:
         """End the forward's collection; (RSL averaged over its routers, as a loss term) when it builds the loss."""

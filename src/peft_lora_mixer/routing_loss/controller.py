@@ -144,7 +144,12 @@ class RoutingLossController:
 
     def _loss_settings(self) -> dict[str, RouterLossSettings]:
         return {
-            name: RouterLossSettings(config.rsl_balance_weight, self._entropy_weight(name), config.rsl_entropy_sign)
+            name: RouterLossSettings(
+                config.rsl_balance_weight,
+                self._entropy_weight(name),
+                config.rsl_entropy_sign,
+                global_balance=config.rsl_balance_scope == "global_batch",
+            )
             for name in self.tuner.active_adapters
             if (config := self.tuner.peft_config[name]).add_routing_loss
         }

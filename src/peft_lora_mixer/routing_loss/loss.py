@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from ..routing import top_k_indices
 
@@ -85,7 +86,10 @@ class RouterUsage(NamedTuple):
 
     fraction: torch.Tensor  # fbar, (E,); zeros without tokens
     num_experts: torch.Tensor  # E of the balance term: every expert counts, with weights on this projection or not
-    num_tokens: int
+    num_tokens: int  # this forward's valid tokens: the entropy's mean is over them
+    # pbar is `sum of these tokens' probabilities / balance_tokens`: `num_tokens`, or with statistics over the global
+    # batch its token count divided by the number of processes (whose gradients the data-parallel wrapper averages)
+    balance_tokens: Union[int, torch.Tensor]
 
     @classmethod
     def of(cls, probs: torch.Tensor, top_k: int, logits: Optional[torch.Tensor] = None) -> RouterUsage:
@@ -93,18 +97,35 @@ class RouterUsage(NamedTuple):
         probs = probs.detach()
         num_experts = probs.new_tensor(probs.shape[-1])
         if probs.shape[0] == 0:
-            return cls(probs.new_zeros(probs.shape[-1]), num_experts, 0)
+            return cls(probs.new_zeros(probs.shape[-1]), num_experts, 0, 0)
         fraction = top_k_fraction(probs if logits is None else logits, top_k).to(probs.dtype)
-        return cls(fraction, num_experts, probs.shape[0])
+        return cls(fraction, num_experts, probs.shape[0], probs.shape[0])
+
+    def over_global_batch(self, group: Optional[dist.ProcessGroup] = None) -> RouterUsage:
+        """This usage with fbar (and pbar's token count) taken over the tokens of every process in `group`.
+
+        Each process's balance term then is `E * sum_i fbar_i * (its probability sums) / (N / P)` (N tokens over P
+        processes): averaged over the processes, as data-parallel training averages gradients, it is the balance
+        term of one process on all N tokens. One all-reduce of E + 1 numbers; without a process group, unchanged.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        counts = torch.cat([self.fraction * self.num_tokens, self.fraction.new_tensor([float(self.num_tokens)])])
+        dist.all_reduce(counts, group=group)
+        total = counts[-1]
+        fraction = counts[:-1] / total.clamp_min(1.0)
+        return self._replace(fraction=fraction, balance_tokens=total / dist.get_world_size(group))
 
 
 @dataclass(frozen=True)
 class RouterLossSettings:
-    """alpha, lambda and the entropy sign of one adapter for one forward."""
+    """alpha, lambda and the entropy sign of one adapter for one forward, and whether its balance statistics are
+    taken over the global batch (`rsl_balance_scope`)."""
 
     balance_weight: float
     entropy_weight: Union[float, torch.Tensor]
     entropy_sign: int
+    global_balance: bool = False
 
 
 class RouterLossParts(NamedTuple):
@@ -117,7 +138,7 @@ class RouterLossParts(NamedTuple):
 
 def balance_term(probs: torch.Tensor, usage: RouterUsage) -> torch.Tensor:
     """E * sum_i pbar_i * fbar_i over all E experts of the router."""
-    return usage.num_experts * (probs.mean(0) * usage.fraction).sum()
+    return usage.num_experts * (probs.sum(0) / usage.balance_tokens * usage.fraction).sum()
 
 
 def router_loss_parts(probs: torch.Tensor, usage: RouterUsage) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,11 +199,11 @@ def specialization_loss_gradient(
         return torch.zeros_like(probs)
     tiny = torch.finfo(probs.dtype).tiny
     entropy_gradient = -(probs.clamp_min(tiny).log() + (probs >= tiny).to(probs.dtype))
-    balance_gradient = usage.num_experts * usage.fraction
+    balance_gradient = usage.num_experts * usage.fraction / usage.balance_tokens
+    entropy_gradient = entropy_gradient / usage.num_tokens
     gradient = settings.balance_weight * balance_gradient + settings.entropy_sign * settings.entropy_weight * (
         entropy_gradient
     )
-    gradient = gradient / usage.num_tokens
     if token_mask is not None:  # padding tokens take no part in the RSL
         gradient = gradient * token_mask.reshape(*probs.shape[:-1], 1).to(device=probs.device, dtype=probs.dtype)
     return gradient
