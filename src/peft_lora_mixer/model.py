@@ -23,14 +23,15 @@ from .config import LoraMixerConfig
 from .experts.card_hooks import keep_card_on_push
 from .experts.checkpoint import pinned_expert_weights, warn_about_absent_modules, without_expert_weights
 from .experts.loading import ExpertSet, load_experts
+from .experts.router_init import router_weights_from_experts, set_router_weights
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features, iter_mixer_layers
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .quantization import check_supported_quantization
 from .routing import as_expert_ids
-from .targets import DEFAULT_TARGET_MODULES
 from .routing_loss.controller import ExpertSelection, RoutingLossController
 from .routing_loss.loss import RoutingLoss
 from .routing_loss.stats import ModuleRoutingStats
+from .targets import DEFAULT_TARGET_MODULES
 
 
 class LoraMixerModel(BaseTuner):
@@ -64,13 +65,17 @@ class LoraMixerModel(BaseTuner):
         check_supported_quantization(model)
         config = self.peft_config[adapter_name]
         experts = load_experts(config, model)  # fetched and checked before the model is touched
+        router_weights = None
         if experts is None:
             self._check_targets(model, config)
         else:
             targets = set(experts.module_names) if config.target_modules is None else config.target_modules
             checked = copy.copy(config)
             checked.target_modules = targets
-            experts.check_covers(self._check_targets(model, checked))
+            matched = self._check_targets(model, checked)
+            experts.check_covers(matched)
+            if config.router_init == "experts" and not config.resolved_experts:  # a new mixer, not a saved one
+                router_weights = router_weights_from_experts(model, experts, matched)
             config.target_modules, config.resolved_experts = targets, experts.references()
         self._experts = experts
         try:
@@ -79,6 +84,8 @@ class LoraMixerModel(BaseTuner):
             self._experts = None
         if experts is not None:  # layers created empty (low_cpu_mem_usage) get the weights on load: see checkpoint
             experts.load_into(model, adapter_name, frozen=not config.trainable_experts)
+        if router_weights is not None:
+            set_router_weights(model, adapter_name, router_weights)
         self.routing_controller.install()
 
     def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> list[str]:

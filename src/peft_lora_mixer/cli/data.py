@@ -1,0 +1,75 @@
+"""Training data for `train-router`: JSONL records, checked line by line, tokenized for causal or seq2seq models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+def read_records(path: Path, fields: tuple[str, ...] = ("text",)) -> list[tuple[int, dict[str, str]]]:
+    """`(line number, {field: value})` for every non-blank line of a JSONL file; every field a non-empty string.
+
+    Errors name the file and the line (also for bytes that are not UTF-8), before anything is loaded or written.
+    """
+    records = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{path}:{number} is not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                "save the file as UTF-8."
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}).") from None
+        for field in fields:
+            value = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise ValueError(f"{path}:{number} has no string field {field!r}.")
+            if not value.strip():
+                raise ValueError(f"{path}:{number} has an empty {field!r}; remove the line or give it text.")
+        records.append((number, {field: record[field] for field in fields}))
+    if not records:
+        raise ValueError(f"{path} holds no samples.")
+    return records
+
+
+def read_texts(path: Path) -> list[str]:
+    """The 'text' field of every line of a JSONL file, with the line number of any bad line."""
+    return [record["text"] for _, record in read_records(path)]
+
+
+def tokenize_records(
+    records: list[tuple[int, dict[str, str]]], tokenizer: PreTrainedTokenizerBase, max_length: int,
+    encoder_decoder: bool, path: Path,
+) -> list[dict[str, Any]]:
+    """Token ids and labels per record: a causal LM learns every token of 'text' (end-of-sequence tokens included:
+    padding is told apart by the collator, not by the token id); an encoder-decoder reads 'text' and learns
+    'target'."""
+    samples = []
+    for number, record in records:
+        if encoder_decoder:
+            sample = tokenizer(record["text"], text_target=record["target"], truncation=True, max_length=max_length)
+        else:
+            sample = tokenizer(record["text"], truncation=True, max_length=max_length)
+            sample["labels"] = list(sample["input_ids"])
+        if not sample["input_ids"] or not sample["labels"]:
+            raise ValueError(f"{path}:{number} gives no tokens with this tokenizer.")
+        samples.append(dict(sample))
+    return samples
+
+
+def training_collator(tokenizer: PreTrainedTokenizerBase, model=None) -> DataCollatorForSeq2Seq:
+    """Pads `input_ids` with the pad token and `labels` with -100, so only padding is left out of the loss (a
+    tokenizer whose pad token is its end-of-sequence token keeps its real end-of-sequence labels). With an
+    encoder-decoder `model`, it also builds the decoder inputs from the labels."""
+    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, padding=True)

@@ -1,0 +1,43 @@
+"""The offline miniature's workload: a tiny Llama pretrained on the spot, synthetic string-transformation domains,
+exact-match accuracy as the metric."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .tasks import DOMAINS, PRETRAIN, training_samples
+from .train_eval import exact_match, fit, tiny_base_model
+from .workload import Workload
+
+
+class TinyWorkload(Workload):
+    """Pretrains the base model once (`prepare`), then serves the task domains' samples and their evaluation."""
+
+    metric = "accuracy"
+    higher_is_better = True
+    domains = [domain.name for domain in DOMAINS]
+
+    def prepare(self) -> None:
+        model = tiny_base_model(self.size.hidden_size, self.size.layers, self.seed)
+        samples = training_samples(PRETRAIN, 0, self.size.pretrain_steps * self.size.batch_size, self.seed)
+        self.log(f"pretraining the base model on {PRETRAIN.name!r}")
+        fit(model, samples, self.size.pretrain_steps, self.size.lr, self.seed, batch_size=self.size.batch_size)
+        model.save_pretrained(self.base_dir)
+
+    def base(self) -> AutoModelForCausalLM:
+        return AutoModelForCausalLM.from_pretrained(self.base_dir)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.size.hidden_size
+
+    def training_samples(self, index: int, count: int, seed: int) -> list[dict]:
+        return training_samples(DOMAINS[index], index, count, seed)
+
+    def heldout_samples(self, index: int) -> list[dict]:
+        return training_samples(DOMAINS[index], index, self.size.eval_count, self.seed + 1000)
+
+    def scores(self, model: torch.nn.Module, losses: dict[str, float]) -> dict[str, float]:
+        """Exact-match accuracy of greedy answers to the held-out prompts (the losses are not needed)."""
+        return {domain.name: exact_match(model, domain, self.size.eval_count, self.seed + 1000) for domain in DOMAINS}
