@@ -27,32 +27,64 @@ from .measure import Subject
 from .variants import REFERENCE, Variant, apply_variant, default_variants, parse_only
 from .workloads import WORKLOADS, Workload, default_workloads
 
-QUICK_ROWS = ["base", "lora-r8", "lora-r64", "xlora-8x8-k2", "mixer-e8-k2", "mixer-e64-k2", "mixer-e64-k2-topk",
-              "mixer-e8-k2-on-lora-targets"]  # the last one only where LoRA refuses some of the mixer's targets
+QUICK_ROWS = [
+    "base",
+    "lora-r8",
+    "lora-r64",
+    "xlora-8x8-k2",
+    "mixer-e8-k2",
+    "mixer-e64-k2",
+    "mixer-e64-k2-topk",
+    "mixer-e8-k2-on-lora-targets",
+]  # the last one only where LoRA refuses some of the mixer's targets
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=None,
-                        help="default: llama-1b-gpu when CUDA is available, else llama-cpu and mamba-cpu")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=sorted(WORKLOADS),
+        default=None,
+        help="default: llama-1b-gpu when CUDA is available, else llama-cpu and mamba-cpu",
+    )
     parser.add_argument("--rows", nargs="+", default=None, help="row names to run (lora-r8 is always added)")
-    parser.add_argument("--routing", nargs="+", default=["hard_soft"], choices=ROUTING_MODES,
-                        help="routing modes of the LoRA-Mixer rows")
+    parser.add_argument(
+        "--routing",
+        nargs="+",
+        default=["hard_soft"],
+        choices=ROUTING_MODES,
+        help="routing modes of the LoRA-Mixer rows",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row (median reported)")
     parser.add_argument("--gen-repeats", type=int, default=3, help="timed generation calls per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per row first")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"only {', '.join(QUICK_ROWS)}, 3 repeats, 1 generation call, 1 warm-up step")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (default: its own); 1 gives steadier ratios on a busy machine")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall-clock time, or the process's CPU time (CPU workloads; steadier on a shared machine "
-                             "with --threads 1)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"only {', '.join(QUICK_ROWS)}, 3 repeats, 1 generation call, 1 warm-up step",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: its own); 1 gives steadier ratios on a busy machine",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall-clock time, or the process's CPU time (CPU workloads; steadier on a shared machine "
+        "with --threads 1)",
+    )
     parser.add_argument("--no-generate", action="store_true", help="skip the generation measurement")
-    parser.add_argument("--no-train", action="store_true",
-                        help="skip the training step and its peak memory (generation only: minutes instead of hours "
-                             "on mamba-cpu)")
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="skip the training step and its peak memory (generation only: minutes instead of hours on mamba-cpu)",
+    )
     parser.add_argument("--json", default="benchmark_results.json", help="where to write the results")
     args = parser.parse_args()
     if args.quick:
@@ -64,12 +96,22 @@ def parse_args() -> argparse.Namespace:
 def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespace) -> list[dict]:
     """Build every row, then measure each right after the reference (`measure_paired`); one result dict per row."""
     if args.clock == "cpu" and workload.device != "cpu":
-        raise SystemExit(f"--clock cpu times CPU work only; {workload.name} runs on {workload.device}: use --clock wall")
+        raise SystemExit(
+            f"--clock cpu times CPU work only; {workload.name} runs on {workload.device}: use --clock wall"
+        )
     subjects = {}
     for row in rows:
         model = apply_variant(workload.build(), row, workload)
-        subjects[row.name] = Subject(model, workload.batch, workload.seq_len, workload.prompt_len,
-                                     workload.new_tokens, model.config.vocab_size, workload.device, args.clock)
+        subjects[row.name] = Subject(
+            model,
+            workload.batch,
+            workload.seq_len,
+            workload.prompt_len,
+            workload.new_tokens,
+            model.config.vocab_size,
+            workload.device,
+            args.clock,
+        )
         for _ in range(0 if args.no_train else args.warmup):
             subjects[row.name].train_step()
         print(f"  built {row.name}", flush=True)
@@ -84,15 +126,22 @@ def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespa
     memory = {} if args.no_train else {name: subject.peak_train_memory() for name, subject in subjects.items()}
     state = {} if args.no_train else {name: subject.train_state_memory() for name, subject in subjects.items()}
     return [
-        dict(row=name, train_ms=_median(train[name], scale=1e3), train_ms_all=[1e3 * t for t in train[name]],
-             train_ratio=_median(train_ratios[name]), train_ratio_all=train_ratios[name],
-             gen_tok_s=_median(gen[name]), gen_tok_s_all=gen[name],
-             gen_ratio=_median(gen_ratios[name]), gen_ratio_all=gen_ratios[name],
-             peak_train_mib=memory[name] / 2**20 if memory else None,
-             mem_ratio=memory[name] / memory[REFERENCE] if memory else None,
-             train_state_mib=state[name] / 2**20 if state else None,
-             state_ratio=state[name] / state[REFERENCE] if state else None,
-             trainable_params=subjects[name].trainable_parameters())
+        dict(
+            row=name,
+            train_ms=_median(train[name], scale=1e3),
+            train_ms_all=[1e3 * t for t in train[name]],
+            train_ratio=_median(train_ratios[name]),
+            train_ratio_all=train_ratios[name],
+            gen_tok_s=_median(gen[name]),
+            gen_tok_s_all=gen[name],
+            gen_ratio=_median(gen_ratios[name]),
+            gen_ratio_all=gen_ratios[name],
+            peak_train_mib=memory[name] / 2**20 if memory else None,
+            mem_ratio=memory[name] / memory[REFERENCE] if memory else None,
+            train_state_mib=state[name] / 2**20 if state else None,
+            state_ratio=state[name] / state[REFERENCE] if state else None,
+            trainable_params=subjects[name].trainable_parameters(),
+        )
         for name in subjects
     ]
 
@@ -102,8 +151,9 @@ def _median(values: list[float], scale: float = 1.0) -> float | None:
     return scale * statistics.median(values) if values else None
 
 
-def measure_paired(subjects: dict[str, Subject], measure: Callable[[Subject], float],
-                   repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def measure_paired(
+    subjects: dict[str, Subject], measure: Callable[[Subject], float], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """`measure` of every row, each time right after the reference row's: (the values, the row / reference ratios).
 
     On a shared machine the load changes within seconds; a ratio of two measurements taken back to back sees the
@@ -124,10 +174,14 @@ def measure_paired(subjects: dict[str, Subject], measure: Callable[[Subject], fl
 
 
 def format_table(workload: Workload, results: list[dict]) -> str:
-    header = ("| row | train step ms | x LoRA r=8 | gen tok/s | x LoRA r=8 | peak train MiB | x LoRA r=8 | "
-              "train state MiB | x LoRA r=8 | trainable params |")
-    title = (f"{workload.name}: batch {workload.batch} x seq {workload.seq_len}; generation {workload.batch} x "
-             f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)")
+    header = (
+        "| row | train step ms | x LoRA r=8 | gen tok/s | x LoRA r=8 | peak train MiB | x LoRA r=8 | "
+        "train state MiB | x LoRA r=8 | trainable params |"
+    )
+    title = (
+        f"{workload.name}: batch {workload.batch} x seq {workload.seq_len}; generation {workload.batch} x "
+        f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)"
+    )
     lines = [title, "", header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         train = f"{r['train_ms']:.1f} | {r['train_ratio']:.2f}" if r["train_ms"] else "- | -"
@@ -144,10 +198,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     report = dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-        machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        machine=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
         cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        args=vars(args), workloads={},
+        args=vars(args),
+        workloads={},
     )
     for name in args.workloads or default_workloads():
         workload = WORKLOADS[name]
@@ -158,10 +216,16 @@ def main() -> None:
         print(f"{name}: {len(rows)} rows", flush=True)
         results = run_workload(workload, rows, args)
         print("\n" + format_table(workload, results) + "\n", flush=True)
-        report["workloads"][name] = dict(workload=dict(batch=workload.batch, seq_len=workload.seq_len,
-                                                       prompt_len=workload.prompt_len,
-                                                       new_tokens=workload.new_tokens, config=workload.config),
-                                         results=results)
+        report["workloads"][name] = dict(
+            workload=dict(
+                batch=workload.batch,
+                seq_len=workload.seq_len,
+                prompt_len=workload.prompt_len,
+                new_tokens=workload.new_tokens,
+                config=workload.config,
+            ),
+            results=results,
+        )
         with open(args.json, "w") as out:
             json.dump(report, out, indent=1)
     print(f"wrote {args.json}")

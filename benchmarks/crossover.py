@@ -42,15 +42,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4, 256, 1024])
     parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--routing", nargs="+", choices=SPARSE_ROUTING_MODES,
-                        default=list(SPARSE_ROUTING_MODES))
+    parser.add_argument("--routing", nargs="+", choices=SPARSE_ROUTING_MODES, default=list(SPARSE_ROUTING_MODES))
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch (the thresholds used 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| tokens | mode | routing | E | k | dense ms | selected ms | selected / dense |\n"
-          "|---|---|---|---|---|---|---|---|")
-    modes = [(train, routing) for train in (True, False) for routing in args.routing
-             if train or routing == "topk"]
+    print(
+        "| tokens | mode | routing | E | k | dense ms | selected ms | selected / dense |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    modes = [(train, routing) for train in (True, False) for routing in args.routing if train or routing == "topk"]
     for tokens in args.tokens:
         x = torch.randn(tokens, args.features, requires_grad=True)
         for train, routing in modes:
@@ -59,12 +59,22 @@ def main() -> None:
                     if top_k >= num_experts:
                         continue
                     base = torch.nn.Linear(args.features, args.features).requires_grad_(False)
-                    layer = LoraMixerLayer(base, "default", [ExpertSpec(args.rank, 1.0)] * num_experts,
-                                           routing=routing, top_k=top_k, router_temperature=1.0, lora_dropout=0.0,
-                                           init_weights=False)
+                    layer = LoraMixerLayer(
+                        base,
+                        "default",
+                        [ExpertSpec(args.rank, 1.0)] * num_experts,
+                        routing=routing,
+                        top_k=top_k,
+                        router_temperature=1.0,
+                        lora_dropout=0.0,
+                        init_weights=False,
+                    )
                     dense, selected = (time_layer(layer, x, train, path, args.repeats) for path in (False, True))
-                    print(f"| {tokens} | {'train' if train else 'infer'} | {routing} | {num_experts} | {top_k} | "
-                          f"{dense:.2f} | {selected:.2f} | {selected / dense:.2f} |", flush=True)
+                    print(
+                        f"| {tokens} | {'train' if train else 'infer'} | {routing} | {num_experts} | {top_k} | "
+                        f"{dense:.2f} | {selected:.2f} | {selected / dense:.2f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,18 @@ from torch import nn
 class Subject:
     """A model ready to benchmark: its optimizer, a fixed training batch and a fixed prompt."""
 
-    def __init__(self, model: nn.Module, batch: int, seq_len: int, prompt_len: int, new_tokens: int,
-                 vocab_size: int, device: str, clock: str = "wall", seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: int,
+        seq_len: int,
+        prompt_len: int,
+        new_tokens: int,
+        vocab_size: int,
+        device: str,
+        clock: str = "wall",
+        seed: int = 0,
+    ):
         generator = torch.Generator().manual_seed(seed)
         self.model = model
         self.device = device
@@ -42,9 +52,15 @@ class Subject:
         """Generated tokens per second (greedy, KV cache where the method allows it, prefill included)."""
         self.model.eval()
         start = _now(self.device, self.clock)
-        out = self.model.generate(input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt),
-                                  max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False,
-                                  use_cache=True, pad_token_id=0)
+        out = self.model.generate(
+            input_ids=self.prompt,
+            attention_mask=torch.ones_like(self.prompt),
+            max_new_tokens=self.new_tokens,
+            min_new_tokens=self.new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
         seconds = _now(self.device, self.clock) - start
         return (out.shape[0] * (out.shape[1] - self.prompt.shape[1])) / seconds
 

@@ -67,8 +67,14 @@ def apply_variant(model: PreTrainedModel, variant: Variant, workload: Workload) 
     if variant.kind == "lora":
         return get_peft_model(model, LoraConfig(r=variant.r, lora_alpha=variant.r, target_modules=targets))
     if variant.kind == "mixer":
-        config = LoraMixerConfig(r=variant.r, lora_alpha=variant.r, num_experts=variant.num_experts,
-                                 top_k=variant.top_k, routing=variant.routing, target_modules=targets)
+        config = LoraMixerConfig(
+            r=variant.r,
+            lora_alpha=variant.r,
+            num_experts=variant.num_experts,
+            top_k=variant.top_k,
+            routing=variant.routing,
+            target_modules=targets,
+        )
         return get_peft_model(model, config)
     if variant.kind == "xlora":
         return _xlora(model, variant, workload)
@@ -80,14 +86,26 @@ def _xlora(model: PreTrainedModel, variant: Variant, workload: Workload) -> Peft
     folder = Path(tempfile.mkdtemp(prefix="xlora-experts-"))
     adapters = {}
     for i in range(variant.num_experts):
-        lora = get_peft_model(model, LoraConfig(r=variant.r, lora_alpha=variant.r, target_modules=list(
-            workload.lora_target_modules), init_lora_weights=False))
+        lora = get_peft_model(
+            model,
+            LoraConfig(
+                r=variant.r,
+                lora_alpha=variant.r,
+                target_modules=list(workload.lora_target_modules),
+                init_lora_weights=False,
+            ),
+        )
         lora.save_pretrained(folder / str(i))
         model = lora.unload()
         adapters[str(i)] = str(folder / str(i))
     model.config.use_cache = False  # X-LoRA refuses a model with use_cache on (and generates without a KV cache)
-    config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=workload.hidden_size, adapters=adapters,
-                         top_k_lora=variant.top_k, xlora_depth=1)
+    config = XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=workload.hidden_size,
+        adapters=adapters,
+        top_k_lora=variant.top_k,
+        xlora_depth=1,
+    )
     return get_peft_model(model, config)
 
 

@@ -39,8 +39,13 @@ EXPERTS = {  # name -> LoRA options: ranks, alphas, rsLoRA and targets may all d
 
 def build_base(args: argparse.Namespace) -> torch.nn.Module:
     config = AutoConfig.for_model(
-        "llama", vocab_size=args.vocab, hidden_size=args.hidden_size, intermediate_size=64,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        "llama",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)

@@ -30,37 +30,70 @@ def domain_dataset(count_per_domain: int, seed: int) -> list[dict]:
     for domain in range(DOMAINS):
         generator = torch.Generator().manual_seed(seed * 100 + domain)
         for ids in torch.randint(0, SPAN, (count_per_domain, SEQ_LEN), generator=generator) + domain * SPAN:
-            samples.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-                            "domain": domain})
+            samples.append(
+                {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids), "domain": domain}
+            )
     return samples
 
 
 def build_model() -> PeftModel:
     """A tiny llama whose embeddings and output head carry a direction per domain (as real domains do)."""
-    config = LlamaConfig(vocab_size=DOMAINS * SPAN, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=DOMAINS * SPAN,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     with torch.no_grad():
         for domain in range(DOMAINS):
-            base.model.embed_tokens.weight[domain * SPAN:(domain + 1) * SPAN, domain] += 1.0
-            base.lm_head.weight[domain * SPAN:(domain + 1) * SPAN, DOMAINS + domain] += 1.0
-    mixer = LoraMixerConfig(r=8, lora_alpha=16, num_experts=DOMAINS, top_k=1, target_modules=["o_proj"],
-                            rsl_balance_weight=0.1, rsl_entropy_weight=0.3)
+            base.model.embed_tokens.weight[domain * SPAN : (domain + 1) * SPAN, domain] += 1.0
+            base.lm_head.weight[domain * SPAN : (domain + 1) * SPAN, DOMAINS + domain] += 1.0
+    mixer = LoraMixerConfig(
+        r=8,
+        lora_alpha=16,
+        num_experts=DOMAINS,
+        top_k=1,
+        target_modules=["o_proj"],
+        rsl_balance_weight=0.1,
+        rsl_entropy_weight=0.3,
+    )
     return get_peft_model(base, mixer)
 
 
-def run_stage(model: PeftModel, samples: list[dict], output_dir: str, steps: int, lr: float, forced: bool,
-              args: argparse.Namespace) -> Trainer:
+def run_stage(
+    model: PeftModel,
+    samples: list[dict],
+    output_dir: str,
+    steps: int,
+    lr: float,
+    forced: bool,
+    args: argparse.Namespace,
+) -> Trainer:
     training_args = TrainingArguments(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=lr, lr_scheduler_type="constant",
-        logging_steps=args.logging_steps, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
         remove_unused_columns=False,  # keep the `domain` column for ExpertIdsCollator
-        ddp_find_unused_parameters=False, disable_tqdm=True, log_level="error",
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        log_level="error",
     )
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=samples,
+        model=model,
+        args=training_args,
+        train_dataset=samples,
         data_collator=ExpertIdsCollator(column="domain") if forced else _drop_domain,
         callbacks=[RoutingCallback()],
     )
@@ -78,7 +111,7 @@ def routing_accuracy(model: PeftModel) -> tuple[float, dict]:
     model.eval()
     by_domain = {}
     for domain in range(DOMAINS):
-        ids = torch.stack([s["input_ids"] for s in domain_dataset(16, seed=7)[domain * 16:(domain + 1) * 16]])
+        ids = torch.stack([s["input_ids"] for s in domain_dataset(16, seed=7)[domain * 16 : (domain + 1) * 16]])
         model.routing_stats(reset=True)
         with model.collect_routing_stats():
             model(input_ids=ids)

@@ -45,8 +45,15 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_llama() -> AutoModelForCausalLM:
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=len(SPECIAL + WORDS), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(SPECIAL + WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -55,8 +62,9 @@ def copy_task(count: int) -> Dataset:
     generator = torch.Generator().manual_seed(0)
     rows = []
     for ids in torch.randint(0, len(WORDS), (count, 4), generator=generator).tolist():
-        rows.append({"prompt": " ".join(WORDS[i] for i in ids),
-                     "completion": " " + " ".join(WORDS[i] for i in reversed(ids))})
+        rows.append(
+            {"prompt": " ".join(WORDS[i] for i in ids), "completion": " " + " ".join(WORDS[i] for i in reversed(ids))}
+        )
     return Dataset.from_list(rows)
 
 
@@ -75,15 +83,31 @@ def main() -> None:
 
     model = build_model(args.experts)
     with tempfile.TemporaryDirectory() as output_dir:
-        config = SFTConfig(output_dir, max_steps=args.max_steps, per_device_train_batch_size=8, learning_rate=1e-2,
-                           logging_steps=max(1, args.max_steps // 6), report_to=[], save_strategy="no",
-                           disable_tqdm=True, log_level="error", use_cpu=not torch.cuda.is_available())
-        trainer = RoutingSFTTrainer(model=model, args=config, train_dataset=copy_task(256),
-                                    processing_class=word_tokenizer(), callbacks=[RoutingCallback()])
+        config = SFTConfig(
+            output_dir,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-2,
+            logging_steps=max(1, args.max_steps // 6),
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            log_level="error",
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = RoutingSFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=copy_task(256),
+            processing_class=word_tokenizer(),
+            callbacks=[RoutingCallback()],
+        )
         trainer.train()
     for log in (h for h in trainer.state.log_history if "loss" in h):
-        print(f"step {log['step']:>3}  loss {log['loss']:.3f}  rsl {log['rsl/total']:.3f}  "
-              f"routing entropy {log['routing/entropy']:.3f}  balance {log['routing/balance']:.3f}")
+        print(
+            f"step {log['step']:>3}  loss {log['loss']:.3f}  rsl {log['rsl/total']:.3f}  "
+            f"routing entropy {log['routing/entropy']:.3f}  balance {log['routing/balance']:.3f}"
+        )
 
 
 if __name__ == "__main__":

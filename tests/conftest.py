@@ -4,11 +4,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network; s
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import peft_lora_mixer  # noqa: E402,F401  (registers LoRA-Mixer with PEFT)
+from fake_hub import HubCache, HubServer  # noqa: E402
 from huggingface_hub.utils import _http  # noqa: E402
 
-from fake_hub import HubCache, HubServer  # noqa: E402
+import peft_lora_mixer  # noqa: E402,F401  (registers LoRA-Mixer with PEFT)
 
 # Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits slow every op many-fold.
 torch.set_num_threads(1)

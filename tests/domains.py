@@ -57,21 +57,43 @@ def mixer_model(**config) -> PeftModel:
     so it is not learned.
     """
     base = domain_base()
-    defaults = dict(r=8, lora_alpha=16, num_experts=NUM_DOMAINS, top_k=1, target_modules=["o_proj"],
-                    rsl_balance_weight=0.1, rsl_entropy_weight=0.3)
+    defaults = dict(
+        r=8,
+        lora_alpha=16,
+        num_experts=NUM_DOMAINS,
+        top_k=1,
+        target_modules=["o_proj"],
+        rsl_balance_weight=0.1,
+        rsl_entropy_weight=0.3,
+    )
     return get_peft_model(base, LoraMixerConfig(**{**defaults, **config}))
 
 
-def train(model: PeftModel, samples: list[dict], output_dir: str, steps: int, lr: float, forced: bool = False,
-          **args) -> Trainer:
+def train(
+    model: PeftModel, samples: list[dict], output_dir: str, steps: int, lr: float, forced: bool = False, **args
+) -> Trainer:
     """A plain Trainer run; `forced`: route each sample to its domain's expert (stage 1) via the collator."""
     defaults = dict(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=0,
-        remove_unused_columns=False, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=TrainingArguments(**{**defaults, **args}), train_dataset=samples,
-                      data_collator=ExpertIdsCollator() if forced else collate_without_domain)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**{**defaults, **args}),
+        train_dataset=samples,
+        data_collator=ExpertIdsCollator() if forced else collate_without_domain,
+    )
     trainer.train()
     return trainer
 

@@ -112,8 +112,9 @@ class HubServer:
             }
             self.commits.setdefault(repo_id, []).append(files)
             oid = hashlib.sha1(repr(sorted(files)).encode()).hexdigest()
-            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo_id}/commit/{oid}",
-                                              "commitOid": oid})
+            return httpx2.Response(
+                200, json={"commitUrl": f"https://huggingface.co/{repo_id}/commit/{oid}", "commitOid": oid}
+            )
         self.unexpected.append(f"{request.method} {request.url}")
         return httpx2.Response(500, json={"error": "unexpected request in test"})
 
@@ -124,6 +125,9 @@ class HubServer:
         if filename not in files or revision not in ("main", sha):
             return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "not found"})
         content = files[filename]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(content).hexdigest()}"',
-                   "Content-Length": str(len(content))}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{hashlib.sha256(content).hexdigest()}"',
+            "Content-Length": str(len(content)),
+        }
         return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else content)

@@ -59,8 +59,13 @@ def accelerate_fsdp2(model: torch.nn.Module, rank: int) -> torch.nn.Module:
         cpu_ram_efficient_loading=options["fsdp_cpu_ram_efficient_loading"],
     )
     # the few Accelerator attributes the preparation reads: the launcher builds a real one only on GPUs
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"),
-                                  is_main_process=rank == 0, mixed_precision="no", parallelism_config=None)
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        device=torch.device("cpu"),
+        is_main_process=rank == 0,
+        mixed_precision="no",
+        parallelism_config=None,
+    )
     return fsdp2_prepare_model(accelerator, model)
 
 
@@ -83,7 +88,7 @@ def main() -> None:
         fully_shard(model, mesh=mesh)
 
     share = GLOBAL_BATCH // world
-    micro = {k: v[rank * share:(rank + 1) * share] for k, v in global_batch().items()}
+    micro = {k: v[rank * share : (rank + 1) * share] for k, v in global_batch().items()}
     model.train()
     loss = model(**micro).loss
     loss.backward()

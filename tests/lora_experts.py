@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
-from torch import nn
-
 from tiny_models import tiny_model
+from torch import nn
 
 
 def save_lora(folder: str, seed: int, base: nn.Module | None = None, **lora_kwargs) -> str:

@@ -28,13 +28,27 @@ def rsl_mixer(model_type: str = "llama", **config) -> PeftModel:
     return mixer(model_type, **{**RSL_DEFAULTS, **config}).train()
 
 
-def make_layer(experts: Sequence[ExpertSpec], routing: str = "topk", top_k: int = 2, temperature: float = 0.7,
-               in_features: int = 24, out_features: int = 20) -> LoraMixerLayer:
+def make_layer(
+    experts: Sequence[ExpertSpec],
+    routing: str = "topk",
+    top_k: int = 2,
+    temperature: float = 0.7,
+    in_features: int = 24,
+    out_features: int = 20,
+) -> LoraMixerLayer:
     """One mixer layer over a fresh `nn.Linear`, its experts and router random (seeded); the temperature is not 1
     by default, so that references must apply it."""
     torch.manual_seed(0)
-    return LoraMixerLayer(nn.Linear(in_features, out_features), "default", list(experts), routing=routing,
-                          top_k=top_k, router_temperature=temperature, lora_dropout=0.0, init_weights=False)
+    return LoraMixerLayer(
+        nn.Linear(in_features, out_features),
+        "default",
+        list(experts),
+        routing=routing,
+        top_k=top_k,
+        router_temperature=temperature,
+        lora_dropout=0.0,
+        init_weights=False,
+    )
 
 
 def reference_gates(probs: torch.Tensor, routing: str, k: int) -> torch.Tensor:
@@ -86,5 +100,3 @@ def autograd_rsl(probs, top_k, alpha, lam, sign):
     fbar = torch.zeros_like(probs).scatter(-1, probs.detach().topk(top_k, dim=-1).indices, 1.0).mean(0)
     entropy = -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1).mean()
     return alpha * probs.shape[-1] * (probs.mean(0) * fbar).sum() + sign * lam * entropy
-
-

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
 from mixers import mixer
+from peft import PeftModel, get_peft_model
 from tiny_models import SEQ2SEQ, TINY_CONFIGS, VOCAB, tiny_model
 
 from peft_lora_mixer import DEFAULT_TARGET_MODULES, LoraMixerConfig, LoraMixerLayer
@@ -70,8 +70,10 @@ def test_save_load_round_trip_is_bitwise(model_type, tmp_path):
 
 
 def test_all_linear_and_exclusions_and_layer_selection():
-    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=2, r=2, target_modules="all-linear",
-                                                                exclude_modules=["down_proj"]))
+    model = get_peft_model(
+        tiny_model("llama"),
+        LoraMixerConfig(num_experts=2, r=2, target_modules="all-linear", exclude_modules=["down_proj"]),
+    )
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraMixerLayer)}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}
 

@@ -74,6 +74,7 @@ def route_to(ids: Any, input_ids: torch.Tensor = ONE_SAMPLE) -> Callable[[Setup]
     def call(setup: Setup) -> Any:
         with setup.mixer.route_to(ids):
             return setup.forward(input_ids)
+
     return call
 
 
@@ -105,20 +106,36 @@ CASES: dict[str, Case] = {
     "rsl weight negative": Case(config(rsl_balance_weight=-1.0), ValueError, "rsl_balance_weight"),
     "rsl_entropy_target nan": Case(config(rsl_entropy_target=math.nan), ValueError, "rsl_entropy_target"),
     # target modules, checked before any module is replaced
-    "missing target": Case(lambda s: s.build(target_modules=["nonexistent_proj"]), ValueError,
-                           "not found in the base model"),
-    "embedding target": Case(lambda s: s.build(target_modules=["q_proj", "embed_tokens"]), TypeError,
-                             "embed_tokens.*not Embedding"),
-    "mamba dt_proj": Case(lambda s: s.build(target_modules=["in_proj", "dt_proj"]), ValueError,
-                          "dt_proj.weight.*directly", base=lambda: tiny_model("mamba")),
-    "wrong layers_pattern": Case(lambda s: s.build(layers_to_transform=[0], layers_pattern="nope"), ValueError,
-                                 "layers_pattern.*nope", base=lambda: tiny_model("gpt_neox")),
-    "model type without defaults": Case(lambda s: s.build(), ValueError, "no default target modules",
-                                        base=lambda: nn.Sequential(nn.Linear(4, 4))),
-    "another PEFT method": Case(lambda s: s.build(target_modules=["q_proj", "v_proj"]), ValueError,
-                                "another PEFT method", base=llama_with_peft_lora),
-    "expert folder missing": Case(lambda s: s.build(experts=[str(s.folder / "missing")], num_experts=None, top_k=1), ValueError,
-                                  "no such folder"),
+    "missing target": Case(
+        lambda s: s.build(target_modules=["nonexistent_proj"]), ValueError, "not found in the base model"
+    ),
+    "embedding target": Case(
+        lambda s: s.build(target_modules=["q_proj", "embed_tokens"]), TypeError, "embed_tokens.*not Embedding"
+    ),
+    "mamba dt_proj": Case(
+        lambda s: s.build(target_modules=["in_proj", "dt_proj"]),
+        ValueError,
+        "dt_proj.weight.*directly",
+        base=lambda: tiny_model("mamba"),
+    ),
+    "wrong layers_pattern": Case(
+        lambda s: s.build(layers_to_transform=[0], layers_pattern="nope"),
+        ValueError,
+        "layers_pattern.*nope",
+        base=lambda: tiny_model("gpt_neox"),
+    ),
+    "model type without defaults": Case(
+        lambda s: s.build(), ValueError, "no default target modules", base=lambda: nn.Sequential(nn.Linear(4, 4))
+    ),
+    "another PEFT method": Case(
+        lambda s: s.build(target_modules=["q_proj", "v_proj"]),
+        ValueError,
+        "another PEFT method",
+        base=llama_with_peft_lora,
+    ),
+    "expert folder missing": Case(
+        lambda s: s.build(experts=[str(s.folder / "missing")], num_experts=None, top_k=1), ValueError, "no such folder"
+    ),
     # forced routing
     "route_to floats": Case(route_to([0.5, 1.7]), ValueError, "whole numbers.*0.5"),
     "route_to float": Case(route_to(1.0), ValueError, "whole numbers"),
@@ -130,36 +147,49 @@ CASES: dict[str, Case] = {
     "route_to empty": Case(route_to([]), ValueError, "one expert id per sample"),
     "route_to nested": Case(route_to([[0]]), ValueError, "one expert id per sample"),
     "route_to batch mismatch": Case(route_to([0, 1]), ValueError, "2 expert ids.*one expert id per sample"),
-    "route_to unbatched input": Case(route_to([0], input_ids=torch.tensor([1, 2, 3])), ValueError,
-                                     r"add the batch dimension"),
+    "route_to unbatched input": Case(
+        route_to([0], input_ids=torch.tensor([1, 2, 3])), ValueError, r"add the batch dimension"
+    ),
     # stage-1 collator
     "collator float id": Case(collate(0, 1.9), ValueError, "whole numbers.*1.9"),
     "collator string id": Case(collate("2"), ValueError, "whole numbers.*'2'"),
     "collator negative id": Case(collate(-1), ValueError, ">= 0"),
-    "collator missing column": Case(lambda s: ExpertIdsCollator()([{"input_ids": torch.tensor([1])}]), KeyError,
-                                    "remove_unused_columns=False"),
+    "collator missing column": Case(
+        lambda s: ExpertIdsCollator()([{"input_ids": torch.tensor([1])}]), KeyError, "remove_unused_columns=False"
+    ),
     # what trains
-    "set_trainable float expert": Case(lambda s: s.mixer.set_trainable(routers=True, experts=[1.7]), ValueError,
-                                       "whole numbers.*1.7"),
-    "set_trainable out of range": Case(lambda s: s.mixer.set_trainable(routers=True, experts=[4]), ValueError,
-                                       r"\[0, 4\)"),
-    "set_trainable unknown adapter": Case(lambda s: s.mixer.set_trainable(True, True, adapter_name="other"),
-                                          ValueError, "Unknown adapter"),
+    "set_trainable float expert": Case(
+        lambda s: s.mixer.set_trainable(routers=True, experts=[1.7]), ValueError, "whole numbers.*1.7"
+    ),
+    "set_trainable out of range": Case(
+        lambda s: s.mixer.set_trainable(routers=True, experts=[4]), ValueError, r"\[0, 4\)"
+    ),
+    "set_trainable unknown adapter": Case(
+        lambda s: s.mixer.set_trainable(True, True, adapter_name="other"), ValueError, "Unknown adapter"
+    ),
     # switching the routing of a trained adapter
     "set_routing top_k too large": Case(lambda s: s.mixer.set_routing(top_k=5), ValueError, "top_k"),
     "set_routing top_k True": Case(lambda s: s.mixer.set_routing(top_k=True), ValueError, "top_k"),
     "set_routing unknown mode": Case(lambda s: s.mixer.set_routing(routing="sparse"), ValueError, "Unknown `routing`"),
-    "set_routing unknown adapter": Case(lambda s: s.mixer.set_routing(top_k=1, adapter_name="nope"), ValueError,
-                                        "Unknown adapter 'nope'"),
+    "set_routing unknown adapter": Case(
+        lambda s: s.mixer.set_routing(top_k=1, adapter_name="nope"), ValueError, "Unknown adapter 'nope'"
+    ),
     # quantised bases other than bitsandbytes
     **{
-        f"{method} base": Case(lambda s: s.build(), ValueError,
-                               f"quantised with '{method}'.*Supported quantised bases: bitsandbytes 4-bit",
-                               base=quantized_with(method))
+        f"{method} base": Case(
+            lambda s: s.build(),
+            ValueError,
+            f"quantised with '{method}'.*Supported quantised bases: bitsandbytes 4-bit",
+            base=quantized_with(method),
+        )
         for method in ("gptq", "awq", "hqq", "torchao")
     },
-    "awq base plug-and-play": Case(lambda s: from_experts(s.base, [str(s.folder / "expert")], top_k=1), ValueError,
-                                   "quantised with 'awq'", base=quantized_with("awq")),
+    "awq base plug-and-play": Case(
+        lambda s: from_experts(s.base, [str(s.folder / "expert")], top_k=1),
+        ValueError,
+        "quantised with 'awq'",
+        base=quantized_with("awq"),
+    ),
 }
 
 

@@ -38,18 +38,30 @@ def test_gpu_workload_rows_run_in_miniature_on_cpu(row, monkeypatch):
     """The GPU workload's code (bf16 weights, grouped-query attention, the selected-experts path at E=64) on CPU,
     shrunk: this machine has no GPU, so this is what runs of it here."""
     workload = dataclasses.replace(
-        WORKLOADS["llama-1b-gpu"], device="cpu",
-        config=dict(WORKLOADS["llama-1b-gpu"].config, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                    num_attention_heads=8, num_key_value_heads=2, vocab_size=VOCAB),
-        batch=2, seq_len=128, prompt_len=8, new_tokens=2,
+        WORKLOADS["llama-1b-gpu"],
+        device="cpu",
+        config=dict(
+            WORKLOADS["llama-1b-gpu"].config,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+        ),
+        batch=2,
+        seq_len=128,
+        prompt_len=8,
+        new_tokens=2,
     )
-    variant, = (v for v in default_variants(workload, ("hard_soft", "topk")) if v.name == row)
+    (variant,) = (v for v in default_variants(workload, ("hard_soft", "topk")) if v.name == row)
     model = apply_variant(workload.build(), variant, workload)
     measured = Subject(model, workload.batch, workload.seq_len, workload.prompt_len, workload.new_tokens, VOCAB, "cpu")
     selected_calls = []
     add_selected = peft_lora_mixer.layer.add_selected_experts
-    monkeypatch.setattr(peft_lora_mixer.layer, "add_selected_experts",
-                        lambda *args: selected_calls.append(1) or add_selected(*args))
+    monkeypatch.setattr(
+        peft_lora_mixer.layer, "add_selected_experts", lambda *args: selected_calls.append(1) or add_selected(*args)
+    )
     measured.train_step()
     assert bool(selected_calls) == row.startswith("mixer-e64")  # 256 tokens: the selected path from E/k = 32
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)  # adapters: float32

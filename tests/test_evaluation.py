@@ -36,8 +36,14 @@ metric_list:
 
 def task_documents(first: int, count: int) -> list[dict]:
     """A question of three words and two one-word answers; the label alternates."""
-    return [{"question": " ".join(word(first + i + j) for j in range(3)),
-             "choices": [word(first + i + 3), word(first + i + 20)], "label": i % 2} for i in range(count)]
+    return [
+        {
+            "question": " ".join(word(first + i + j) for j in range(3)),
+            "choices": [word(first + i + 3), word(first + i + 20)],
+            "label": i % 2,
+        }
+        for i in range(count)
+    ]
 
 
 @pytest.fixture
@@ -76,8 +82,26 @@ def expected_results(base, mixer, first: int, count: int) -> tuple[float, dict]:
 def test_eval_command_scores_local_tasks_with_routing_per_task(saved, tmp_path, capsys):
     base, mixer, tasks = saved
     output = tmp_path / "results.json"
-    assert main(["eval", "--base", str(base), "--mixer", str(mixer), "--tasks", *TASKS, "--include-path",
-                 str(tasks), "--device", "cpu", "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--base",
+                str(base),
+                "--mixer",
+                str(mixer),
+                "--tasks",
+                *TASKS,
+                "--include-path",
+                str(tasks),
+                "--device",
+                "cpu",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     results = {result["task"]: result for result in json.loads(output.read_text())}
     assert list(results) == list(TASKS)
@@ -93,16 +117,45 @@ def test_eval_command_scores_local_tasks_with_routing_per_task(saved, tmp_path, 
 
 def test_eval_command_refuses_a_missing_task_folder(saved, tmp_path, capsys):
     base, mixer, _ = saved
-    assert main(["eval", "--base", str(base), "--mixer", str(mixer), "--tasks", "low_words", "--include-path",
-                 str(tmp_path / "missing")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--base",
+                str(base),
+                "--mixer",
+                str(mixer),
+                "--tasks",
+                "low_words",
+                "--include-path",
+                str(tmp_path / "missing"),
+            ]
+        )
+        == 2
+    )
     assert "missing' does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # looking a name up among lm-eval's built-in tasks indexes all of their ~15,000 files (~20 s)
 def test_eval_command_names_unknown_tasks(saved, capsys):
     base, mixer, tasks = saved
-    assert main(["eval", "--base", str(base), "--mixer", str(mixer), "--tasks", "low_words", "no_such_task",
-                 "--include-path", str(tasks)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--base",
+                str(base),
+                "--mixer",
+                str(mixer),
+                "--tasks",
+                "low_words",
+                "no_such_task",
+                "--include-path",
+                str(tasks),
+            ]
+        )
+        == 2
+    )
     assert "no task 'no_such_task'" in capsys.readouterr().err
 
 

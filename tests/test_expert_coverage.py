@@ -40,8 +40,12 @@ def train_domain_lora(domain: int, folder: str) -> str:
 
 def test_router_learns_to_route_away_from_an_expert_alone_on_a_projection(tmp_path):
     folders = [train_domain_lora(d, str(tmp_path / f"expert{d}")) for d in range(3)]
-    mixer = get_peft_model(domain_base(), LoraMixerConfig(experts=folders, routing="hard_soft", top_k=1,
-                                                          rsl_balance_weight=0.01, rsl_entropy_weight=0.01))
+    mixer = get_peft_model(
+        domain_base(),
+        LoraMixerConfig(
+            experts=folders, routing="hard_soft", top_k=1, rsl_balance_weight=0.01, rsl_entropy_weight=0.01
+        ),
+    )
     up_proj = mixer.base_model.model.model.layers[0].mlp.up_proj
     assert up_proj.loramixer_A["default"].shape[0] == 4  # only expert 1 has weights there
     torch.manual_seed(0)

@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-from peft import IA3Config, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from fake_hub import HubCache
 from lora_experts import assert_unchanged, save_lora, save_pickle_lora, snapshot
-from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
+from peft import IA3Config, PeftModel, get_peft_model
 from tiny_models import VOCAB, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
 
 INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -27,8 +27,14 @@ def folders(tmp_path_factory) -> dict[str, str]:
         "code_v1": dict(seed=2, r=2, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "o_proj", "q_proj"]),
         "code_v2": dict(seed=3, r=2, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "o_proj", "q_proj"]),
         "local": dict(seed=4, r=8, lora_alpha=4, target_modules=["v_proj"], layers_to_transform=[1]),
-        "medical": dict(seed=5, r=6, lora_alpha=6, target_modules=["q_proj", "o_proj"],
-                        rank_pattern={"o_proj": 3}, alpha_pattern={"o_proj": 12}),
+        "medical": dict(
+            seed=5,
+            r=6,
+            lora_alpha=6,
+            target_modules=["q_proj", "o_proj"],
+            rank_pattern={"o_proj": 3},
+            alpha_pattern={"o_proj": 12},
+        ),
     }
     return {name: save_lora(root / name, **spec) for name, spec in specs.items()}
 
@@ -82,8 +88,9 @@ def test_forced_expert_equals_that_lora_alone(hub, sources):
 def test_forced_expert_equals_that_lora_alone_on_other_architectures(tmp_path, model_type, targets):
     """Conv1D projections (GPT-2) and SSM projections (Mamba) compose exactly too."""
     folders = [
-        save_lora(tmp_path / f"e{i}", seed=i, base=tiny_model(model_type), r=2 + 2 * i, lora_alpha=4,
-                  target_modules=target)
+        save_lora(
+            tmp_path / f"e{i}", seed=i, base=tiny_model(model_type), r=2 + 2 * i, lora_alpha=4, target_modules=target
+        )
         for i, target in enumerate(targets)
     ]
     mixer = from_experts(tiny_model(model_type), folders, top_k=1)
@@ -99,8 +106,9 @@ def test_targets_union_and_absent_experts_keep_their_router_logit(sources):
     mixer = get_peft_model(tiny_model("llama"), LoraMixerConfig(experts=sources, top_k=2))
     config = mixer.peft_config["default"]
     assert config.num_experts == 4
-    assert config.target_modules == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj",
-                                                                                                   "v_proj", "o_proj")}
+    assert config.target_modules == {
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }
     v_proj_0 = mixer.base_model.model.model.layers[0].self_attn.v_proj
     # experts on v_proj of layer 0: math (r=4) only; code, local (layer 1 only) and medical are absent
     assert v_proj_0.loramixer_A["default"].shape == (4, 32)
@@ -166,8 +174,15 @@ def _ia3(folder):
 
 
 def _other_base(folder):
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=48, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return save_lora(folder, seed=0, base=AutoModelForCausalLM.from_config(config), r=2, target_modules=["q_proj"])
 
 

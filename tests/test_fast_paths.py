@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
 from mixers import make_layer, reference_gates
+from peft import get_peft_model
 from tiny_models import tiny_model
 from torch import nn
 
@@ -56,8 +56,13 @@ def test_layer_matches_reference_in_training(routing, num_experts, top_k):
     selected = layer.selected_routes(x, "default") is not None
     assert selected == (routing != "soft" and num_experts == MANY)  # the path under test is the one intended
     ours = outputs_and_grads(layer, x, layer)
-    ref = outputs_and_grads(layer, x, lambda x: layer.base_layer(x) + reference_delta(
-        layer, x, reference_gates(reference_probs(layer, x), routing, top_k)))
+    ref = outputs_and_grads(
+        layer,
+        x,
+        lambda x: (
+            layer.base_layer(x) + reference_delta(layer, x, reference_gates(reference_probs(layer, x), routing, top_k))
+        ),
+    )
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -105,21 +110,35 @@ def test_experts_of_different_ranks_and_an_absent_one():
     x = torch.randn(*TOKENS, IN)
     assert layer.selected_routes(x, "default") is None
     ours = outputs_and_grads(layer, x, layer)
-    ref = outputs_and_grads(layer, x, lambda x: layer.base_layer(x) + reference_delta(
-        layer, x, reference_gates(reference_probs(layer, x), "topk", 2)))
+    ref = outputs_and_grads(
+        layer,
+        x,
+        lambda x: (
+            layer.base_layer(x) + reference_delta(layer, x, reference_gates(reference_probs(layer, x), "topk", 2))
+        ),
+    )
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_top_k_ties_go_to_the_lower_index(k):
-    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.1, 0.4], [0.0, 0.5, 0.0, 0.5],
-                          [0.0, 0.0, 1.0, 0.0], [0.2, 0.3, 0.3, 0.2]])
-    assert top_k_indices(probs, k).tolist() == [row[:k] for row in [[0, 1, 2], [1, 3, 0], [1, 3, 0], [2, 0, 1],
-                                                                      [1, 2, 0]]]
+    probs = torch.tensor(
+        [
+            [0.25, 0.25, 0.25, 0.25],
+            [0.1, 0.4, 0.1, 0.4],
+            [0.0, 0.5, 0.0, 0.5],
+            [0.0, 0.0, 1.0, 0.0],
+            [0.2, 0.3, 0.3, 0.2],
+        ]
+    )
+    assert top_k_indices(probs, k).tolist() == [
+        row[:k] for row in [[0, 1, 2], [1, 3, 0], [1, 3, 0], [2, 0, 1], [1, 2, 0]]
+    ]
     torch.manual_seed(0)
-    many = torch.softmax(torch.randint(0, 3, (500, 64)).float() + torch.randn(500, 64) * (torch.rand(500, 1) < 0.5),
-                         dim=-1)
+    many = torch.softmax(
+        torch.randint(0, 3, (500, 64)).float() + torch.randn(500, 64) * (torch.rand(500, 1) < 0.5), dim=-1
+    )
     stable = torch.sort(many, dim=-1, descending=True, stable=True).indices[..., :k]
     assert torch.equal(top_k_indices(many, k), stable)
 
@@ -136,8 +155,8 @@ def test_top_k_routes_agree_for_few_and_many_tokens(k):
     assert torch.equal(index_few, index_many[: len(few)]) and torch.equal(weight_few, weight_many[: len(few)])
     assert torch.equal(index_few, torch.sort(few, dim=-1, descending=True, stable=True).indices[..., :k])
     second = torch.arange(k) == 1  # the weight of each token's second expert: it depends on all k kept values
-    grad_many, = torch.autograd.grad(weight_many[: len(few), second].sum(), many)
-    grad_few, = torch.autograd.grad(weight_few[:, second].sum(), many)
+    (grad_many,) = torch.autograd.grad(weight_many[: len(few), second].sum(), many)
+    (grad_few,) = torch.autograd.grad(weight_few[:, second].sum(), many)
     assert grad_many.abs().sum() > 0
     torch.testing.assert_close(grad_few, grad_many)
 
@@ -151,15 +170,18 @@ def test_nearly_tied_values_keep_their_order():
     probs = torch.stack([torch.stack([low, high, tiny_low, tiny_high])])
     assert top_k_indices(probs, 4).tolist() == [[1, 0, 3, 2]]
     negative = -high
-    logits = torch.stack([torch.stack([torch.nextafter(negative, torch.tensor(-1.0)), negative, -tiny_high, -tiny_low])])
+    logits = torch.stack(
+        [torch.stack([torch.nextafter(negative, torch.tensor(-1.0)), negative, -tiny_high, -tiny_low])]
+    )
     assert top_k_indices(logits, 4).tolist() == [[3, 2, 1, 0]]
 
 
 def test_top_k_of_signed_logits_orders_like_a_stable_sort():
     """Logits are signed: negative values, -0.0 against +0.0 (equal: a tie) and -inf (absent experts) included."""
     inf = float("inf")
-    logits = torch.tensor([[-0.0, 0.0, -1.0, 2.0], [-inf, -3.0, -inf, -2.5], [0.0, -0.0, -0.0, 1e-45],
-                           [-1e-45, -0.0, -inf, -1.0]])
+    logits = torch.tensor(
+        [[-0.0, 0.0, -1.0, 2.0], [-inf, -3.0, -inf, -2.5], [0.0, -0.0, -0.0, 1e-45], [-1e-45, -0.0, -inf, -1.0]]
+    )
     stable = torch.sort(logits, dim=-1, descending=True, stable=True).indices
     for k in (2, 3, 4):
         assert torch.equal(top_k_indices(logits, k), stable[:, :k])
@@ -229,9 +251,16 @@ def test_selected_experts_path_on_unaligned_shapes(rank, width, dtype):
     """`grouped_mm` needs 16-byte aligned rows: other ranks and widths run dense, with the same result, on both sides
     of the token threshold, in training and in inference."""
     torch.manual_seed(0)
-    layer = LoraMixerLayer(nn.Linear(width, width), "default", [ExpertSpec(rank, 0.5)] * MIN_EXPERTS_PER_SELECTED,
-                           routing="topk", top_k=1, router_temperature=1.0, lora_dropout=0.0,
-                           init_weights=False).to(dtype)
+    layer = LoraMixerLayer(
+        nn.Linear(width, width),
+        "default",
+        [ExpertSpec(rank, 0.5)] * MIN_EXPERTS_PER_SELECTED,
+        routing="topk",
+        top_k=1,
+        router_temperature=1.0,
+        lora_dropout=0.0,
+        init_weights=False,
+    ).to(dtype)
     bytes_per_value = torch.finfo(dtype).bits // 8
     aligned = rank * bytes_per_value % 16 == 0 and width * bytes_per_value % 16 == 0
     for num_tokens in (MIN_TOKENS - 1, MIN_TOKENS + 44):
@@ -243,19 +272,25 @@ def test_selected_experts_path_on_unaligned_shapes(rank, width, dtype):
         with torch.no_grad():
             gates = layer.gates(x, "default")
             A, B = layer.loramixer_A["default"].float(), layer.loramixer_B["default"].float()
-            experts = torch.einsum("tbi,eri,oer->tbeo", x.float(), A.view(-1, rank, width),
-                                   B.view(width, -1, rank)) * 0.5
+            experts = (
+                torch.einsum("tbi,eri,oer->tbeo", x.float(), A.view(-1, rank, width), B.view(width, -1, rank)) * 0.5
+            )
             want = layer.base_layer(x).float() + (gates.unsqueeze(-1) * experts).sum(-2)
-            torch.testing.assert_close(layer(x).float(), want, atol=1e-5 if dtype == torch.float32 else 5e-2,
-                                       rtol=1e-5 if dtype == torch.float32 else 2e-2)
+            torch.testing.assert_close(
+                layer(x).float(),
+                want,
+                atol=1e-5 if dtype == torch.float32 else 5e-2,
+                rtol=1e-5 if dtype == torch.float32 else 2e-2,
+            )
         layer.zero_grad()
 
 
 def test_selected_experts_path_on_a_tiny_llama_with_rank_2():
     """The shapes of the report: 16 rank-2 experts, top-1, a 300-token prompt; training, evaluation, forced routing
     and generation."""
-    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=16, top_k=1, r=2, routing="topk",
-                                                                init_weights=False))
+    model = get_peft_model(
+        tiny_model("llama"), LoraMixerConfig(num_experts=16, top_k=1, r=2, routing="topk", init_weights=False)
+    )
     ids = torch.randint(0, 128, (1, 300))
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()

@@ -17,8 +17,21 @@ REPO = TESTS.parent
 
 def run_workers(out: Path, rsl: bool, sharding: str, port: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{TESTS}"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(TESTS / "fsdp_worker.py"), "--out", str(out), "--sharding", sharding, *(["--rsl"] if rsl else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(TESTS / "fsdp_worker.py"),
+        "--out",
+        str(out),
+        "--sharding",
+        sharding,
+        *(["--rsl"] if rsl else []),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out / "step.pt")
@@ -30,7 +43,7 @@ def single_process_step(rsl: bool, micro_batches: int):
     batch, share = global_batch(), GLOBAL_BATCH // micro_batches
     losses = []
     for index in range(micro_batches):
-        loss = model(**{k: v[index * share:(index + 1) * share] for k, v in batch.items()}).loss
+        loss = model(**{k: v[index * share : (index + 1) * share] for k, v in batch.items()}).loss
         (loss / micro_batches).backward()
         losses.append(loss.detach())
     grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
@@ -60,9 +73,11 @@ def test_fully_shard_matches_one_process_and_saves_a_full_adapter(tmp_path, shar
     if rsl:  # the documented difference: the RSL of 2 x 4 samples is not the RSL of 8 samples in one forward
         whole_loss, whole_grads, _ = single_process_step(rsl, micro_batches=1)
         router_gap = max((sharded["grads"][n] - g).abs().max().item() for n, g in whole_grads.items() if "router" in n)
-        print(f"\nRSL, 2 processes against one forward over the global batch: |loss difference| "
-              f"{(sharded['losses'].mean() - whole_loss).abs().item():.1e}, largest router-gradient difference "
-              f"{router_gap:.1e}")
+        print(
+            f"\nRSL, 2 processes against one forward over the global batch: |loss difference| "
+            f"{(sharded['losses'].mean() - whole_loss).abs().item():.1e}, largest router-gradient difference "
+            f"{router_gap:.1e}"
+        )
         assert router_gap > 1e-4
 
     loaded = PeftModel.from_pretrained(domain_base(), tmp_path / "adapter").eval()
@@ -72,8 +87,10 @@ def test_fully_shard_matches_one_process_and_saves_a_full_adapter(tmp_path, shar
         torch.testing.assert_close(trained(input_ids=probe_inputs()).logits, sharded["logits"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,kind,stage", [("fsdp2", "FSDP", None), ("deepspeed_zero2", "DEEPSPEED", 2),
-                                             ("deepspeed_zero3", "DEEPSPEED", 3)])
+@pytest.mark.parametrize(
+    "name,kind,stage",
+    [("fsdp2", "FSDP", None), ("deepspeed_zero2", "DEEPSPEED", 2), ("deepspeed_zero3", "DEEPSPEED", 3)],
+)
 def test_example_accelerate_configs_load(name, kind, stage):
     """accelerate reads the example configs as what they claim (DeepSpeed itself is not run here)."""
     from accelerate.commands.config.config_args import load_config_from_file

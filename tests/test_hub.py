@@ -8,16 +8,16 @@ import warnings
 
 import pytest
 import torch
+from fake_hub import HubCache
 from huggingface_hub import ModelCard, constants
+from lora_experts import save_lora, save_pickle_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
+from tiny_models import VOCAB, tiny_model
 
-from fake_hub import HubCache
-from lora_experts import save_lora, save_pickle_lora
 from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
 from peft_lora_mixer.experts.card import SECTION_END, SECTION_START
-from tiny_models import VOCAB, tiny_model
 
 INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 BASE_ID = "test-org/tiny-llama"
@@ -28,8 +28,9 @@ def folders(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("loras")
     return {
         "math": save_lora(root / "math", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "code": save_lora(root / "code", seed=2, r=2, lora_alpha=16, use_rslora=True,
-                          target_modules=["k_proj", "o_proj"]),
+        "code": save_lora(
+            root / "code", seed=2, r=2, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "o_proj"]
+        ),
         "local": save_lora(root / "local", seed=3, r=8, lora_alpha=4, target_modules=["v_proj"]),
     }
 
@@ -91,8 +92,9 @@ def test_router_only_save_loads_by_hub_id_bitwise(hub, hub_experts, tmp_path):
 def test_router_only_reload_keeps_experts_frozen(hub, hub_experts, tmp_path, low_cpu_mem_usage):
     mixer = trained_mixer(hub_experts)
     mixer.save_pretrained(tmp_path / "router")
-    loaded = PeftModel.from_pretrained(base_model(), str(tmp_path / "router"), is_trainable=True,
-                                       low_cpu_mem_usage=low_cpu_mem_usage)
+    loaded = PeftModel.from_pretrained(
+        base_model(), str(tmp_path / "router"), is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage
+    )
     assert torch.equal(logits(loaded), logits(mixer))
     trainable = {name for name, p in loaded.named_parameters() if p.requires_grad}
     assert trainable and all(".loramixer_router." in name for name in trainable)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
 from mixers import mixer
+from peft import PeftModel, get_peft_model
 from tiny_models import VOCAB, tiny_model
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer
@@ -37,8 +37,11 @@ def test_several_named_adapters_switch_and_delete():
         model.delete_adapter("default")
         for layer in (m for m in model.modules() if isinstance(m, LoraMixerLayer)):
             # every container the layer keeps per adapter (modules, parameters, buffers, plain dicts)
-            containers = [c for c in [*vars(layer).values(), *layer._modules.values()]
-                          if hasattr(c, "keys") and "second" in c.keys()]
+            containers = [
+                c
+                for c in [*vars(layer).values(), *layer._modules.values()]
+                if hasattr(c, "keys") and "second" in c.keys()
+            ]
             assert len(containers) >= 9 and all("default" not in c.keys() for c in containers)
         assert torch.equal(model(input_ids=ids()).logits, second)
     assert list(model.peft_config) == ["second"]
@@ -55,7 +58,9 @@ def test_unload_returns_the_base_model_intact():
     mixers = [m for m in unloaded.modules() if hasattr(m, "A_log")]
     assert mixers and all(not m._forward_pre_hooks and not m._forward_hooks for m in mixers)
     with torch.no_grad():
-        assert torch.equal(unloaded(input_ids=ids()).logits, tiny_model("mamba").requires_grad_(False)(input_ids=ids()).logits)
+        assert torch.equal(
+            unloaded(input_ids=ids()).logits, tiny_model("mamba").requires_grad_(False)(input_ids=ids()).logits
+        )
 
 
 def test_merge_is_refused_with_an_explanation():

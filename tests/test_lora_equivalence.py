@@ -26,17 +26,32 @@ def copy_expert_into_lora(mixer_model, lora_model, expert: int, rank: int) -> No
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_forced_expert_equals_peft_lora(model_type, use_rslora):
     rank, alpha, experts = 4, 12, 3
-    targets = {"gpt2": ["c_attn", "attn.c_proj"], "phi3": ["qkv_proj", "o_proj"], "mamba": ["in_proj"]}  # PEFT LoRA refuses Mamba out_proj
+    targets = {
+        "gpt2": ["c_attn", "attn.c_proj"],
+        "phi3": ["qkv_proj", "o_proj"],
+        "mamba": ["in_proj"],
+    }  # PEFT LoRA refuses Mamba out_proj
     target_modules = targets.get(model_type, ["q_proj", "k_proj", "v_proj", "o_proj"])
     mixer_model = get_peft_model(
         tiny_model(model_type),
-        LoraMixerConfig(num_experts=experts, r=rank, lora_alpha=alpha, use_rslora=use_rslora,
-                        target_modules=target_modules, init_weights=False),
+        LoraMixerConfig(
+            num_experts=experts,
+            r=rank,
+            lora_alpha=alpha,
+            use_rslora=use_rslora,
+            target_modules=target_modules,
+            init_weights=False,
+        ),
     )
     lora_model = get_peft_model(
         tiny_model(model_type),
-        LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=target_modules,
-                   fan_in_fan_out=model_type == "gpt2"),
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            use_rslora=use_rslora,
+            target_modules=target_modules,
+            fan_in_fan_out=model_type == "gpt2",
+        ),
     )
     ids = torch.randint(0, VOCAB, (2, 7))
     for expert in range(experts):
@@ -48,7 +63,6 @@ def test_forced_expert_equals_peft_lora(model_type, use_rslora):
         torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
 
 
-
 def test_forced_expert_equals_peft_lora_on_bfloat16_model():
     """Float32 experts on a bfloat16 model (PEFT's `autocast_adapter_dtype`): the delta is added in float32 and the
     sum rounded once to bfloat16, as PEFT LoRA does."""
@@ -57,7 +71,9 @@ def test_forced_expert_equals_peft_lora_on_bfloat16_model():
         tiny_model("llama").to(torch.bfloat16),
         LoraMixerConfig(num_experts=2, r=rank, target_modules=target_modules, init_weights=False),
     )
-    lora_model = get_peft_model(tiny_model("llama").to(torch.bfloat16), LoraConfig(r=rank, target_modules=target_modules))
+    lora_model = get_peft_model(
+        tiny_model("llama").to(torch.bfloat16), LoraConfig(r=rank, target_modules=target_modules)
+    )
     layer = mixer_model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.loramixer_A["default"].dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
     copy_expert_into_lora(mixer_model, lora_model, expert=1, rank=rank)
@@ -71,6 +87,7 @@ def test_forced_expert_equals_peft_lora_on_bfloat16_model():
     assert routed.dtype == torch.bfloat16
     assert (expected - base).abs().max() > 0.1  # the experts matter at this tolerance
     torch.testing.assert_close(routed, expected, rtol=1.6e-2, atol=1e-2)  # bfloat16: 8 bits of mantissa
+
 
 def test_route_to_one_expert_per_sample():
     model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, r=2, init_weights=False))
@@ -97,8 +114,10 @@ def test_route_to_restores_learned_routing():
 def test_experts_from_files_stay_exact_on_a_bfloat16_base(tmp_path):
     """Experts read from float32 files keep their values and their scales on a bfloat16 base, as PEFT keeps LoRA
     weights in float32 there; new experts and routers are float32 as PEFT's are."""
-    folders = [save_lora(tmp_path / f"e{seed}", seed, r=3, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-               for seed in range(2)]  # scale 16 / 3: not a bfloat16 number
+    folders = [
+        save_lora(tmp_path / f"e{seed}", seed, r=3, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        for seed in range(2)
+    ]  # scale 16 / 3: not a bfloat16 number
     mixer = get_peft_model(tiny_model("llama", dtype=torch.bfloat16), LoraMixerConfig(experts=folders))
     layer = mixer.base_model.model.model.layers[0].self_attn.q_proj
     file = load_file(f"{folders[1]}/adapter_model.safetensors")
@@ -130,7 +149,10 @@ def test_experts_from_files_stay_exact_on_a_bfloat16_base(tmp_path):
 def test_experts_follow_the_base_dtype_without_autocast_adapter_dtype(tmp_path):
     """`autocast_adapter_dtype=False` keeps PEFT LoRA weights in the base's dtype: the experts follow it too."""
     folder = save_lora(tmp_path / "e0", 0, r=3, target_modules=["q_proj"])
-    mixer = get_peft_model(tiny_model("llama", dtype=torch.bfloat16), LoraMixerConfig(experts=[folder], top_k=1),
-                           autocast_adapter_dtype=False)
+    mixer = get_peft_model(
+        tiny_model("llama", dtype=torch.bfloat16),
+        LoraMixerConfig(experts=[folder], top_k=1),
+        autocast_adapter_dtype=False,
+    )
     layer = mixer.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.loramixer_A["default"].dtype == layer.loramixer_router["default"].weight.dtype == torch.bfloat16

@@ -17,8 +17,9 @@ def expert_dirs(tmp_path):
     folders = []
     for index, targets in enumerate([["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj"]]):
         torch.manual_seed(index)
-        model = get_peft_model(tiny_model("llama"), LoraConfig(r=2 + index, target_modules=targets,
-                                                               init_lora_weights=False))
+        model = get_peft_model(
+            tiny_model("llama"), LoraConfig(r=2 + index, target_modules=targets, init_lora_weights=False)
+        )
         model.save_pretrained(tmp_path / f"expert{index}")
         folders.append(str(tmp_path / f"expert{index}"))
     return folders

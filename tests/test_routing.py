@@ -151,8 +151,14 @@ def test_expert_without_weights_keeps_its_routing_share_and_adds_nothing():
     simply not added: delta = sum over the experts present of g_e s_e B_e A_e x, g the softmax over all E."""
     torch.manual_seed(0)
     layer = LoraMixerLayer(
-        nn.Linear(IN, OUT), "default", [ExpertSpec(R, 1.0), ExpertSpec(0, 1.0), ExpertSpec(2, 0.5)],
-        routing="soft", top_k=3, router_temperature=1.0, lora_dropout=0.0, init_weights=False,
+        nn.Linear(IN, OUT),
+        "default",
+        [ExpertSpec(R, 1.0), ExpertSpec(0, 1.0), ExpertSpec(2, 0.5)],
+        routing="soft",
+        top_k=3,
+        router_temperature=1.0,
+        lora_dropout=0.0,
+        init_weights=False,
     )
     x = torch.randn(5, IN)
     router = layer.loramixer_router["default"]
@@ -166,5 +172,3 @@ def test_expert_without_weights_keeps_its_routing_share_and_adds_nothing():
     with torch.no_grad():  # routing everything to the expert without weights leaves the projection as it was
         router.bias.copy_(torch.tensor([-1e4, 1e4, -1e4]))
     torch.testing.assert_close(layer(x), layer.base_layer(x))
-
-

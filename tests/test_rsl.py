@@ -116,8 +116,14 @@ def test_adaptive_lambda_controller_moves_toward_target():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("rsl_balance_weight", -1.0), ("rsl_entropy_weight", float("nan")), ("rsl_entropy_sign", 0),
-     ("rsl_entropy_target", 5.0), ("rsl_entropy_adapt_rate", -0.1), ("rsl_preservation_weight", "1")],
+    [
+        ("rsl_balance_weight", -1.0),
+        ("rsl_entropy_weight", float("nan")),
+        ("rsl_entropy_sign", 0),
+        ("rsl_entropy_target", 5.0),
+        ("rsl_entropy_adapt_rate", -0.1),
+        ("rsl_preservation_weight", "1"),
+    ],
 )
 def test_config_refuses_bad_rsl_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -139,9 +145,7 @@ def test_added_loss_equals_routing_loss_and_an_independent_computation(task_type
     assert routing.scale.item() == 1.0
     assert (with_rsl - task).item() == pytest.approx(routing.total.item() * routing.scale.item(), abs=1e-6)
     assert routing.total.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert routing.total.item() == pytest.approx(
-        0.5 * routing.balance.item() + 0.3 * routing.entropy.item(), rel=1e-5
-    )
+    assert routing.total.item() == pytest.approx(0.5 * routing.balance.item() + 0.3 * routing.entropy.item(), rel=1e-5)
 
 
 def test_nothing_added_in_eval_and_label_free_training_keeps_the_rsl_for_the_caller():

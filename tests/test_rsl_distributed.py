@@ -73,5 +73,8 @@ def test_two_processes_with_global_batch_statistics_equal_one_process_on_the_who
         torch.testing.assert_close(gradients[name], value, rtol=1e-4, atol=1e-6, msg=name)
     micro_loss, micro_gradients = torch.load(results["micro_batch"])  # the default differs: the option matters
     assert abs(micro_loss - single_loss) > 1e-4
-    assert any(not torch.allclose(micro_gradients[n], v, rtol=1e-4, atol=1e-6) for n, v in single_gradients.items()
-               if "router" in n)
+    assert any(
+        not torch.allclose(micro_gradients[n], v, rtol=1e-4, atol=1e-6)
+        for n, v in single_gradients.items()
+        if "router" in n
+    )

@@ -57,8 +57,15 @@ def assert_same_gradients(got, expected):
 
 
 def trainer_args(tmp_path, **kwargs) -> TrainingArguments:
-    return TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                             remove_unused_columns=False, **kwargs)
+    return TrainingArguments(
+        str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        **kwargs,
+    )
 
 
 def training_step_gradients(trainer, model, inputs) -> dict[str, torch.Tensor]:
@@ -82,8 +89,9 @@ def test_trainer_with_label_smoothing_adds_the_rsl_through_the_mixin(tmp_path, r
 def test_plain_trainer_with_label_smoothing_warns_once_that_the_rsl_is_missing(tmp_path):
     model, inputs = rsl_mixer(), batch()
     smoother = LabelSmoother(epsilon=0.1)
-    without_rsl = reference_gradients(model, inputs, lambda out, labels: smoother(out, labels, shift_labels=True),
-                                      with_rsl=False)
+    without_rsl = reference_gradients(
+        model, inputs, lambda out, labels: smoother(out, labels, shift_labels=True), with_rsl=False
+    )
     trainer = Trainer(model=model, args=trainer_args(tmp_path, label_smoothing_factor=0.1))
     with pytest.warns(UserWarning, match=MISSING):
         got = training_step_gradients(trainer, model, inputs)
@@ -141,11 +149,26 @@ def sft_trainer(tmp_path, model, mixin: bool, **config):
     from trl import SFTConfig, SFTTrainer
 
     ids = torch.randint(2, 128, (8, 10), generator=torch.Generator().manual_seed(0))
-    args = SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                     bf16=False, save_strategy="no", logging_steps=1, disable_tqdm=True, **config)
+    args = SFTConfig(
+        str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        **config,
+    )
     trainer_class = type("RoutingSFTTrainer", (RoutingLossMixin, SFTTrainer), {}) if mixin else SFTTrainer
-    return trainer_class(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids.tolist()}),
-                         processing_class=tiny_tokenizer(), callbacks=[RoutingCallback()])
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": ids.tolist()}),
+        processing_class=tiny_tokenizer(),
+        callbacks=[RoutingCallback()],
+    )
 
 
 @pytest.mark.parametrize("routers_only", [True, False])

@@ -63,18 +63,34 @@ def test_callback_logs_rsl_parts_and_stats(tmp_path):
     model = mixer_model()
     model.set_trainable(routers=True, experts=True)
     trainer = Trainer(
-        model=model, train_dataset=mixed_samples(4, seed=0), data_collator=collate_without_domain,
-        args=TrainingArguments(str(tmp_path), max_steps=4, logging_steps=2, per_device_train_batch_size=4,
-                               report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False,
-                               disable_tqdm=True),
+        model=model,
+        train_dataset=mixed_samples(4, seed=0),
+        data_collator=collate_without_domain,
+        args=TrainingArguments(
+            str(tmp_path),
+            max_steps=4,
+            logging_steps=2,
+            per_device_train_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        ),
         callbacks=[RoutingCallback()],
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
     for log in logs:
-        assert {"rsl/total", "rsl/balance", "rsl/entropy", "rsl/entropy_weight", "routing/entropy",
-                "routing/balance"} <= set(log)
+        assert {
+            "rsl/total",
+            "rsl/balance",
+            "rsl/entropy",
+            "rsl/entropy_weight",
+            "routing/entropy",
+            "routing/balance",
+        } <= set(log)
         assert 0 < log["routing/balance"] <= 1 and log["rsl/total"] > 0
 
 
@@ -83,12 +99,28 @@ def resumable_run(output_dir: Path, resume: bool = False) -> dict[str, torch.Ten
     model = mixer_model(rsl_entropy_target=0.2, rsl_entropy_adapt_rate=0.2, rsl_preservation_weight=0.5)
     model.set_trainable(routers=True, experts=[0, 1])
     args = TrainingArguments(
-        str(output_dir), max_steps=6, save_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=1e-2, weight_decay=0.0, logging_steps=1, report_to=[], use_cpu=True, seed=0,
-        remove_unused_columns=False, disable_tqdm=True, save_only_model=False,
+        str(output_dir),
+        max_steps=6,
+        save_steps=3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        save_only_model=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=mixed_samples(8, seed=3),
-                      data_collator=collate_without_domain, callbacks=[RoutingCallback()])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=mixed_samples(8, seed=3),
+        data_collator=collate_without_domain,
+        callbacks=[RoutingCallback()],
+    )
     forwards = []
     model.get_base_model().register_forward_hook(lambda *args: forwards.append(1))
     trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-3") if resume else None)
@@ -117,12 +149,19 @@ def test_ddp_matches_single_process_with_the_same_global_batch(tmp_path):
     common = ["--stage1-steps", "8", "--stage2-steps", "8", "--batch-size", "4", "--logging-steps", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
-    single_run = subprocess.run([sys.executable, script, *common, "--grad-accum", "2", "--losses", str(single)],
-                                env=env, check=True, capture_output=True, text=True, timeout=300)
+    single_run = subprocess.run(
+        [sys.executable, script, *common, "--grad-accum", "2", "--losses", str(single)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "processes: 1, global batch: 8" in single_run.stdout
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    result = subprocess.run([*torchrun, script, *common, "--losses", str(ddp)], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [*torchrun, script, *common, "--losses", str(ddp)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes: 2, global batch: 8" in result.stdout
     single_losses, ddp_losses = json.loads(single.read_text()), json.loads(ddp.read_text())

@@ -18,18 +18,21 @@ from transformers import TrainerCallback
 
 from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer, RoutingCallback, RoutingLossMixin, from_experts
 
-
 REPO = Path(__file__).resolve().parent.parent
 RSL = dict(top_k=2, rsl_balance_weight=0.5, rsl_entropy_weight=0.3)
 
 
 def prompt_completion_dataset(count: int = 8) -> Dataset:
     """Prompts of 4 words and completions of 3; SFTTrainer trains on the completions only (its default here)."""
-    return Dataset.from_list([
-        {"prompt": " ".join(word((7 * i + j) % 120) for j in range(4)),
-         "completion": " " + " ".join(word((3 * i + j) % 120) for j in range(3))}
-        for i in range(count)
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": " ".join(word((7 * i + j) % 120) for j in range(4)),
+                "completion": " " + " ".join(word((3 * i + j) % 120) for j in range(3)),
+            }
+            for i in range(count)
+        ]
+    )
 
 
 def joint_mixer():
@@ -69,8 +72,11 @@ def reference_gradients(model, batch, with_rsl: bool) -> dict[str, torch.Tensor]
     config = model.peft_config["default"]
     config.add_routing_loss = False
     router_inputs = []
-    hooks = [layer.register_forward_pre_hook(lambda m, args: router_inputs.append((m, args[0])))
-             for layer in model.modules() if isinstance(layer, LoraMixerLayer)]
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: router_inputs.append((m, args[0])))
+        for layer in model.modules()
+        if isinstance(layer, LoraMixerLayer)
+    ]
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     for hook in hooks:
@@ -82,8 +88,15 @@ def reference_gradients(model, batch, with_rsl: bool) -> dict[str, torch.Tensor]
         for layer, x in router_inputs:
             router = layer.loramixer_router["default"]
             probs = F.linear(x.float(), router.weight, router.bias).softmax(-1)
-            losses.append(autograd_rsl(probs[mask], config.top_k, config.rsl_balance_weight, config.rsl_entropy_weight,
-                                 config.rsl_entropy_sign))
+            losses.append(
+                autograd_rsl(
+                    probs[mask],
+                    config.top_k,
+                    config.rsl_balance_weight,
+                    config.rsl_entropy_weight,
+                    config.rsl_entropy_sign,
+                )
+            )
         loss = loss + torch.stack(losses).mean()
     loss.backward()
     config.add_routing_loss = True
@@ -96,11 +109,27 @@ def test_sft_trainer_rsl_reaches_the_routers_and_is_logged(tmp_path, regime):
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert any("router" in n for n in start) and (regime == "joint") == any("loramixer_A" in n for n in start)
     first = FirstStep(model)
-    args = trl.SFTConfig(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                         max_grad_norm=0.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                         disable_tqdm=True, seed=0, bf16=False)  # SFTConfig's default bf16 autocast: not exact
-    trainer = RoutingSFTTrainer(model=model, args=args, train_dataset=prompt_completion_dataset(),
-                             processing_class=tiny_tokenizer(), callbacks=[RoutingCallback(), first])
+    args = trl.SFTConfig(
+        str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        bf16=False,
+    )  # SFTConfig's default bf16 autocast: not exact
+    trainer = RoutingSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=prompt_completion_dataset(),
+        processing_class=tiny_tokenizer(),
+        callbacks=[RoutingCallback(), first],
+    )
     trainer.train()
 
     labels = first.batch["labels"]

@@ -6,14 +6,14 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 
 from .config import LoraMixerConfig, LoraMixerPeftType
 from .experts.loading import ExpertError
+from .experts.plug_and_play import from_experts
+from .integrations.trainer import ExpertIdsCollator, RoutingCallback, RoutingLossMixin
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
-from .experts.plug_and_play import from_experts
 from .registration import register
 from .routing_loss.loss import RoutingLoss
 from .routing_loss.stats import ModuleRoutingStats
 from .targets import DEFAULT_TARGET_MODULES
-from .integrations.trainer import ExpertIdsCollator, RoutingCallback, RoutingLossMixin
 
 register()
 

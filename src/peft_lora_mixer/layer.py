@@ -17,9 +17,9 @@ from transformers.pytorch_utils import Conv1D
 from .routing import forced_gates, gates_from_logits, switch_route, top_k_routes, with_top_k_gradient
 from .selected_experts import (
     SelectedRoutes,
+    add_selected_experts,
     grouped_mm_supported,
     prefer_selected_experts,
-    add_selected_experts,
     straight_through_router_gradient,
 )
 
@@ -73,8 +73,14 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("loramixer_A", "loramixer_B", "loramixer_router")
     # everything else kept per adapter, so that `delete_adapter` removes all of it
-    other_param_names = ("loramixer_slot_expert", "loramixer_expert_scaling", "loramixer_dropout", "routing",
-                         "expert_rank", "common_scaling")
+    other_param_names = (
+        "loramixer_slot_expert",
+        "loramixer_expert_scaling",
+        "loramixer_dropout",
+        "routing",
+        "expert_rank",
+        "common_scaling",
+    )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, experts: Sequence[ExpertSpec], **update_kwargs):
         super().__init__()
@@ -177,8 +183,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         """Softmax of the router logits in float32, over all E experts."""
         return torch.softmax(self.router_logits(x, adapter_name), dim=-1)
 
-    def observed_probs(self, logits: torch.Tensor, adapter_name: str,
-                       token_shape: torch.Size) -> Optional[torch.Tensor]:
+    def observed_probs(
+        self, logits: torch.Tensor, adapter_name: str, token_shape: torch.Size
+    ) -> Optional[torch.Tensor]:
         """`softmax(logits)`, shown to the routing observer (RSL, statistics) when one is set; None when neither the
         observer nor autograd needs the probabilities (inference routes on the logits alone). `token_shape` is the
         shape of the tokens the rows of `logits` came from (batch x length), which the observer matches with the
@@ -202,8 +209,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         probs = self.observed_probs(logits, adapter_name, token_shape)
         return gates_from_logits(logits, probs, settings.mode, settings.top_k)
 
-    def selected_routes(self, x: torch.Tensor, adapter_name: str,
-                        token_shape: Optional[torch.Size] = None) -> Optional[SelectedRoutes]:
+    def selected_routes(
+        self, x: torch.Tensor, adapter_name: str, token_shape: Optional[torch.Size] = None
+    ) -> Optional[SelectedRoutes]:
         """The experts each token uses and their gates, when computing only those is exact and faster.
 
         Exact whenever the forward gates are k-sparse: forced routing, `topk` and `hard_soft`. Training with
@@ -223,8 +231,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         if not prefer_selected_experts(x.numel() // x.shape[-1], num_experts, top_k, straight_through):
             return None
         rank = self.expert_rank[adapter_name]
-        if rank is None or not grouped_mm_supported(self.loramixer_A[adapter_name], self.loramixer_B[adapter_name],
-                                                    rank):
+        if rank is None or not grouped_mm_supported(
+            self.loramixer_A[adapter_name], self.loramixer_B[adapter_name], rank
+        ):
             return None
         if forced:
             return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name, token_shape), 1))
@@ -238,8 +247,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             return SelectedRoutes(index, with_top_k_gradient(weight, probs, index) if trains_router else weight)
         return SelectedRoutes(index, weight, probs if trains_router else None)
 
-    def add_mixture(self, result: torch.Tensor, tokens: torch.Tensor, token_shape: torch.Size,
-                    adapter_name: str) -> torch.Tensor:
+    def add_mixture(
+        self, result: torch.Tensor, tokens: torch.Tensor, token_shape: torch.Size, adapter_name: str
+    ) -> torch.Tensor:
         """`result + sum_e g_e(x) s_e B_e A_e dropout(x)` for the flattened `tokens` (T x in) and `result` (T x out),
         over all experts as two matrix multiplies, or over the selected ones only. `token_shape` is the shape the
         tokens had (batch first), for `route_to` and the padding mask.
@@ -265,15 +275,17 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             mixed = torch.addmm(accumulator, gated, lora_B.t(), alpha=1.0 if scaling is None else scaling)
         return _as_dtype(mixed, result.dtype)
 
-    def _add_selected_experts(self, accumulator: torch.Tensor, inputs: torch.Tensor, routes: SelectedRoutes,
-                              adapter_name: str) -> torch.Tensor:
+    def _add_selected_experts(
+        self, accumulator: torch.Tensor, inputs: torch.Tensor, routes: SelectedRoutes, adapter_name: str
+    ) -> torch.Tensor:
         """`accumulator` plus the routed experts only, each weighted by its gate and scale; under `hard_soft` in
         training, with the straight-through gradient of every expert's router probability attached."""
         lora_A, lora_B = self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]
         scaling = self.loramixer_expert_scaling[adapter_name]
         weight = routes.weight * scaling[routes.index]
-        mixed = add_selected_experts(accumulator, inputs, lora_A, lora_B, routes.index, weight,
-                                     self.expert_rank[adapter_name])
+        mixed = add_selected_experts(
+            accumulator, inputs, lora_A, lora_B, routes.index, weight, self.expert_rank[adapter_name]
+        )
         if routes.straight_through_probs is None:
             return mixed
         return straight_through_router_gradient(mixed, routes.straight_through_probs, inputs, lora_A, lora_B, scaling)

@@ -171,8 +171,9 @@ class LoraMixerModel(BaseTuner):
             for layer, ids_before in zip(layers, previous):
                 layer.forced_expert_ids = ids_before
 
-    def set_routing(self, routing: Optional[str] = None, top_k: Optional[int] = None,
-                    adapter_name: Optional[str] = None) -> None:
+    def set_routing(
+        self, routing: Optional[str] = None, top_k: Optional[int] = None, adapter_name: Optional[str] = None
+    ) -> None:
         """Change how a trained adapter routes, e.g. trained `soft`, used `topk` with `top_k=2` for inference.
 
         Updates the adapter's config (so `save_pretrained` keeps the new routing) and every one of its layers; the
@@ -243,7 +244,6 @@ class LoraMixerModel(BaseTuner):
         model = super().unload()
         unguard_fused_mixers(model)
         return model
-
 
     # ---- training: thin front of the routing-loss controller ------------------------------------------------------
     def routing_loss(self) -> Optional[RoutingLoss]:

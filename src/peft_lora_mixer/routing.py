@@ -117,7 +117,9 @@ def as_expert_ids(expert_ids: Any, num_experts: Optional[int] = None) -> torch.T
             ids = torch.as_tensor(expert_ids)
         except (TypeError, ValueError, RuntimeError):
             ids = None
-        integral = ids is not None and not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool)
+        integral = ids is not None and not (
+            ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool
+        )
         wrong = [] if integral else [expert_ids]
     if wrong:
         raise ValueError(
@@ -146,8 +148,9 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def forced_gates(expert_ids: torch.Tensor, num_experts: int, token_shape: torch.Size,
-                 device: torch.device) -> torch.Tensor:
+def forced_gates(
+    expert_ids: torch.Tensor, num_experts: int, token_shape: torch.Size, device: torch.device
+) -> torch.Tensor:
     """One-hot gates sending every token of sample b to expert `expert_ids[b]` (stage-1 expert training).
 
     `token_shape` is the shape of the layer's tokens, batch first (its input's shape without the features); the

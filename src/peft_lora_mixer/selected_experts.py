@@ -34,8 +34,15 @@ def prefer_selected_experts(num_tokens: int, num_experts: int, top_k: int, strai
     return num_experts >= per_selected * top_k and num_tokens >= MIN_TOKENS
 
 
-def add_selected_experts(accumulator: torch.Tensor, tokens: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                         index: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
+def add_selected_experts(
+    accumulator: torch.Tensor,
+    tokens: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    rank: int,
+) -> torch.Tensor:
     """`accumulator[t] + sum_j weight[t, j] * B_e A_e tokens[t]` with `e = index[t, j]`, computing no other expert.
 
     `tokens` is (T, in) and `accumulator` (T, out), the sum taken in the experts' compute dtype; `lora_A` is
@@ -83,12 +90,21 @@ def grouped_mm_supported(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) 
         return False
     if lora_A.device.type == "cpu":
         return not torch.compiler.is_compiling()
-    return lora_A.device.type == "cuda" and lora_A.dtype == torch.bfloat16 and torch.cuda.get_device_capability(
-        lora_A.device) >= (8, 0)
+    return (
+        lora_A.device.type == "cuda"
+        and lora_A.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(lora_A.device) >= (8, 0)
+    )
 
 
-def straight_through_router_gradient(output: torch.Tensor, probs: torch.Tensor, x: torch.Tensor,
-                                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+def straight_through_router_gradient(
+    output: torch.Tensor,
+    probs: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: torch.Tensor,
+) -> torch.Tensor:
     """`output` (the sum the selected experts' delta went into, (T, out)) unchanged, with `hard_soft`'s
     straight-through gradient reaching `probs` ((..., E) over the T tokens of `x`).
 

@@ -27,9 +27,13 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run the offline end-to-end comparison (tiny model, or a real one)")
-    demo.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
-                      help="'tiny': the miniature, pretrained on the spot (minutes); 'smollm2': SmolLM2-135M-Instruct "
-                           "on real text (about 15 minutes on 2 cores; needs the 'real' extra)")
+    demo.add_argument(
+        "--model",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="'tiny': the miniature, pretrained on the spot (minutes); 'smollm2': SmolLM2-135M-Instruct "
+        "on real text (about 15 minutes on 2 cores; needs the 'real' extra)",
+    )
     demo.add_argument("--output", type=Path, help="folder for results and plot (default: outputs/demo[-smollm2])")
     demo.add_argument("--size", choices=("full", "smoke"), default="full", help="'smoke': a quick check of the steps")
     demo.add_argument("--seed", type=int, default=0)
@@ -46,8 +50,12 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train-router", help="train a mixer's routers on a JSONL dataset with Trainer")
     add_base_argument(train)
     train.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
-    train.add_argument("--data", type=Path, required=True,
-                       help="JSONL file: a 'text' field per line (encoder-decoder bases: 'text' and 'target')")
+    train.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="JSONL file: a 'text' field per line (encoder-decoder bases: 'text' and 'target')",
+    )
     train.add_argument("--output", type=Path, required=True)
     train.add_argument("--steps", type=positive_int, default=200)
     train.add_argument("--lr", type=float, default=1e-3)
@@ -62,10 +70,14 @@ def parser() -> argparse.ArgumentParser:
     add_base_argument(inspect)
     inspect.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
     inspect.add_argument("--text", required=True)
-    inspect.add_argument("--layers", type=int, nargs="+", metavar="N",
-                         help="count only the projections of these layers (default: all)")
-    inspect.add_argument("--per-module", action="store_true",
-                         help="one column per adapted projection (its top-1 expert) instead of the expert mix")
+    inspect.add_argument(
+        "--layers", type=int, nargs="+", metavar="N", help="count only the projections of these layers (default: all)"
+    )
+    inspect.add_argument(
+        "--per-module",
+        action="store_true",
+        help="one column per adapted projection (its top-1 expert) instead of the expert mix",
+    )
     inspect.add_argument("--heatmap", type=Path, metavar="PNG", help="also draw the expert mix per token to a PNG")
     inspect.set_defaults(handler=inspect_command)
 
@@ -85,8 +97,12 @@ def parser() -> argparse.ArgumentParser:
 
 def add_base_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--base", required=True, help="base model: Hub id or folder (with its tokenizer)")
-    command.add_argument("--dtype", choices=DTYPES, default="float32",
-                         help="dtype the base model is loaded in ('auto': the checkpoint's)")
+    command.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype the base model is loaded in ('auto': the checkpoint's)",
+    )
 
 
 def positive_int(value: str) -> int:
@@ -133,13 +149,23 @@ def train_router_command(args: argparse.Namespace) -> int:
     model.set_trainable(routers=True, experts=False)
     with tempfile.TemporaryDirectory() as scratch:  # Trainer wants a folder; nothing of it is kept
         training_args = TrainingArguments(
-            output_dir=scratch, max_steps=args.steps, learning_rate=args.lr,
-            per_device_train_batch_size=args.batch_size, save_strategy="no", report_to=[], logging_steps=10,
+            output_dir=scratch,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            per_device_train_batch_size=args.batch_size,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=10,
             remove_unused_columns=False,
         )
         collator = training_collator(tokenizer, model if encoder_decoder else None)
-        trainer = Trainer(model=model, args=training_args, train_dataset=samples, callbacks=[RoutingCallback()],
-                          data_collator=collator)
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=samples,
+            callbacks=[RoutingCallback()],
+            data_collator=collator,
+        )
         trainer.train()
     model.save_pretrained(args.output)
     print(f"trained mixer saved to {args.output}")
@@ -201,8 +227,15 @@ def eval_command(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     model = PeftModel.from_pretrained(load_base(args.base, args.dtype), args.mixer).to(device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = evaluate_mixer(model, tokenizer, args.tasks, manager=manager, num_fewshot=args.num_fewshot,
-                             limit=limit, batch_size=args.batch_size)
+    results = evaluate_mixer(
+        model,
+        tokenizer,
+        args.tasks,
+        manager=manager,
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        batch_size=args.batch_size,
+    )
     print(format_report(results))
     if args.output:
         args.output.write_text(json.dumps([dataclasses.asdict(result) for result in results], indent=2))

@@ -49,8 +49,11 @@ def read_texts(path: Path) -> list[str]:
 
 
 def tokenize_records(
-    records: list[tuple[int, dict[str, str]]], tokenizer: PreTrainedTokenizerBase, max_length: int,
-    encoder_decoder: bool, path: Path,
+    records: list[tuple[int, dict[str, str]]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    encoder_decoder: bool,
+    path: Path,
 ) -> list[dict[str, Any]]:
     """Token ids and labels per record: a causal LM learns every token of 'text' (end-of-sequence tokens included:
     padding is told apart by the collator, not by the token id); an encoder-decoder reads 'text' and learns

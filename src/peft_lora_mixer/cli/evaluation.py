@@ -105,18 +105,27 @@ def evaluate_mixer(
         mixer.routing_stats(reset=True)
         with mixer.collect_routing_stats():
             output = lm_eval.simple_evaluate(
-                model=language_model, tasks=[task], task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                log_samples=False, bootstrap_iters=0,
+                model=language_model,
+                tasks=[task],
+                task_manager=manager,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=0,
             )
         results.append(_task_evaluation(task, output["results"], mixer.routing_stats(reset=True)))
     return results
 
 
-def _task_evaluation(task: str, results: dict[str, dict[str, Any]],
-                     stats: dict[str, ModuleRoutingStats]) -> TaskEvaluation:
+def _task_evaluation(
+    task: str, results: dict[str, dict[str, Any]], stats: dict[str, ModuleRoutingStats]
+) -> TaskEvaluation:
     scores = {
-        name: {key: float(value) for key, value in metrics.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool) and "," in key}
+        name: {
+            key: float(value)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "," in key
+        }
         for name, metrics in results.items()
     }
     routing = {**summarize(stats), "tokens": max((module.tokens for module in stats.values()), default=0)}
@@ -129,9 +138,10 @@ def format_report(results: Sequence[TaskEvaluation]) -> str:
     lines = [f"{'task':<28}{'metric':<22}{'value':>8}  {'tokens':>8}{'entropy':>9}{'balance':>9}  top-1 usage"]
     for result in results:
         routing = result.routing
-        beside = (f"{int(routing['tokens']):>8}{routing.get('routing/entropy', math.nan):>9.3f}"
-                  f"{routing.get('routing/balance', math.nan):>9.3f}  "
-                  + " ".join(f"{share:.2f}" for share in result.usage))
+        beside = (
+            f"{int(routing['tokens']):>8}{routing.get('routing/entropy', math.nan):>9.3f}"
+            f"{routing.get('routing/balance', math.nan):>9.3f}  " + " ".join(f"{share:.2f}" for share in result.usage)
+        )
         for name, metrics in result.scores.items():
             for metric, value in metrics.items():
                 if "_stderr" not in metric:

@@ -79,7 +79,7 @@ def format_expert_mix(tokens: list[str], choices: dict[str, torch.Tensor], names
     lines = [f"expert mix over {len(choices)} projections (% choosing each expert first)", header]
     for token, shares in zip(tokens, mix):
         cells = " ".join(f"{100 * share:>{w}.0f}" for share, w in zip(shares.tolist(), widths))
-        lines.append(f"{token[:token_width - 2]:<{token_width}}{cells}  {names[int(shares.argmax())]}")
+        lines.append(f"{token[: token_width - 2]:<{token_width}}{cells}  {names[int(shares.argmax())]}")
     return "\n".join(lines)
 
 
@@ -91,7 +91,7 @@ def format_choices(tokens: list[str], choices: dict[str, torch.Tensor]) -> str:
     lines = [f"{'token':<{token_width}}" + " ".join(f"{h:>{w}}" for h, w in zip(headers, widths))]
     for position, token in enumerate(tokens):
         cells = " ".join(f"{int(chosen.reshape(-1)[position]):>{w}}" for chosen, w in zip(choices.values(), widths))
-        lines.append(f"{token[:token_width - 2]:<{token_width}}{cells}")
+        lines.append(f"{token[: token_width - 2]:<{token_width}}{cells}")
     return "\n".join(lines)
 
 

@@ -25,8 +25,11 @@ def plot_usage_heatmap(
         raise ValueError("No routing statistics to plot: collect them with `model.collect_routing_stats()` first.")
     modules = list(next(iter(stats_by_domain.values())))
     figure, axes = plt.subplots(
-        1, len(stats_by_domain), figsize=(2.5 + 1.5 * len(stats_by_domain), 1 + 0.3 * len(modules)),
-        squeeze=False, sharey=True,
+        1,
+        len(stats_by_domain),
+        figsize=(2.5 + 1.5 * len(stats_by_domain), 1 + 0.3 * len(modules)),
+        squeeze=False,
+        sharey=True,
     )
     for ax, (domain, stats) in zip(axes[0], stats_by_domain.items()):
         rows = [(stats[m].top_k_usage if top_k else stats[m].usage).tolist() for m in modules]
@@ -42,8 +45,9 @@ def plot_usage_heatmap(
     return path
 
 
-def plot_token_mix(tokens: list[str], choices: Mapping[str, torch.Tensor], names: list[str],
-                   path: Union[str, Path]) -> Path:
+def plot_token_mix(
+    tokens: list[str], choices: Mapping[str, torch.Tensor], names: list[str], path: Union[str, Path]
+) -> Path:
     """Draw `inspect`'s expert mix (rows: tokens, columns: experts, colour: share of projections) into a PNG."""
     plt = _pyplot()
     mix = expert_mix(dict(choices), len(names))

@@ -349,7 +349,7 @@ def _blocks(source: ExpertSource, config: dict[str, Any], tensors: dict[str, tor
         if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
             raise ExpertError(
                 f"Expert {source.label!r}: module {name!r} needs a lora_A (r x in) and a lora_B (out x r) of the same "
-                f"rank, got {({factor: tuple(t.shape) for factor, t in pair.items()})}."
+                f"rank, got { ({factor: tuple(t.shape) for factor, t in pair.items()}) }."
             )
         r = pair["lora_A"].shape[0]
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", 8))

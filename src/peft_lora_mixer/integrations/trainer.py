@@ -24,8 +24,9 @@ from ..routing_loss.stats import summarize
 class ExpertIdsCollator:
     """Collate with `base_collator`, after moving each sample's `column` (its domain / expert id) to `expert_ids`."""
 
-    def __init__(self, base_collator: Callable[[list[dict]], dict] = default_data_collator,
-                 column: str = "expert_id") -> None:
+    def __init__(
+        self, base_collator: Callable[[list[dict]], dict] = default_data_collator, column: str = "expert_id"
+    ) -> None:
         self.base_collator = base_collator
         self.column = column
 
@@ -62,12 +63,14 @@ class RoutingLossMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mixer = find_mixer(model)
         if mixer is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         labels = inputs.get("labels")  # the trainer may pop them
         with mixer.routing_controller.rsl_added_by_caller():
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         loss, outputs = result if return_outputs else (result, None)
         scale = mixer.routing_controller.loss_scale(labels, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:

@@ -17,8 +17,14 @@ from typing import Optional
 
 import torch
 
-from .loss import RouterLossParts, RouterLossSettings, RouterUsage, specialization_loss, specialization_loss_gradient
-from .loss import valid_tokens
+from .loss import (
+    RouterLossParts,
+    RouterLossSettings,
+    RouterUsage,
+    specialization_loss,
+    specialization_loss_gradient,
+    valid_tokens,
+)
 from .stats import RoutingStatsAccumulator
 
 MISSING_RSL_WARNING = (
@@ -119,8 +125,15 @@ class _InjectRoutingGradient(torch.autograd.Function):
     """Identity on a recomputed router's probabilities; its backward adds the gradient of that router's RSL share."""
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor, token_mask: Optional[torch.Tensor], usage: RouterUsage, step: RoutingStep,
-                adapter_name: str, collector: RoutingCollector) -> torch.Tensor:
+    def forward(
+        ctx,
+        probs: torch.Tensor,
+        token_mask: Optional[torch.Tensor],
+        usage: RouterUsage,
+        step: RoutingStep,
+        adapter_name: str,
+        collector: RoutingCollector,
+    ) -> torch.Tensor:
         ctx.save_for_backward(probs, token_mask)
         ctx.step, ctx.usage, ctx.adapter_name, ctx.collector = step, usage, adapter_name, collector
         return probs.view_as(probs)
@@ -153,8 +166,9 @@ class RoutingCollector:
         self.awaiting_recomputation: list[RoutingStep] = []
         self.warned_missing_rsl = False
 
-    def observe(self, layer, adapter_name: str, logits: torch.Tensor, probs: torch.Tensor,
-                token_shape: torch.Size) -> torch.Tensor:
+    def observe(
+        self, layer, adapter_name: str, logits: torch.Tensor, probs: torch.Tensor, token_shape: torch.Size
+    ) -> torch.Tensor:
         """Called by a layer with its router's logits and probabilities ((..., E) over tokens that had
         `token_shape`, batch first); returns the tensor the layer should route with."""
         module_name = self.module_names.get(id(layer), "")
@@ -181,8 +195,9 @@ class RoutingCollector:
         step.recomputed_routers.setdefault((id(layer), adapter_name), []).append(usage)
         return probs
 
-    def _inject_into_recomputed(self, layer, adapter_name: str, module_name: str, probs: torch.Tensor,
-                                token_shape: torch.Size) -> torch.Tensor:
+    def _inject_into_recomputed(
+        self, layer, adapter_name: str, module_name: str, probs: torch.Tensor, token_shape: torch.Size
+    ) -> torch.Tensor:
         """In the recomputation of a reentrant-checkpointed router, the node that adds its RSL gradient."""
         if not probs.requires_grad:
             return probs

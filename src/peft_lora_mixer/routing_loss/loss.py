@@ -172,8 +172,14 @@ class _SpecializationLoss(torch.autograd.Function):
     """The RSL value of one router (computed by the caller), with its gradient to the probabilities in closed form."""
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor, value: torch.Tensor, token_mask: Optional[torch.Tensor],
-                usage: RouterUsage, settings: RouterLossSettings) -> torch.Tensor:
+    def forward(
+        ctx,
+        probs: torch.Tensor,
+        value: torch.Tensor,
+        token_mask: Optional[torch.Tensor],
+        usage: RouterUsage,
+        settings: RouterLossSettings,
+    ) -> torch.Tensor:
         # kept as attributes, not `save_for_backward`: non-reentrant checkpointing must see the same saved tensors
         # in the recomputation, which builds no RSL (the probabilities, tokens x E, stay alive: a small cost)
         ctx.probs, ctx.token_mask, ctx.usage, ctx.settings = probs.detach(), token_mask, usage, settings

@@ -66,17 +66,40 @@ SIZES = {
         "smoke": DemoSize(pretrain_steps=20, expert_steps=10, router_steps=5, eval_count=8, checkpoints=(2,)),
     },
     "smollm2": {  # 3 domains: top-1 routing, so routing accuracy reads as "the right expert"
-        "full": DemoSize(rank=8, batch_size=4, seq_length=64, expert_steps=16, router_steps=12, eval_count=6, top_k=1,
-                         lr=3e-3, router_lr=1e-2, multitask=False, checkpoints=(6,)),
-        "smoke": DemoSize(rank=4, batch_size=2, seq_length=32, expert_steps=2, router_steps=2, eval_count=2, top_k=1,
-                          lr=2e-3, router_lr=1e-2, multitask=False, checkpoints=(1,)),
+        "full": DemoSize(
+            rank=8,
+            batch_size=4,
+            seq_length=64,
+            expert_steps=16,
+            router_steps=12,
+            eval_count=6,
+            top_k=1,
+            lr=3e-3,
+            router_lr=1e-2,
+            multitask=False,
+            checkpoints=(6,),
+        ),
+        "smoke": DemoSize(
+            rank=4,
+            batch_size=2,
+            seq_length=32,
+            expert_steps=2,
+            router_steps=2,
+            eval_count=2,
+            top_k=1,
+            lr=2e-3,
+            router_lr=1e-2,
+            multitask=False,
+            checkpoints=(1,),
+        ),
     },
 }
 WORKLOADS = {"tiny": TinyWorkload, "smollm2": SmolLM2Workload}
 
 
-def oracle_share(row: dict[str, float], oracle: dict[str, float], base: dict[str, float], higher_is_better: bool
-                 ) -> float:
+def oracle_share(
+    row: dict[str, float], oracle: dict[str, float], base: dict[str, float], higher_is_better: bool
+) -> float:
     """How close a row comes to the oracle (each domain's own expert), averaged over the domains.
 
     Accuracy: the row's mean over the oracle's mean. Perplexity: the share of the oracle's gain over the base model,
@@ -124,15 +147,19 @@ class Demo:
     def mixed_samples(self, seed: int, steps: int) -> list[dict]:
         """Samples of every domain, `expert_id` = the domain's index, enough for `steps` batches."""
         per_domain = steps * self.size.batch_size // len(self.workload.domains) + 1
-        return [s for i in range(len(self.workload.domains))
-                for s in self.workload.training_samples(i, per_domain, seed + i)]
+        return [
+            s
+            for i in range(len(self.workload.domains))
+            for s in self.workload.training_samples(i, per_domain, seed + i)
+        ]
 
     def train_experts(self) -> None:
         for index, (domain, folder) in enumerate(zip(self.workload.domains, self.expert_dirs)):
             self.workload.log(f"training the {domain!r} expert (a plain PEFT LoRA)")
             model = get_peft_model(self.base(), self.lora_config(self.size.rank))
-            samples = self.workload.training_samples(index, self.size.expert_steps * self.size.batch_size,
-                                                     self.seed + 7)
+            samples = self.workload.training_samples(
+                index, self.size.expert_steps * self.size.batch_size, self.seed + 7
+            )
             self.train(model, samples, self.size.expert_steps)
             model.save_pretrained(folder)
 
@@ -162,34 +189,56 @@ class Demo:
         base = self.base()
         base.config.use_cache = False  # X-LoRA's requirement
         # X-LoRA names its adapters "0", "1", ... internally; other names break its adapter switching
-        config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=self.workload.hidden_size, xlora_depth=1,
-                             adapters={str(i): str(f) for i, f in enumerate(self.expert_dirs)})
+        config = XLoraConfig(
+            task_type="CAUSAL_LM",
+            hidden_size=self.workload.hidden_size,
+            xlora_depth=1,
+            adapters={str(i): str(f) for i, f in enumerate(self.expert_dirs)},
+        )
         model = get_peft_model(base, config)
         samples = self.mixed_samples(self.seed + 13, self.size.router_steps)
         self.train(model, samples, self.size.router_steps, lr=self.size.router_lr)
         return model
 
-    def plug_and_play(self, rsl: bool, router_init: str, progress: OracleProgress | None = None,
-                      before_training: Callable[[PeftModel], None] | None = None) -> PeftModel:
+    def plug_and_play(
+        self,
+        rsl: bool,
+        router_init: str,
+        progress: OracleProgress | None = None,
+        before_training: Callable[[PeftModel], None] | None = None,
+    ) -> PeftModel:
         weights = RSL_WEIGHTS if rsl else {"add_routing_loss": False}
-        model = from_experts(self.base(), [str(f) for f in self.expert_dirs], top_k=self.size.top_k,
-                             router_init=router_init, **weights)
+        model = from_experts(
+            self.base(), [str(f) for f in self.expert_dirs], top_k=self.size.top_k, router_init=router_init, **weights
+        )
         if before_training is not None:
             before_training(model)
         samples = self.mixed_samples(self.seed + 17, self.size.router_steps)
-        self.train(model, samples, self.size.router_steps, lr=self.size.router_lr,
-                   callbacks=[progress] if progress else ())
+        self.train(
+            model, samples, self.size.router_steps, lr=self.size.router_lr, callbacks=[progress] if progress else ()
+        )
         return model
 
     def joint(self) -> PeftModel:
         domains = len(self.workload.domains)
-        config = LoraMixerConfig(num_experts=domains, top_k=self.size.top_k, r=self.size.rank,
-                                 lora_alpha=2 * self.size.rank, **self.workload.lora_scope, **RSL_WEIGHTS)
+        config = LoraMixerConfig(
+            num_experts=domains,
+            top_k=self.size.top_k,
+            r=self.size.rank,
+            lora_alpha=2 * self.size.rank,
+            **self.workload.lora_scope,
+            **RSL_WEIGHTS,
+        )
         model = get_peft_model(self.base(), config)
         steps = self.size.expert_steps * domains
         model.set_trainable(routers=False, experts=True)
-        self.train(model, self.mixed_samples(self.seed + 19, steps), steps, keep_columns=True,
-                   data_collator=ExpertIdsCollator())
+        self.train(
+            model,
+            self.mixed_samples(self.seed + 19, steps),
+            steps,
+            keep_columns=True,
+            data_collator=ExpertIdsCollator(),
+        )
         model.set_trainable(routers=True, experts=False)
         samples = self.mixed_samples(self.seed + 23, self.size.router_steps)
         self.train(model, samples, self.size.router_steps, lr=self.size.router_lr)
@@ -205,8 +254,11 @@ class Demo:
 
 def plug_and_play_rows() -> dict[str, tuple[bool, str]]:
     """Row name -> (RSL, router_init) for the routers-only rows."""
-    return {f"LoRA-Mixer plug-and-play, {init} init, {'RSL' if rsl else 'no RSL'}": (rsl, init)
-            for init in ("random", "experts") for rsl in (False, True)}
+    return {
+        f"LoRA-Mixer plug-and-play, {init} init, {'RSL' if rsl else 'no RSL'}": (rsl, init)
+        for init in ("random", "experts")
+        for rsl in (False, True)
+    }
 
 
 HEATMAP_ROW = "LoRA-Mixer plug-and-play, experts init, RSL"
@@ -244,11 +296,16 @@ def run_demo(output_dir: Path, size: DemoSize = DemoSize(), seed: int = 0, model
 
         def record_start(model: PeftModel, name: str = name) -> None:
             values, losses, stats = workload.measure(model, routing_stats=True)
-            before_training[name] = {workload.metric: values, "oracle_share": share(values),
-                                     "routing_accuracy": demo.routing_accuracy(stats), "heldout_loss": losses}
+            before_training[name] = {
+                workload.metric: values,
+                "oracle_share": share(values),
+                "routing_accuracy": demo.routing_accuracy(stats),
+                "heldout_loss": losses,
+            }
 
-        builders[name] = (lambda rsl=rsl, init=init, progress=progress, record=record_start:
-                          demo.plug_and_play(rsl, init, progress, record))
+        builders[name] = lambda rsl=rsl, init=init, progress=progress, record=record_start: demo.plug_and_play(
+            rsl, init, progress, record
+        )
         curves[name] = progress.shares
     builders["LoRA-Mixer joint (2 stages, RSL)"] = demo.joint
 
@@ -264,18 +321,36 @@ def run_demo(output_dir: Path, size: DemoSize = DemoSize(), seed: int = 0, model
             if name == HEATMAP_ROW:
                 plot = draw_heatmap(stats, output_dir / "routing_heatmap.png")
 
-    steps_to_share = {name: next((step for step, value in sorted(curve.items()) if value >= ORACLE_SHARE), None)
-                      for name, curve in curves.items()}
-    results = {"model": model, "metric": workload.metric, "size": asdict(size), "seed": seed, "domains": domains,
-               workload.metric: rows, "oracle": oracle, "routing_accuracy": routing,
-               "before_router_training": before_training, "oracle_share_by_router_step": curves,
-               f"router_steps_to_{ORACLE_SHARE:.0%}_of_oracle": steps_to_share, "plot": plot,
-               "seconds": round(time.perf_counter() - started, 1)}
+    steps_to_share = {
+        name: next((step for step, value in sorted(curve.items()) if value >= ORACLE_SHARE), None)
+        for name, curve in curves.items()
+    }
+    results = {
+        "model": model,
+        "metric": workload.metric,
+        "size": asdict(size),
+        "seed": seed,
+        "domains": domains,
+        workload.metric: rows,
+        "oracle": oracle,
+        "routing_accuracy": routing,
+        "before_router_training": before_training,
+        "oracle_share_by_router_step": curves,
+        f"router_steps_to_{ORACLE_SHARE:.0%}_of_oracle": steps_to_share,
+        "plot": plot,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n{workload.metric} on held-out data per domain ({'higher' if workload.higher_is_better else 'lower'} is "
-          "better); /oracle: " + ("mean over the oracle's mean" if workload.higher_is_better else
-                                  "share of the oracle's gain over the base model (in log-perplexity)"))
+    print(
+        f"\n{workload.metric} on held-out data per domain ({'higher' if workload.higher_is_better else 'lower'} is "
+        "better); /oracle: "
+        + (
+            "mean over the oracle's mean"
+            if workload.higher_is_better
+            else "share of the oracle's gain over the base model (in log-perplexity)"
+        )
+    )
     print(format_table(rows, oracle, share=share))
     print("\nrouting accuracy (tokens whose top-k holds their domain's expert, mean over projections):")
     print(format_table(routing, {d: 1.0 for d in domains}, oracle_row=False))
@@ -293,8 +368,12 @@ def draw_heatmap(stats: dict[str, dict[str, ModuleRoutingStats]], path: Path) ->
         return None
 
 
-def format_table(rows: dict[str, dict[str, float]], oracle: dict[str, float], oracle_row: bool = True,
-                 share: Callable[[dict[str, float]], float] | None = None) -> str:
+def format_table(
+    rows: dict[str, dict[str, float]],
+    oracle: dict[str, float],
+    oracle_row: bool = True,
+    share: Callable[[dict[str, float]], float] | None = None,
+) -> str:
     """The metric per domain, its mean, and `share(row)` (default: the mean over the oracle's mean)."""
     names = list(oracle)
     share = share or (lambda row: _mean(row) / max(_mean(oracle), 1e-9))
@@ -307,17 +386,26 @@ def format_table(rows: dict[str, dict[str, float]], oracle: dict[str, float], or
     return "\n".join(lines)
 
 
-def format_router_start(before: dict[str, dict], curves: dict[str, dict[int, float]],
-                        steps_to_share: dict[str, int | None], metric: str, router_steps: int) -> str:
+def format_router_start(
+    before: dict[str, dict],
+    curves: dict[str, dict[int, float]],
+    steps_to_share: dict[str, int | None],
+    metric: str,
+    router_steps: int,
+) -> str:
     """Per plug-and-play row: before any router step, the oracle share, routing accuracy and held-out loss; then
     the oracle share at each evaluated step and the first step reaching `ORACLE_SHARE`."""
     width = max(len(name) for name in before) + 2
-    lines = [f"\nbefore router training, and router steps to {ORACLE_SHARE:.0%} of the oracle ({metric}):",
-             f"{'':<{width}}{'/oracle@0':>10}{'routing@0':>10}{'loss@0':>9}{'steps':>7}  /oracle by step"]
+    lines = [
+        f"\nbefore router training, and router steps to {ORACLE_SHARE:.0%} of the oracle ({metric}):",
+        f"{'':<{width}}{'/oracle@0':>10}{'routing@0':>10}{'loss@0':>9}{'steps':>7}  /oracle by step",
+    ]
     for name, start in before.items():
         reached = steps_to_share[name]
         curve = " ".join(f"{step}:{value:.2f}" for step, value in sorted(curves[name].items()))
-        lines.append(f"{name:<{width}}{start['oracle_share']:>10.2f}{_mean(start['routing_accuracy']):>10.2f}"
-                     f"{_mean(start['heldout_loss']):>9.3f}{reached if reached is not None else f'>{router_steps}':>7}"
-                     f"  {curve}")
+        lines.append(
+            f"{name:<{width}}{start['oracle_share']:>10.2f}{_mean(start['routing_accuracy']):>10.2f}"
+            f"{_mean(start['heldout_loss']):>9.3f}{reached if reached is not None else f'>{router_steps}':>7}"
+            f"  {curve}"
+        )
     return "\n".join(lines)

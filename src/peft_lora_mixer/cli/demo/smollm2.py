@@ -69,8 +69,10 @@ class SmolLM2Workload(Workload):
         needed = (max(self.size.expert_steps, self.size.router_steps) + 1) * self.size.batch_size
         for domain in tqdm(self.domains, desc="tokenizing the domains"):
             train, heldout = split_documents(domain)
-            self._chunks[domain] = (self._windows(tokenizer, train, needed), self._windows(tokenizer, heldout,
-                                                                                           self.size.eval_count))
+            self._chunks[domain] = (
+                self._windows(tokenizer, train, needed),
+                self._windows(tokenizer, heldout, self.size.eval_count),
+            )
 
     def _windows(self, tokenizer, documents: list[str], count: int) -> list[list[int]]:
         """At least `count` windows of `seq_length` tokens (all there are, if fewer) from the documents in a seeded
@@ -82,7 +84,7 @@ class SmolLM2Workload(Workload):
             stream += [*tokenizer(document)["input_ids"], tokenizer.eos_token_id]
             if len(stream) >= 2 * count * length:
                 break
-        return [stream[start:start + length] for start in range(0, len(stream) - length + 1, length)]
+        return [stream[start : start + length] for start in range(0, len(stream) - length + 1, length)]
 
     def base(self) -> PreTrainedModel:
         return AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32)
@@ -95,8 +97,9 @@ class SmolLM2Workload(Workload):
         """`count` training windows of domain `index`, drawn without replacement while they last."""
         windows = self._chunks[self.domains[index]][0]
         rng = random.Random(seed)
-        order = [i for _ in range(math.ceil(count / len(windows)))
-                 for i in rng.sample(range(len(windows)), len(windows))]
+        order = [
+            i for _ in range(math.ceil(count / len(windows))) for i in rng.sample(range(len(windows)), len(windows))
+        ]
         return [_sample(windows[i], index) for i in order[:count]]
 
     def heldout_samples(self, index: int) -> list[dict]:

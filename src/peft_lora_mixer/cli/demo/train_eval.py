@@ -22,29 +22,57 @@ from .tasks import EOS_ID, LENGTH, PAD_ID, VOCAB, Domain, decode, evaluation_set
 def tiny_base_model(hidden_size: int, layers: int, seed: int) -> PreTrainedModel:
     """A small Llama built from a config (nothing is downloaded)."""
     config = AutoConfig.for_model(
-        "llama", vocab_size=len(VOCAB), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None, tie_word_embeddings=False,
+        "llama",
+        vocab_size=len(VOCAB),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
 
-def fit(model: torch.nn.Module, samples: list[dict], steps: int, lr: float, seed: int, batch_size: int = 32,
-        data_collator=default_data_collator, keep_columns: bool = False,
-        callbacks: Sequence[TrainerCallback] = ()) -> None:
+def fit(
+    model: torch.nn.Module,
+    samples: list[dict],
+    steps: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 32,
+    data_collator=default_data_collator,
+    keep_columns: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> None:
     """Train with a plain Trainer for `steps` optimizer steps (`keep_columns`: pass `expert_id` to the collator)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
-            output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
-            lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, steps // 10), weight_decay=0.0,
-            logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], seed=seed, use_cpu=True,
-            remove_unused_columns=not keep_columns, dataloader_num_workers=0,
+            output_dir=output_dir,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=min(20, steps // 10),
+            weight_decay=0.0,
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            use_cpu=True,
+            remove_unused_columns=not keep_columns,
+            dataloader_num_workers=0,
         )
         if not keep_columns:
             samples = [{k: v for k, v in s.items() if k != "expert_id"} for s in samples]
-        Trainer(model=model, args=args, train_dataset=samples, data_collator=data_collator,
-                callbacks=list(callbacks)).train()
+        Trainer(
+            model=model, args=args, train_dataset=samples, data_collator=data_collator, callbacks=list(callbacks)
+        ).train()
 
 
 @torch.no_grad()
@@ -54,10 +82,14 @@ def exact_match(model: torch.nn.Module, domain: Domain, count: int, seed: int) -
     model.eval()
     input_ids = torch.tensor(prompts)
     generated = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=LENGTH + 1,
-        do_sample=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=LENGTH + 1,
+        do_sample=False,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
     )
-    predictions = [decode(row[input_ids.shape[1]:].tolist())[:LENGTH + 1] for row in generated]
+    predictions = [decode(row[input_ids.shape[1] :].tolist())[: LENGTH + 1] for row in generated]
     return sum(p == a for p, a in zip(predictions, answers)) / len(answers)
 
 
@@ -68,8 +100,9 @@ def heldout_loss(model: torch.nn.Module, samples: list[dict], batch_size: int) -
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
-        batch = default_data_collator([{k: s[k] for k in ("input_ids", "attention_mask", "labels")}
-                                       for s in samples[start:start + batch_size]])
+        batch = default_data_collator(
+            [{k: s[k] for k in ("input_ids", "attention_mask", "labels")} for s in samples[start : start + batch_size]]
+        )
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch).loss) * tokens
         count += tokens
