@@ -379,7 +379,7 @@ def test_full_demo_claims(tmp_path):
     than the uniform merge and X-LoRA, and with the RSL 95% of it on at least three of the four domains."""
     from peft_lora_mixer.cli.demo.run import SIZES, plug_and_play_rows, run_demo
 
-    results = run_demo(tmp_path, SIZES["full"], seed=0)
+    results = run_demo(tmp_path, SIZES["tiny"]["full"], seed=0)
     accuracy, oracle = results["accuracy"], results["oracle"]
 
     def share(row: str) -> float:
