@@ -25,6 +25,9 @@ def test_disable_adapter_gives_the_base_output_exactly():
 def test_several_named_adapters_switch_and_delete():
     model = mixer()
     model.add_adapter("second", LoraMixerConfig(num_experts=2, top_k=1, r=2, routing="topk", init_weights=False))
+    model.peft_config["default"].rsl_preservation_weight = 1.0
+    model.set_trainable(routers=True, experts=[0], adapter_name="default")  # anchors and gradient hooks
+    model.load_routing_loss_state({"entropy_weights": {"default": 0.5, "second": 0.2}})
     with torch.no_grad():
         first = model(input_ids=ids()).logits
         model.set_adapter("second")
@@ -45,6 +48,9 @@ def test_several_named_adapters_switch_and_delete():
             assert len(containers) >= 9 and all("default" not in c.keys() for c in containers)
         assert torch.equal(model(input_ids=ids()).logits, second)
     assert list(model.peft_config) == ["second"]
+    controller = model.base_model.routing_controller  # nothing of the deleted adapter is kept for training either
+    assert list(controller.entropy_weights) == ["second"]
+    assert "default" not in controller.anchors and "default" not in controller.expert_grad_hooks
 
 
 def test_unload_returns_the_base_model_intact():

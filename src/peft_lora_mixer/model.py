@@ -238,6 +238,11 @@ class LoraMixerModel(BaseTuner):
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(MERGE_ERROR)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's deletion, plus what the routing-loss controller kept for the adapter (lambda, anchors, hooks)."""
+        super().delete_adapter(adapter_name)
+        self.routing_controller.forget(adapter_name)
+
     def unload(self) -> nn.Module:
         """The base model with every mixer layer removed and the Mamba mixers' hooks taken off."""
         self.routing_controller.remove()

@@ -274,6 +274,12 @@ class RoutingLossController:
             if kept and self.tuner.peft_config[name].rsl_preservation_weight > 0:
                 self._record_anchors(name)
 
+    def forget(self, adapter_name: str) -> None:
+        """Drop everything kept for a deleted adapter."""
+        self._remove_expert_hooks(adapter_name)
+        for per_adapter in (self.entropy_weights, self.anchors, self.trainable_experts):
+            per_adapter.pop(adapter_name, None)
+
     def _remove_expert_hooks(self, adapter_name: str) -> None:
         for handle in self.expert_grad_hooks.pop(adapter_name, []):
             handle.remove()
