@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mixers import ProbeRouters, batch, rsl_mixer
-from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+from tiny_tokenizer import tiny_tokenizer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LabelSmoother
 
 from peft_lora_mixer import RoutingCallback, RoutingLossMixin
@@ -136,12 +136,6 @@ def test_hand_loop_that_forgets_the_rsl_warns_and_does_not_crash(checkpointing):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the warning was given once already
         shifted_cross_entropy(outputs, inputs["labels"]).backward()
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocabulary = {f"t{i}": i for i in range(128)}
-    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="t0"))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
 
 
 def sft_trainer(tmp_path, model, mixin: bool, **config):
