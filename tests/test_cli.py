@@ -21,6 +21,24 @@ def word_tokenizer(**special_tokens) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", **special_tokens)
 
 
+def train_router(base, mixer, data, output, *options: str) -> int:
+    """`lora-mixer train-router` with its four required arguments and any options."""
+    return main(
+        [
+            "train-router",
+            "--base",
+            str(base),
+            "--mixer",
+            str(mixer),
+            "--data",
+            str(data),
+            "--output",
+            str(output),
+            *options,
+        ]
+    )
+
+
 def save_base(folder, model_type: str, **special_tokens):
     """A tiny model and its word-level tokenizer, saved like a Hub model."""
     tiny_model(model_type).save_pretrained(folder)
@@ -82,26 +100,7 @@ def test_build_train_router_and_inspect(tmp_path, base_dir, expert_dirs, capsys)
     )
     before = router_weights(mixer_dir, base_dir)
     assert (
-        main(
-            [
-                "train-router",
-                "--base",
-                str(base_dir),
-                "--mixer",
-                str(mixer_dir),
-                "--data",
-                data,
-                "--output",
-                str(trained_dir),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-                "--lr",
-                "0.05",
-            ]
-        )
-        == 0
+        train_router(base_dir, mixer_dir, data, trained_dir, "--steps", "3", "--batch-size", "4", "--lr", "0.05") == 0
     )
     changed = changed_parameters(before, router_weights(trained_dir, base_dir))
     assert changed and all("loramixer_router" in name for name in changed)
@@ -202,26 +201,19 @@ def test_train_router_on_an_encoder_decoder_in_bfloat16(tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
     before = router_weights(mixer_dir, base_dir, AutoModelForSeq2SeqLM)
     assert (
-        main(
-            [
-                "train-router",
-                "--base",
-                str(base_dir),
-                "--mixer",
-                str(mixer_dir),
-                "--data",
-                data,
-                "--output",
-                str(trained_dir),
-                "--steps",
-                "2",
-                "--batch-size",
-                "4",
-                "--lr",
-                "0.05",
-                "--dtype",
-                "bfloat16",
-            ]
+        train_router(
+            base_dir,
+            mixer_dir,
+            data,
+            trained_dir,
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.05",
+            "--dtype",
+            "bfloat16",
         )
         == 0
     )
@@ -231,22 +223,7 @@ def test_train_router_on_an_encoder_decoder_in_bfloat16(tmp_path, capsys):
     assert all("loramixer_router" in name for name in changed)
 
     data_without_targets = write_jsonl(tmp_path / "texts.jsonl", [{"text": "w3 w4"}])
-    assert (
-        main(
-            [
-                "train-router",
-                "--base",
-                str(base_dir),
-                "--mixer",
-                str(mixer_dir),
-                "--data",
-                data_without_targets,
-                "--output",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+    assert train_router(base_dir, mixer_dir, data_without_targets, tmp_path / "x") == 2
     assert "texts.jsonl:1 has no string field 'target'" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["inspect", "--base", str(base_dir), "--mixer", str(trained_dir), "--text", "w5 w9 w33"]) == 0
@@ -290,22 +267,7 @@ def test_train_router_refuses_bad_data_before_writing(tmp_path, base_dir, mixer_
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
     output = tmp_path / "trained"
-    assert (
-        main(
-            [
-                "train-router",
-                "--base",
-                str(base_dir),
-                "--mixer",
-                str(mixer_dir),
-                "--data",
-                str(bad),
-                "--output",
-                str(output),
-            ]
-        )
-        == 2
-    )
+    assert train_router(base_dir, mixer_dir, bad, output) == 2
     assert message in capsys.readouterr().err
     assert not output.exists()
 
@@ -315,21 +277,7 @@ def test_bad_lengths_and_empty_text_are_refused(tmp_path, base_dir, mixer_dir, c
     output = tmp_path / "trained"
     for option in ("--max-length", "--steps", "--batch-size"):
         with pytest.raises(SystemExit):
-            main(
-                [
-                    "train-router",
-                    "--base",
-                    str(base_dir),
-                    "--mixer",
-                    str(mixer_dir),
-                    "--data",
-                    data,
-                    "--output",
-                    str(output),
-                    option,
-                    "0",
-                ]
-            )
+            train_router(base_dir, mixer_dir, data, output, option, "0")
         assert "must be a positive integer, got 0" in capsys.readouterr().err
     assert not output.exists()
     for text in ("", "  "):
