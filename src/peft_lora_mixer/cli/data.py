@@ -43,11 +43,6 @@ def read_records(path: Path, fields: tuple[str, ...] = ("text",)) -> list[tuple[
     return records
 
 
-def read_texts(path: Path) -> list[str]:
-    """The 'text' field of every line of a JSONL file, with the line number of any bad line."""
-    return [record["text"] for _, record in read_records(path)]
-
-
 def tokenize_records(
     records: list[tuple[int, dict[str, str]]],
     tokenizer: PreTrainedTokenizerBase,
