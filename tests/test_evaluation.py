@@ -79,26 +79,17 @@ def expected_results(base, mixer, first: int, count: int) -> tuple[float, dict]:
     return sum(hits) / len(hits), {"routing": routing, "usage": usage}
 
 
+def run_eval(base, mixer, *options: str) -> int:
+    """`lora-mixer eval` on a saved base and mixer, with any options."""
+    return main(["eval", "--base", str(base), "--mixer", str(mixer), *options])
+
+
 def test_eval_command_scores_local_tasks_with_routing_per_task(saved, tmp_path, capsys):
     base, mixer, tasks = saved
     output = tmp_path / "results.json"
     assert (
-        main(
-            [
-                "eval",
-                "--base",
-                str(base),
-                "--mixer",
-                str(mixer),
-                "--tasks",
-                *TASKS,
-                "--include-path",
-                str(tasks),
-                "--device",
-                "cpu",
-                "--output",
-                str(output),
-            ]
+        run_eval(
+            base, mixer, "--tasks", *TASKS, "--include-path", str(tasks), "--device", "cpu", "--output", str(output)
         )
         == 0
     )
@@ -117,50 +108,19 @@ def test_eval_command_scores_local_tasks_with_routing_per_task(saved, tmp_path, 
 
 def test_eval_command_refuses_a_missing_task_folder(saved, tmp_path, capsys):
     base, mixer, _ = saved
-    assert (
-        main(
-            [
-                "eval",
-                "--base",
-                str(base),
-                "--mixer",
-                str(mixer),
-                "--tasks",
-                "low_words",
-                "--include-path",
-                str(tmp_path / "missing"),
-            ]
-        )
-        == 2
-    )
+    assert run_eval(base, mixer, "--tasks", "low_words", "--include-path", str(tmp_path / "missing")) == 2
     assert "missing' does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # looking a name up among lm-eval's built-in tasks indexes all of their ~15,000 files (~20 s)
 def test_eval_command_names_unknown_tasks(saved, capsys):
     base, mixer, tasks = saved
-    assert (
-        main(
-            [
-                "eval",
-                "--base",
-                str(base),
-                "--mixer",
-                str(mixer),
-                "--tasks",
-                "low_words",
-                "no_such_task",
-                "--include-path",
-                str(tasks),
-            ]
-        )
-        == 2
-    )
+    assert run_eval(base, mixer, "--tasks", "low_words", "no_such_task", "--include-path", str(tasks)) == 2
     assert "no task 'no_such_task'" in capsys.readouterr().err
 
 
 def test_eval_without_lm_eval_says_how_to_install(saved, monkeypatch, capsys):
     base, mixer, tasks = saved
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what Python does when the package is not installed
-    assert main(["eval", "--base", str(base), "--mixer", str(mixer), "--tasks", "low_words"]) == 2
+    assert run_eval(base, mixer, "--tasks", "low_words") == 2
     assert "pip install 'peft-lora-mixer[eval]'" in capsys.readouterr().err
