@@ -1,8 +1,9 @@
 """Supervised fine-tuning of a LoRA-Mixer model with `trl.SFTTrainer`, offline, on a tiny model (seconds).
 
-The dataset is prompt-completion, so SFTTrainer scores the completions only. SFTTrainer computes its loss from the
-logits rather than taking `outputs.loss`, so `RoutingLossMixin` adds the Routing Specialization Loss to it;
-`RoutingCallback` logs the RSL and the routing statistics with the loss. Two regimes:
+The dataset is prompt-completion, so SFTTrainer scores the completions only. SFTTrainer computes its loss from
+fused log-probabilities rather than taking `outputs.loss`; the Routing Specialization Loss reaches the routers all
+the same (its gradient rides on their probabilities). `RoutingCallback` logs the RSL and the routing statistics
+with the loss. Two regimes:
 
     python examples/trl_sft.py                                # joint: experts and routers train together
     python examples/trl_sft.py --experts ./lora-a ./lora-b    # plug-and-play: frozen LoRA experts, routers train
@@ -25,12 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
-from peft_lora_mixer import LoraMixerConfig, RoutingCallback, RoutingLossMixin, from_experts
-
-
-class RoutingSFTTrainer(RoutingLossMixin, SFTTrainer):
-    """SFTTrainer with the RSL added to its loss."""
-
+from peft_lora_mixer import LoraMixerConfig, RoutingCallback, from_experts
 
 WORDS = [f"w{i}" for i in range(125)]
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
@@ -95,7 +91,7 @@ def main() -> None:
             log_level="error",
             use_cpu=not torch.cuda.is_available(),
         )
-        trainer = RoutingSFTTrainer(
+        trainer = SFTTrainer(
             model=model,
             args=config,
             train_dataset=copy_task(256),

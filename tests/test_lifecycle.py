@@ -48,9 +48,9 @@ def test_several_named_adapters_switch_and_delete():
             assert len(containers) >= 9 and all("default" not in c.keys() for c in containers)
         assert torch.equal(model(input_ids=ids()).logits, second)
     assert list(model.peft_config) == ["second"]
-    controller = model.base_model.routing_controller  # nothing of the deleted adapter is kept for training either
-    assert list(controller.entropy_weights) == ["second"]
-    assert "default" not in controller.anchors and "default" not in controller.expert_grad_hooks
+    tuner = model.base_model  # nothing of the deleted adapter is kept for training either
+    assert list(tuner.entropy_weights.weights) == ["second"]
+    assert "default" not in tuner.trainable.anchors and "default" not in tuner.trainable.expert_grad_hooks
 
 
 def test_unload_returns_the_base_model_intact():

@@ -1,4 +1,4 @@
-"""The Routing Specialization Loss: values, gradients, the adaptive lambda, and how it enters `outputs.loss`."""
+"""The Routing Specialization Loss: values, gradients, the adaptive lambda, and how it reaches the routers."""
 
 import math
 
@@ -22,9 +22,16 @@ LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0,
 
 
 def rsl(probs, top_k, alpha, lam, sign, mask=None):
-    """The library's RSL term of one router (the closed-form backward when `probs` requires grad)."""
-    usage = RouterUsage.of(valid_tokens(probs, mask), top_k)
-    return specialization_loss(probs, usage, RouterLossSettings(alpha, lam, sign), mask).term
+    """The library's RSL value of one router."""
+    valid = valid_tokens(probs, mask)
+    return specialization_loss(valid, RouterUsage.of(valid, top_k), RouterLossSettings(alpha, lam, sign)).term
+
+
+def backward_rsl(probs, top_k, alpha, lam, sign, mask=None):
+    """Backpropagate the library's closed-form RSL gradient from `probs` (as the routers' node does)."""
+    usage = RouterUsage.of(valid_tokens(probs.detach(), mask), top_k)
+    settings = RouterLossSettings(alpha, lam, sign)
+    probs.backward(specialization_loss_gradient(probs.detach(), usage, settings, mask))
 
 
 def hand_rsl(logits, top_k, alpha, lam, sign):
@@ -52,14 +59,14 @@ def test_padding_tokens_do_not_count():
 
 def test_balance_gradient_pushes_away_from_the_overloaded_expert():
     logits = torch.tensor([[3.0, 0.0, 0.0], [2.5, 0.5, 0.0], [2.0, 0.0, 1.0]], requires_grad=True)
-    rsl(logits.softmax(-1), 1, 1.0, 0.0, 1).backward()
+    backward_rsl(logits.softmax(-1), 1, 1.0, 0.0, 1)
     assert (logits.grad[:, 0] > 0).all()  # descent lowers the logit of expert 0, which every token picks
 
 
 @pytest.mark.parametrize("sign", [1, -1])
 def test_entropy_gradient_sign(sign):
     logits = LOGITS.clone().requires_grad_()
-    rsl(logits.softmax(-1), 1, 0.0, 1.0, sign).backward()
+    backward_rsl(logits.softmax(-1), 1, 0.0, 1.0, sign)
     before = token_entropy(LOGITS.softmax(-1)).mean()
     after = token_entropy((LOGITS - 0.1 * logits.grad).softmax(-1)).mean()
     assert (after < before) if sign == 1 else (after > before)
@@ -77,7 +84,7 @@ def test_balance_counts_every_expert_of_the_router():
 
 def test_entropy_of_absent_experts_has_finite_gradient():
     logits = torch.tensor([[1.0, -math.inf, 0.0]], requires_grad=True)
-    rsl(logits.softmax(-1), 1, 1.0, 1.0, 1).backward()
+    backward_rsl(logits.softmax(-1), 1, 1.0, 1.0, 1)
     assert torch.isfinite(logits.grad).all()
 
 
@@ -94,7 +101,8 @@ def test_closed_form_gradient_equals_autograd(top_k, sign):
     probs.requires_grad_()
     assert 0 < probs[0, 1] < torch.finfo(torch.float32).tiny < probs[1, 2]
     (expected,) = torch.autograd.grad(autograd_rsl(probs, top_k, 0.3, 0.7, sign), probs)
-    (got,) = torch.autograd.grad(rsl(probs, top_k, 0.3, 0.7, sign), probs)
+    backward_rsl(probs, top_k, 0.3, 0.7, sign)
+    got = probs.grad
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)  # float32 sums in another order
     assert rsl(probs.detach(), top_k, 0.3, 0.7, sign).item() == pytest.approx(
         autograd_rsl(probs.detach(), top_k, 0.3, 0.7, sign).item(), rel=1e-6
@@ -133,8 +141,24 @@ def test_config_refuses_bad_rsl_values(field, value):
 # ---- in the model --------------------------------------------------------------------------------------------
 
 
+def parameter_gradients(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return grads
+
+
+def reference_gradients(model, inputs, task_weight=1.0, rsl_weight=1.0, **forward_kwargs) -> dict[str, torch.Tensor]:
+    """Gradients of `task_weight * outputs.loss + rsl_weight * RSL`, the RSL by autograd (the model's own off)."""
+    model.peft_config["default"].add_routing_loss = False
+    with ProbeRouters() as probe:
+        task = model(**inputs, **forward_kwargs).loss
+    (task_weight * task + rsl_weight * probe.rsl(inputs["attention_mask"].bool())).backward()
+    model.peft_config["default"].add_routing_loss = True
+    return parameter_gradients(model)
+
+
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])  # PeftModel and PeftModelForCausalLM forward differently
-def test_added_loss_equals_routing_loss_and_an_independent_computation(task_type):
+def test_outputs_loss_is_the_task_loss_and_the_reported_rsl_an_independent_computation(task_type):
     model, inputs = rsl_mixer(task_type=task_type), batch()
     with ProbeRouters() as probe:
         with_rsl = model(**inputs).loss
@@ -143,44 +167,39 @@ def test_added_loss_equals_routing_loss_and_an_independent_computation(task_type
     task = model(**inputs).loss
     expected = probe.rsl(inputs["attention_mask"].bool())
     assert routing.scale.item() == 1.0
-    assert (with_rsl - task).item() == pytest.approx(routing.total.item() * routing.scale.item(), abs=1e-6)
+    assert with_rsl.item() == task.item()  # the RSL is reported, never added to `outputs.loss`
     assert routing.total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert routing.total.item() == pytest.approx(0.5 * routing.balance.item() + 0.3 * routing.entropy.item(), rel=1e-5)
 
 
-def test_nothing_added_in_eval_and_label_free_training_keeps_the_rsl_for_the_caller():
+def test_no_rsl_in_eval_or_without_autograd_and_the_old_term_is_a_zero():
     model, inputs = rsl_mixer(), batch()
     model.eval()
     with torch.no_grad():
         eval_loss = model(**inputs).loss
     assert model.routing_loss() is None
-    assert model.routing_loss_term().item() == 0.0
     model.train()
     with torch.no_grad():
         model(**inputs)  # training mode without autograd (e.g. a metric pass): no RSL
     assert model.routing_loss() is None
     outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    assert outputs.loss is None
-    term = model.routing_loss_term()
-    assert term.requires_grad and term.item() == pytest.approx(model.routing_loss().total.item())
-    assert model.routing_loss_term().item() == 0.0  # handed out once
+    assert outputs.loss is None and model.routing_loss().total.item() > 0  # label-free forwards build it too
+    with pytest.warns(FutureWarning, match="no longer needed"):
+        assert model.routing_loss_term().item() == 0.0
     model.peft_config["default"].add_routing_loss = False
     assert model(**inputs).loss.item() == pytest.approx(eval_loss.item(), abs=1e-6)
     assert all(layer.routing_observer is None for layer in model.modules() if isinstance(layer, LoraMixerLayer))
 
 
-def test_routing_gradient_equals_direct_differentiation():
+def test_routing_gradient_equals_direct_differentiation_whatever_scales_the_task_loss():
     model, inputs = rsl_mixer(), batch()
-    (model(**inputs).loss * 0.25).backward()  # the injected RSL gradient must follow the loss scaling too
-    injected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    model.peft_config["default"].add_routing_loss = False
-    with ProbeRouters() as probe:
-        task = model(**inputs).loss
-    ((task + probe.rsl(inputs["attention_mask"].bool())) * 0.25).backward()
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, injected[name], atol=1e-6, rtol=1e-5, msg=name)
+    model(**inputs).loss.backward()
+    got = parameter_gradients(model)
+    torch.testing.assert_close(got, reference_gradients(model, inputs), atol=1e-6, rtol=1e-5)
+    # the RSL rides on the routers' probabilities: a loss scaled downstream does not scale it
+    (model(**inputs).loss * 0.25).backward()
+    injected = parameter_gradients(model)
+    torch.testing.assert_close(injected, reference_gradients(model, inputs, task_weight=0.25), atol=1e-6, rtol=1e-5)
     assert any(injected[n].abs().sum() > 0 for n in injected if "router" in n)
 
 
@@ -207,6 +226,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_positive_entropy_weight_lowers_the_routers_entropy_over_training(sign):
+    """`rsl_entropy_sign=1` with lambda > 0 sharpens routing, -1 flattens it (the config's docstring)."""
+    model, inputs = rsl_mixer(rsl_balance_weight=0.0, rsl_entropy_weight=1.0, rsl_entropy_sign=sign), batch()
+    model.set_trainable(routers=True, experts=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    entropies = []
+    for _ in range(20):
+        model(**inputs).loss.backward()
+        entropies.append(model.routing_loss().entropy.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (entropies[-1] < 0.8 * entropies[0]) if sign == 1 else (entropies[-1] > entropies[0] + 0.05)
+
+
 def test_adaptive_lambda_in_the_model_moves_toward_target():
     model, inputs = rsl_mixer(rsl_entropy_target=0.0, rsl_entropy_adapt_rate=0.5), batch()
     model(**inputs)
@@ -225,13 +259,21 @@ def test_adaptive_lambda_in_the_model_moves_toward_target():
 
 def test_token_count_scaling_under_trainer_normalisation():
     model, inputs = rsl_mixer(), batch()
-    loss = model(**inputs, num_items_in_batch=torch.tensor(20)).loss
-    routing = model.routing_loss()
+    model(**inputs, num_items_in_batch=torch.tensor(20)).loss.backward()
+    got = parameter_gradients(model)
     counted = inputs["labels"][:, 1:].ne(-100).sum().item()
-    assert routing.scale.item() == pytest.approx(counted / 20)
-    model.peft_config["default"].add_routing_loss = False
-    task = model(**inputs, num_items_in_batch=torch.tensor(20)).loss
-    assert (loss - task).item() == pytest.approx(routing.total.item() * counted / 20, abs=1e-6)
+    assert model.routing_loss().scale.item() == pytest.approx(counted / 20)
+    expected = reference_gradients(model, inputs, rsl_weight=counted / 20, num_items_in_batch=torch.tensor(20))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_without_a_token_count_the_rsl_is_averaged_over_the_accumulation_steps():
+    model, inputs = rsl_mixer(), batch()
+    model.base_model.routing_loss_accumulation_steps = 4  # as `RoutingCallback` sets it from the Trainer's arguments
+    model(**inputs).loss.backward()
+    got = parameter_gradients(model)
+    assert model.routing_loss().scale.item() == 0.25
+    torch.testing.assert_close(got, reference_gradients(model, inputs, rsl_weight=0.25), atol=1e-6, rtol=1e-5)
 
 
 def test_routing_stats_count_only_unpadded_tokens_and_cost_nothing_when_off():

@@ -1,5 +1,6 @@
-"""The RSL reaches the routers whatever computes the task loss: Trainer with label smoothing or
-`compute_loss_func`, a hand-written loop, trl's SFTTrainer; and it warns instead of vanishing silently."""
+"""The RSL reaches the routers whatever computes the task loss: the Trainer with label smoothing or
+`compute_loss_func`, a hand-written loop, TRL's SFTTrainer (its default loss from log-probabilities, label smoothing,
+a custom loss), under gradient checkpointing; each checked against the RSL differentiated by autograd."""
 
 import warnings
 
@@ -13,12 +14,6 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from peft_lora_mixer import RoutingCallback, RoutingLossMixin
 
-MISSING = "never reached backward"
-
-
-class RoutingTrainer(RoutingLossMixin, Trainer):
-    pass
-
 
 def shifted_cross_entropy(outputs, labels, num_items_in_batch=None):
     """A causal LM's loss computed outside the model, as a custom loss function would."""
@@ -30,7 +25,7 @@ def gradients(model) -> dict[str, torch.Tensor]:
     return {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def reference_gradients(model, inputs, task_loss, with_rsl: bool = True) -> dict[str, torch.Tensor]:
+def reference_gradients(model, inputs, task_loss) -> dict[str, torch.Tensor]:
     """The gradients of `task_loss(outputs, labels) + RSL`, the RSL computed by autograd from the routers'
     probabilities (the model's own RSL switched off)."""
     config = model.peft_config["default"]
@@ -39,10 +34,7 @@ def reference_gradients(model, inputs, task_loss, with_rsl: bool = True) -> dict
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     with ProbeRouters() as probe:
         outputs = model(**forward_inputs)
-    loss = task_loss(outputs, inputs["labels"])
-    if with_rsl:
-        loss = loss + probe.rsl(inputs["attention_mask"].bool())
-    loss.backward()
+    (task_loss(outputs, inputs["labels"]) + probe.rsl(inputs["attention_mask"].bool())).backward()
     config.add_routing_loss = True
     result = gradients(model)
     model.zero_grad()
@@ -76,40 +68,25 @@ def training_step_gradients(trainer, model, inputs) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("routers_only", [True, False])
-def test_trainer_with_label_smoothing_adds_the_rsl_through_the_mixin(tmp_path, routers_only):
+def test_trainer_with_label_smoothing_trains_the_routers_with_the_rsl(tmp_path, routers_only):
     model, inputs = rsl_mixer(), batch()
     model.set_trainable(routers=True, experts=not routers_only)
     smoother = LabelSmoother(epsilon=0.1)
     expected = reference_gradients(model, inputs, lambda out, labels: smoother(out, labels, shift_labels=True))
-    trainer = RoutingTrainer(model=model, args=trainer_args(tmp_path, label_smoothing_factor=0.1))
+    trainer = Trainer(model=model, args=trainer_args(tmp_path, label_smoothing_factor=0.1))
     assert_same_gradients(training_step_gradients(trainer, model, inputs), expected)
     assert model.routing_loss().scale.item() == 1.0
 
 
-def test_plain_trainer_with_label_smoothing_warns_once_that_the_rsl_is_missing(tmp_path):
-    model, inputs = rsl_mixer(), batch()
-    smoother = LabelSmoother(epsilon=0.1)
-    without_rsl = reference_gradients(
-        model, inputs, lambda out, labels: smoother(out, labels, shift_labels=True), with_rsl=False
-    )
-    trainer = Trainer(model=model, args=trainer_args(tmp_path, label_smoothing_factor=0.1))
-    with pytest.warns(UserWarning, match=MISSING):
-        got = training_step_gradients(trainer, model, inputs)
-    assert_same_gradients(got, without_rsl)  # the routers trained on the task loss alone: what the warning says
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once: the next steps stay quiet
-        training_step_gradients(trainer, model, inputs)
-
-
-def test_trainer_with_compute_loss_func_adds_the_rsl_through_the_mixin(tmp_path):
+def test_trainer_with_compute_loss_func_trains_the_routers_with_the_rsl(tmp_path):
     model, inputs = rsl_mixer(), batch()
     expected = reference_gradients(model, inputs, shifted_cross_entropy)
-    trainer = RoutingTrainer(model=model, args=trainer_args(tmp_path), compute_loss_func=shifted_cross_entropy)
+    trainer = Trainer(model=model, args=trainer_args(tmp_path), compute_loss_func=shifted_cross_entropy)
     assert_same_gradients(training_step_gradients(trainer, model, inputs), expected)
 
 
 @pytest.mark.parametrize("checkpointing", [None, True, False])  # off, reentrant, non-reentrant
-def test_hand_loop_adds_routing_loss_term_to_its_own_loss(checkpointing):
+def test_hand_loop_with_its_own_loss_trains_the_routers_with_the_rsl(checkpointing):
     model, inputs = rsl_mixer(), batch()
     expected = reference_gradients(model, inputs, shifted_cross_entropy)
     if checkpointing is not None:
@@ -117,28 +94,21 @@ def test_hand_loop_adds_routing_loss_term_to_its_own_loss(checkpointing):
         model.enable_input_require_grads()
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        outputs = model(**forward_inputs)
-        (shifted_cross_entropy(outputs, inputs["labels"]) + model.routing_loss_term()).backward()
+        warnings.simplefilter("error", UserWarning)
+        shifted_cross_entropy(model(**forward_inputs), inputs["labels"]).backward()
     assert_same_gradients(gradients(model), expected)
 
 
-@pytest.mark.parametrize("checkpointing", [None, True, False])
-def test_hand_loop_that_forgets_the_rsl_warns_and_does_not_crash(checkpointing):
+def test_the_deprecated_mixin_is_a_no_op_that_says_so(tmp_path):
     model, inputs = rsl_mixer(), batch()
-    if checkpointing is not None:
-        model.get_base_model().gradient_checkpointing_enable({"use_reentrant": checkpointing})
-        model.enable_input_require_grads()
-    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-    with pytest.warns(UserWarning, match=MISSING):
-        shifted_cross_entropy(outputs, inputs["labels"]).backward()
-    outputs = model(**inputs)  # with labels, but the loss is taken from the logits
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the warning was given once already
-        shifted_cross_entropy(outputs, inputs["labels"]).backward()
+    expected = reference_gradients(model, inputs, shifted_cross_entropy)
+    with pytest.warns(FutureWarning, match="no longer needed"):
+        trainer_class = type("RoutingTrainer", (RoutingLossMixin, Trainer), {})
+    trainer = trainer_class(model=model, args=trainer_args(tmp_path), compute_loss_func=shifted_cross_entropy)
+    assert_same_gradients(training_step_gradients(trainer, model, inputs), expected)  # counted once, not twice
 
 
-def sft_trainer(tmp_path, model, mixin: bool, **config):
+def sft_trainer(tmp_path, model, **config):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -155,8 +125,7 @@ def sft_trainer(tmp_path, model, mixin: bool, **config):
         disable_tqdm=True,
         **config,
     )
-    trainer_class = type("RoutingSFTTrainer", (RoutingLossMixin, SFTTrainer), {}) if mixin else SFTTrainer
-    return trainer_class(
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_dict({"input_ids": ids.tolist()}),
@@ -165,43 +134,48 @@ def sft_trainer(tmp_path, model, mixin: bool, **config):
     )
 
 
-@pytest.mark.parametrize("routers_only", [True, False])
+@pytest.mark.parametrize(
+    "loss_path",
+    [
+        "default",  # the loss from the fused log-probabilities, never `outputs.loss`
+        "label_smoothing",
+        "compute_loss_func",
+    ],
+)
 @pytest.mark.parametrize("reentrant", [None, True, False])  # None: SFTConfig's default checkpointing
-def test_sft_trainer_adds_the_rsl_with_exact_gradients(tmp_path, routers_only, reentrant):
+def test_sft_trainer_trains_the_routers_with_the_rsl_with_exact_gradients(tmp_path, loss_path, reentrant):
     model, inputs = rsl_mixer(), batch()
-    model.set_trainable(routers=True, experts=not routers_only)
-
-    def mean_token_loss(outputs, labels):  # SFTTrainer's loss without `num_items_in_batch`
-        return shifted_cross_entropy(outputs, labels)
-
-    expected = reference_gradients(model, inputs, mean_token_loss)
+    model.set_trainable(routers=True, experts=True)
+    smoother = LabelSmoother(epsilon=0.1)
+    task_losses = {
+        "default": shifted_cross_entropy,
+        "label_smoothing": lambda out, labels: smoother(out, labels, shift_labels=True),
+        "compute_loss_func": shifted_cross_entropy,
+    }
+    expected = reference_gradients(model, inputs, task_losses[loss_path])
     kwargs = {} if reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
-    trainer = sft_trainer(tmp_path, model, mixin=True, **kwargs)
+    kwargs.update({"label_smoothing": dict(label_smoothing_factor=0.1)}.get(loss_path, {}))
+    trainer = sft_trainer(tmp_path, model, **kwargs)
+    if loss_path == "compute_loss_func":
+        trainer.compute_loss_func = shifted_cross_entropy
     # what `train()` does first with SFTConfig's default `gradient_checkpointing=True`
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        got = training_step_gradients(trainer, model, inputs)
+    got = training_step_gradients(trainer, model, inputs)
     assert model.get_base_model().is_gradient_checkpointing  # SFTTrainer's default: the hard case
     assert_same_gradients(got, expected)
 
 
-@pytest.mark.parametrize("mixin", [True, False])
-def test_sft_trainer_trains_routers_over_frozen_experts_without_crashing(tmp_path, mixin):
+def test_sft_trainer_trains_routers_over_frozen_experts_and_logs_the_rsl(tmp_path):
     model = rsl_mixer()
     model.set_trainable(routers=True, experts=False)
     router = next(p for n, p in model.named_parameters() if "loramixer_router" in n)
     before = router.detach().clone()
-    trainer = sft_trainer(tmp_path, model, mixin=mixin)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    trainer = sft_trainer(tmp_path, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         trainer.train()
-    missing = [w for w in caught if MISSING in str(w.message)]
-    assert len(missing) == (0 if mixin else 1)
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and all(log["rsl/total"] > 0 for log in logs)
-    if mixin:  # the logged loss holds the RSL
-        assert all(log["loss"] > log["rsl/total"] for log in logs)
     assert not torch.equal(router, before)
 
 
@@ -215,9 +189,7 @@ def test_two_forwards_then_one_backward_under_checkpointing(reentrant):
         if checkpointing:
             model.get_base_model().gradient_checkpointing_enable({"use_reentrant": reentrant})
             model.enable_input_require_grads()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            (model(**first).loss + 0.5 * model(**second).loss).backward()
+        (model(**first).loss + 0.5 * model(**second).loss).backward()
         return gradients(model)
 
     assert_same_gradients(gradients_of_the_sum(True), gradients_of_the_sum(False))

@@ -16,7 +16,7 @@ from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer, word
 from transformers import TrainerCallback
 
-from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer, RoutingCallback, RoutingLossMixin, from_experts
+from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer, RoutingCallback, from_experts
 
 REPO = Path(__file__).resolve().parent.parent
 RSL = dict(top_k=2, rsl_balance_weight=0.5, rsl_entropy_weight=0.3)
@@ -44,10 +44,6 @@ def plug_and_play_mixer(tmp_path):
     """Routers only, over three frozen PEFT LoRAs."""
     folders = [save_lora(tmp_path / f"expert{i}", seed=i, r=4, target_modules=["q_proj", "v_proj"]) for i in range(3)]
     return from_experts(tiny_model("llama"), folders, **RSL)
-
-
-class RoutingSFTTrainer(RoutingLossMixin, trl.SFTTrainer):
-    """SFTTrainer computes its loss from the logits, not `outputs.loss`: the mixin adds the RSL to it."""
 
 
 class FirstStep(TrainerCallback):
@@ -123,7 +119,7 @@ def test_sft_trainer_rsl_reaches_the_routers_and_is_logged(tmp_path, regime):
         seed=0,
         bf16=False,
     )  # SFTConfig's default bf16 autocast: not exact
-    trainer = RoutingSFTTrainer(
+    trainer = trl.SFTTrainer(
         model=model,
         args=args,
         train_dataset=prompt_completion_dataset(),

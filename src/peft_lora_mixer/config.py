@@ -112,15 +112,16 @@ class LoraMixerConfig(PeftConfig):
             Accept experts that only have a pickle checkpoint (`adapter_model.bin`), read with
             `torch.load(weights_only=True)`. Never saved: whoever loads a mixer decides again.
         add_routing_loss (`bool`, defaults to `True`):
-            Build the Routing Specialization Loss (RSL) in training forwards and add it to `outputs.loss` when the
-            model computes one; otherwise `model.routing_loss_term()` hands it out (docs/training.md).
+            Build the Routing Specialization Loss (RSL) in training forwards and send its gradient to the routers,
+            whatever loss is backpropagated; `outputs.loss` stays the task loss (docs/training.md).
         rsl_balance_weight (`float`, defaults to `0.01`):
             alpha, the weight of the balance term `alpha * E * sum_i pbar_i * fbar_i`.
         rsl_entropy_weight (`float`, defaults to `0.01`):
             lambda, the weight of the mean per-token routing entropy (its start value when adaptive).
         rsl_entropy_sign (`int`, defaults to `1`):
-            1 minimises the per-token entropy (sharp, input-aware routing, the paper's text); -1 maximises it (the
-            sign printed in the paper's equation).
+            The RSL adds `sign * lambda * H`, H the mean per-token routing entropy, and training minimises it. With
+            1 and `lambda > 0` training lowers H: each token's choice sharpens (input-aware routing, what the
+            paper's text asks for). -1 raises H (the paper's equation read literally, `- lambda * H` minimised).
         rsl_entropy_target (`Optional[float]`, defaults to `None`):
             Target mean per-token entropy in nats, in [0, log(num_experts)]. When set, lambda adapts after every
             training forward: `lambda <- max(0, lambda + rsl_entropy_adapt_rate * sign * (H - target))`.
@@ -261,7 +262,7 @@ class LoraMixerConfig(PeftConfig):
     )
     add_routing_loss: bool = field(
         default=True,
-        metadata={"help": "Add the Routing Specialization Loss to `outputs.loss` when training with labels."},
+        metadata={"help": "Train the routers with the Routing Specialization Loss in training forwards."},
     )
     rsl_balance_weight: float = field(
         default=0.01, metadata={"help": "alpha: weight of the RSL balance term alpha * E * sum_i pbar_i * fbar_i."}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Optional, Union
 
 import torch
@@ -28,10 +29,13 @@ from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features, ite
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .quantization import check_supported_quantization
 from .routing import as_expert_ids
-from .routing_loss.controller import ExpertSelection, RoutingLossController
-from .routing_loss.loss import RoutingLoss
+from .routing_loss.adaptive import AdaptiveEntropyWeights
+from .routing_loss.batch import loss_scale, token_masks
+from .routing_loss.collector import RoutingCollector, RoutingStep
+from .routing_loss.loss import RouterLossSettings, RoutingLoss
 from .routing_loss.stats import ModuleRoutingStats
 from .targets import DEFAULT_TARGET_MODULES
+from .trainable import ExpertSelection, TrainableParts
 
 
 class LoraMixerModel(BaseTuner):
@@ -39,7 +43,11 @@ class LoraMixerModel(BaseTuner):
 
     Use through `peft.get_peft_model(model, LoraMixerConfig(...))`. Besides the usual PEFT methods it offers
     `route_to(expert_ids)`, the forced routing of stage-1 expert training, and the training API (routing loss,
-    routing statistics, `set_trainable`), kept by its `RoutingLossController`.
+    routing statistics, `set_trainable`). Hooks on the wrapped model's forward (so every PEFT wrapper class goes
+    through them) take `expert_ids` out of the keyword arguments (forced routing, so a plain Trainer can run stage 1
+    from a dataset column) and watch the routers while the RSL or statistics are wanted: the collector attaches the
+    RSL's gradient to the routers (routing_loss/collector.py), the entropy weights adapt after each training
+    forward, and `trainable` holds what `set_trainable` chose.
     """
 
     prefix = "loramixer_"
@@ -48,8 +56,15 @@ class LoraMixerModel(BaseTuner):
     _experts: Optional[ExpertSet] = None  # the experts of the adapter being injected, for their ranks and scalings
 
     def __init__(self, model: nn.Module, config, adapter_name: str, **kwargs) -> None:
-        # a plain object, set before BaseTuner injects (its hooks go on at each injection); PEFT saves none of it
-        self.routing_controller = RoutingLossController(self)
+        # plain objects, set before BaseTuner injects (the hooks go on at each injection); PEFT saves none of them
+        self.routing_collector = RoutingCollector()
+        self.entropy_weights = AdaptiveEntropyWeights()
+        self.trainable = TrainableParts()
+        self.last_routing_loss: Optional[RoutingLoss] = None
+        # micro-batches per optimizer step, for the RSL's weight when the forward is not given `num_items_in_batch`
+        self.routing_loss_accumulation_steps = 1
+        self._mixer_forward_hooks: tuple[Any, ...] = ()
+        self._forced_routing: list[AbstractContextManager] = []  # the `route_to` contexts of the forwards under way
         super().__init__(model, config, adapter_name, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: LoraMixerConfig, model_config: dict) -> LoraMixerConfig:
@@ -86,7 +101,7 @@ class LoraMixerModel(BaseTuner):
             experts.load_into(model, adapter_name, frozen=not config.trainable_experts)
         if router_weights is not None:
             set_router_weights(model, adapter_name, router_weights)
-        self.routing_controller.install()
+        self._install_forward_hooks()
 
     def _check_targets(self, model: nn.Module, peft_config: LoraMixerConfig) -> list[str]:
         """Raise on any matched module that cannot be adapted, so injection never stops half-way.
@@ -171,6 +186,77 @@ class LoraMixerModel(BaseTuner):
             for layer, ids_before in zip(layers, previous):
                 layer.forced_expert_ids = ids_before
 
+    # ---- around the wrapped model's forward ------------------------------------------------------------------
+    def _install_forward_hooks(self) -> None:
+        """Hook the wrapped model's forward (once); layers added by this injection are watched from the next one."""
+        self._observe_layers(None)
+        if not self._mixer_forward_hooks:
+            self._mixer_forward_hooks = (
+                self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                self.model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
+            )
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        expert_ids = kwargs.pop("expert_ids", None)
+        forced = self.route_to(expert_ids) if expert_ids is not None else nullcontext()
+        forced.__enter__()
+        self._forced_routing.append(forced)
+        collector, step = self.routing_collector, self._routing_step(kwargs)
+        if not self.training:  # a reentrant-checkpointed forward not backpropagated before evaluation never will be
+            collector.awaiting_recomputation.clear()
+        # kept on while checkpointed routers wait for their recomputation (a no-grad forward may come first)
+        self._observe_layers(collector if step is not None or collector.awaiting_recomputation else None)
+        if step is not None:
+            collector.begin(step)
+        return args, kwargs
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        self._forced_routing.pop().__exit__(None, None, None)
+        step = self.routing_collector.finish()
+        if step is not None:
+            self.last_routing_loss = step.routing_loss()
+            self.entropy_weights.update(step, self.peft_config)
+        return outputs
+
+    def _routing_step(self, kwargs: dict[str, Any]) -> Optional[RoutingStep]:
+        """What this forward's routers are watched for (the RSL in a training forward with autograd on, the
+        statistics while recorded), or None when neither is wanted."""
+        collector = self.routing_collector
+        settings = self._loss_settings() if self.training and torch.is_grad_enabled() else {}
+        record_stats = collector.record_stats and (self.training or not collector.stats_training_only)
+        if not settings and not record_stats:
+            return None
+        is_encoder_decoder = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+        return RoutingStep(
+            masks=token_masks(kwargs, is_encoder_decoder),
+            settings=settings,
+            scale=loss_scale(kwargs, is_encoder_decoder, self.routing_loss_accumulation_steps) if settings else 1.0,
+            anchors=self.trainable.anchors_for(self.model, self.peft_config, settings),
+            record_stats=record_stats,
+        )
+
+    def _loss_settings(self) -> dict[str, RouterLossSettings]:
+        return {
+            name: RouterLossSettings(
+                config.rsl_balance_weight,
+                self.entropy_weights.current(name, self.peft_config),
+                config.rsl_entropy_sign,
+                global_balance=config.rsl_balance_scope == "global_batch",
+            )
+            for name in self.active_adapters
+            if (config := self.peft_config[name]).add_routing_loss
+        }
+
+    def _observe_layers(self, collector: Optional[RoutingCollector]) -> None:
+        """Point every mixer layer at `collector` (None: stop watching), when that changes."""
+        if (collector is not None) == bool(self.routing_collector.module_names):
+            return
+        names = {}
+        for name, layer in iter_mixer_layers(self.model):
+            layer.routing_observer = collector
+            names[id(layer)] = name
+        self.routing_collector.module_names = names if collector is not None else {}
+
     def set_routing(
         self, routing: Optional[str] = None, top_k: Optional[int] = None, adapter_name: Optional[str] = None
     ) -> None:
@@ -239,54 +325,69 @@ class LoraMixerModel(BaseTuner):
         raise NotImplementedError(MERGE_ERROR)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """PEFT's deletion, plus what the routing-loss controller kept for the adapter (lambda, anchors, hooks)."""
+        """PEFT's deletion, plus what was kept for training the adapter (lambda, anchors, gradient hooks)."""
         super().delete_adapter(adapter_name)
-        self.routing_controller.forget(adapter_name)
+        self.entropy_weights.forget(adapter_name)
+        self.trainable.forget(adapter_name)
 
     def unload(self) -> nn.Module:
-        """The base model with every mixer layer removed and the Mamba mixers' hooks taken off."""
-        self.routing_controller.remove()
+        """The base model with every mixer layer removed and the hooks (ours, the Mamba mixers') taken off."""
+        for handle in self._mixer_forward_hooks:
+            handle.remove()
+        self._mixer_forward_hooks = ()
+        self.trainable.remove()
         model = super().unload()
         unguard_fused_mixers(model)
         return model
 
-    # ---- training: thin front of the routing-loss controller ------------------------------------------------------
+    # ---- training ----------------------------------------------------------------------------------------------
     def routing_loss(self) -> Optional[RoutingLoss]:
-        """The last training forward's RSL with its parts (or None); `outputs.loss` received `scale * total` when
-        the model computed a loss."""
-        return self.routing_controller.last_loss
+        """The last training forward's RSL with its parts (or None). Its gradient reached the routers through their
+        probabilities, weighted by `scale`; `outputs.loss` holds the task loss only."""
+        return self.last_routing_loss
 
     def routing_loss_term(self) -> torch.Tensor:
-        """The last training forward's RSL as a differentiable scalar, for a loss the model did not compute.
-
-        Add it when the backpropagated loss does not contain `outputs.loss` (e.g. cross-entropy computed from the
-        logits): `loss = task_loss + model.routing_loss_term()`. It is returned once per forward (then zero), so
-        calling it again cannot count it twice. Never add it to a loss that already holds `outputs.loss`.
-        """
-        return self.routing_controller.routing_loss_term()
+        """Deprecated: the RSL reaches the routers whatever loss is backpropagated; adding this (a zero) changes
+        nothing."""
+        warnings.warn(
+            "`routing_loss_term()` is no longer needed and returns zero: the RSL's gradient reaches the routers "
+            "through their probabilities, whatever loss you backpropagate. Remove the call.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return torch.zeros((), device=next(self.model.parameters()).device)
 
     @contextmanager
     def collect_routing_stats(self) -> Iterator[None]:
         """Record the routing statistics of every forward inside the block, in eval or training mode."""
-        with self.routing_controller.collect_stats():
+        collector = self.routing_collector
+        previous = collector.record_stats, collector.stats_training_only
+        self.record_routing_stats(True)
+        try:
             yield
+        finally:
+            self.record_routing_stats(*previous)
 
     def record_routing_stats(self, enabled: bool, training_only: bool = False) -> None:
         """Switch statistics recording on or off for the forwards to come (the counts are kept);
         `training_only` leaves out forwards in eval mode (e.g. the Trainer's evaluation during training)."""
-        self.routing_controller.record_stats(enabled, training_only)
+        self.routing_collector.record_stats, self.routing_collector.stats_training_only = enabled, training_only
 
     def routing_stats(self, reset: bool = False) -> dict[str, ModuleRoutingStats]:
         """Per-module expert usage and mean entropy over the tokens recorded so far (padding excluded)."""
-        return self.routing_controller.stats(reset)
+        stats = self.routing_collector.stats
+        summary = stats.summary()
+        if reset:
+            stats.reset()
+        return summary
 
     def routing_loss_state(self) -> dict[str, Any]:
         """The state the RSL carries across steps (the adaptive lambdas), for checkpoints."""
-        return self.routing_controller.state()
+        return self.entropy_weights.state()
 
     def load_routing_loss_state(self, state: dict[str, Any]) -> None:
         """Restore what `routing_loss_state()` returned (floats or tensors)."""
-        self.routing_controller.load_state(state)
+        self.entropy_weights.load_state(state, self.peft_config)
 
     def set_trainable(self, routers: bool, experts: ExpertSelection, adapter_name: Optional[str] = None) -> None:
         """Choose what trains: the routers, the experts (all, none, or the listed expert indices), or both.
@@ -298,4 +399,8 @@ class LoraMixerModel(BaseTuner):
         `rsl_preservation_weight > 0`, the trainable experts' current weights become theta(0) of the
         preservation term. Call it before building the optimizer (e.g. the Trainer); `set_adapter` resets it.
         """
-        self.routing_controller.set_trainable(routers, experts, adapter_name)
+        names = [adapter_name] if adapter_name is not None else list(self.active_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter {unknown[0]!r}; adapters: {sorted(self.peft_config)}.")
+        self.trainable.set(self.model, self.peft_config, names, routers, experts)

@@ -1,15 +1,15 @@
-"""Pieces for `transformers.Trainer`: a collator for stage 1's expert column, a logging callback, and a mixin that
-adds the RSL to whatever loss a trainer computes.
+"""Pieces for `transformers.Trainer`: a collator for stage 1's expert column and a logging callback.
 
 Stage 1 (forced routing from a per-sample column) needs `TrainingArguments(remove_unused_columns=False)`, so the
 column reaches the collator, and `ExpertIdsCollator`, which turns it into the `expert_ids` keyword the model's
-forward accepts. Stage 2 with a plain `Trainer` needs nothing special: the RSL is added to `outputs.loss` by the
-model itself. A trainer whose loss is not `outputs.loss` (`label_smoothing_factor`, `compute_loss_func`, trl's
-`SFTTrainer`) needs `RoutingLossMixin`.
+forward accepts. Stage 2 needs nothing special in any trainer: the RSL's gradient reaches the routers through
+their probabilities, whatever loss the trainer computes (`label_smoothing_factor`, `compute_loss_func`, TRL's
+`SFTTrainer` included).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -51,36 +51,23 @@ def find_mixer(model: torch.nn.Module):
 
 
 class RoutingLossMixin:
-    """Adds the RSL to the loss of any `transformers.Trainer` subclass, whatever computes the task loss.
+    """Deprecated, and a no-op: any trainer now trains the routers with the RSL. Remove it from your trainer's
+    bases."""
 
-    Put it first: `class MyTrainer(RoutingLossMixin, SFTTrainer): pass`. Inside `compute_loss` the model leaves
-    `outputs.loss` alone, and the RSL of the training forward is added to the loss the trainer returns, weighted
-    as the model weights it in `outputs.loss`: by the micro-batch's share of the label tokens when the trainer
-    normalises by `num_items_in_batch` (times the number of processes when that count spans them, as the
-    trainer does with its own loss), else 1.
-    """
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mixer = find_mixer(model)
-        if mixer is None or not model.training:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        labels = inputs.get("labels")  # the trainer may pop them
-        with mixer.routing_controller.rsl_added_by_caller():
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        loss, outputs = result if return_outputs else (result, None)
-        scale = mixer.routing_controller.loss_scale(labels, num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            scale = scale * self.accelerator.num_processes
-        loss = loss + mixer.routing_controller.routing_loss_term(scale).to(loss.device)
-        return (loss, outputs) if return_outputs else loss
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        warnings.warn(
+            f"{cls.__name__}: `RoutingLossMixin` is no longer needed and does nothing: the RSL reaches the routers "
+            "whatever loss the trainer computes. Remove it from the class's bases.",
+            FutureWarning,
+            stacklevel=2,
+        )
 
 
 class RoutingCallback(TrainerCallback, ExportableState):
-    """Log the RSL parts and the routing statistics with the training loss, and checkpoint the adaptive lambda.
+    """Log the RSL parts and the routing statistics with the training loss, checkpoint the adaptive lambda, and
+    tell the model the gradient accumulation steps (the RSL's weight in a forward not given `num_items_in_batch`,
+    as in TRL's default loss: see `routing_loss.batch.loss_scale`).
 
     Logged keys: `rsl/total`, `rsl/balance`, `rsl/entropy`, `rsl/preservation`, `rsl/entropy_weight` (means over
     the optimizer steps since the last log, each step contributing its last micro-batch), `routing/entropy` and
@@ -113,6 +100,7 @@ class RoutingCallback(TrainerCallback, ExportableState):
             self._mixer.load_routing_loss_state(saved)
         self._mixer.record_routing_stats(self.record_stats, training_only=True)
         self._mixer.routing_stats(reset=True)
+        self._mixer.routing_loss_accumulation_steps = args.gradient_accumulation_steps
 
     def on_step_end(self, args, state, control, **kwargs):
         loss = self._mixer.routing_loss() if self._mixer is not None else None
@@ -135,3 +123,4 @@ class RoutingCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         if self._mixer is not None:
             self._mixer.record_routing_stats(False)
+            self._mixer.routing_loss_accumulation_steps = 1

@@ -1,39 +1,40 @@
-"""Watch the routers during a forward: the RSL's per-router terms, the routing statistics, and under reentrant
-gradient checkpointing the RSL gradient of the recomputed routers.
+"""Watch the routers during a forward: each router's RSL, attached to its probabilities, and the statistics.
 
-Each router's term is an ordinary differentiable scalar of its probabilities (`loss.specialization_loss`), so the
-RSL's gradient reaches the routers through plain autograd from wherever the term is added. Under reentrant
-checkpointing the forward runs without autograd, so a checkpointed router's term is a constant; when its block is
-recomputed during backward, an identity node on its probabilities (`_InjectRoutingGradient`) adds the term's
-gradient, scaled by what reached the model's RSL (recorded by `_RoutingLossProbe`, which the autograd engine runs
-first: it was created after every node of the model).
+How the RSL reaches the routers. When a training forward builds the RSL, every router's probabilities pass through
+an identity node (`_AddRoutingLossGradient`) whose backward adds that router's share of the RSL gradient, in
+closed form, to whatever gradient reached the probabilities (the pattern of DeepSeek's MoE auxiliary loss, moved
+onto the router's output). So any loss computed downstream of the model's outputs carries the RSL to the routers:
+`outputs.loss`, label smoothing, a `compute_loss_func`, TRL's loss from log-probabilities, a hand-written
+cross-entropy. Each share's weight is set when the forward ends (`RoutingStep.weight`: the step's loss scale over
+the number of routers that ran), before any backward reads it. The RSL is never added to `outputs.loss`: its
+value is only reported.
+
+Nothing with an autograd graph is kept across forwards: a `RoutingStep` holds detached figures only, and the nodes
+hold the step's constants, never the step. (A graph reachable from Python objects that its own nodes reference is
+a cycle the garbage collector cannot see through autograd's C++ nodes: each step's activations would be kept.)
+
+Under reentrant gradient checkpointing the forward runs without autograd; when a checkpointed block is recomputed
+during backward, the router's probabilities get the same node, with the usage recorded in the forward.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .loss import (
-    RouterLossParts,
     RouterLossSettings,
     RouterUsage,
+    RoutingLoss,
+    preservation_gradient,
+    preservation_term,
     specialization_loss,
     specialization_loss_gradient,
     valid_tokens,
 )
 from .stats import RoutingStatsAccumulator
-
-MISSING_RSL_WARNING = (
-    "LoRA-Mixer: the routers received gradient but the routing loss (RSL) of that forward never reached backward, "
-    "so the routers trained without it. This happens when the backpropagated loss does not contain `outputs.loss` "
-    "(Trainer with `label_smoothing_factor` or `compute_loss_func`, trl's SFTTrainer, a loss computed from the "
-    "logits). Add `model.routing_loss_term()` to your loss, or train with `RoutingLossMixin` "
-    "(`class MyTrainer(RoutingLossMixin, Trainer)`), or set `add_routing_loss=False` to train without the RSL."
-)
 
 # Cross-attention projections that read the encoder's tokens (their router sees the encoder's padding mask).
 CROSS_ATTENTION_BLOCKS = ("EncDecAttention", "encoder_attn", "crossattention")
@@ -66,91 +67,112 @@ def _reads_encoder_tokens(module_name: str) -> bool:
     return any(block in parts for block in CROSS_ATTENTION_BLOCKS) and parts[-1] in CROSS_ATTENTION_ENCODER_INPUTS
 
 
+class Anchor(NamedTuple):
+    """theta(0) of one layer's trainable experts for the preservation term, and its weight beta."""
+
+    lora_A: torch.Tensor  # (sum r_e, in)
+    lora_B: torch.Tensor  # (out, sum r_e)
+    keep: torch.Tensor  # (sum r_e,) bool: the rank slots of experts that train
+    weight: float
+
+
+class RouterLossPart(NamedTuple):
+    """One router's RSL in one forward, detached: the weighted term and its unweighted parts, and its layer's
+    preservation sum (zero but for the first run of an anchored layer) unweighted and times beta."""
+
+    adapter_name: str
+    term: torch.Tensor
+    balance: torch.Tensor
+    entropy: torch.Tensor
+    preservation: torch.Tensor
+    weighted_preservation: torch.Tensor
+
+
+@dataclass
+class RoutingLossWeight:
+    """What each router's RSL gradient is multiplied by: the step's loss scale over the number of routers that ran
+    (the model's RSL is their mean). Known when the forward ends; the routers' nodes read it in backward."""
+
+    value: float = 0.0
+
+
 @dataclass(eq=False)  # compared by identity: each forward is its own step
 class RoutingStep:
-    """What one forward of the model shares with its routers (and, under reentrant checkpointing, their backward).
+    """What one forward shares with its routers: the masks, each adapter's RSL settings, the RSL's weight, the
+    preservation anchors by (layer id, adapter); filled with each router's detached RSL parts.
 
-    `builds_loss`: the forward trains with the RSL (training mode, autograd on, an adapter with `add_routing_loss`).
-    `gradient_scale`: what reached the RSL in backward (None until then, or if it never does).
-    `recomputed_routers`: routers that ran without autograd (reentrant checkpointing), by (layer id, adapter), with
-    the usage of each run whose recomputation has yet to inject its gradient (kept, so that backward needs no
-    all-reduce for global-batch statistics).
+    `scale`: the step's loss scale (see `RoutingLossWeight`); the preservation term is weighted by it alone, once
+    per anchored layer. `recomputed_routers`: routers that ran without autograd
+    (reentrant checkpointing), by (layer id, adapter), with the usage and anchor of each run still to be
+    recomputed.
     """
 
     masks: TokenMasks
     settings: dict[str, RouterLossSettings]
-    builds_loss: bool
-    record_stats: bool
-    parts: list[tuple[str, RouterLossParts]] = field(default_factory=list)
-    gradient_scale: Optional[torch.Tensor] = None
-    recomputed_routers: dict[tuple[int, str], list[RouterUsage]] = field(default_factory=dict)
+    scale: float = 1.0
+    anchors: dict[tuple[int, str], Anchor] = field(default_factory=dict)
+    record_stats: bool = False
+    weight: RoutingLossWeight = field(default_factory=RoutingLossWeight)
+    parts: list[RouterLossPart] = field(default_factory=list)
+    anchored: set[tuple[int, str]] = field(default_factory=set)  # the anchors already given to a node
+    recomputed_routers: dict[tuple[int, str], list[tuple[RouterUsage, Optional[Anchor]]]] = field(default_factory=dict)
 
-    @property
-    def num_routers(self) -> int:
-        return len(self.parts)
+    def routing_loss(self) -> RoutingLoss:
+        """The step's RSL and its parts, as `model.routing_loss()` reports them (all detached)."""
+        device = self.parts[0].term.device
+        parts = [[value.to(device) for value in part[1:]] for part in self.parts]
+        terms, balances, entropies, preservations, weighted = (torch.stack(column) for column in zip(*parts))
+        first = next(iter(self.settings.values()))
+        return RoutingLoss(
+            total=terms.mean() + weighted.sum(),
+            balance=balances.mean(),
+            entropy=entropies.mean(),
+            preservation=preservations.sum(),
+            entropy_weight=torch.as_tensor(first.entropy_weight).detach().clone(),
+            scale=torch.as_tensor(self.scale).detach(),
+        )
 
 
-class _RoutingLossProbe(torch.autograd.Function):
-    """Identity on the model's RSL; its backward records the gradient that reached it, for the recomputed routers
-    and to tell whether the RSL was used at all."""
+class _RoutingLossGradient(NamedTuple):
+    """The constants one router's node needs in backward (never the step: see the module docstring)."""
+
+    usage: RouterUsage
+    settings: RouterLossSettings
+    token_mask: Optional[torch.Tensor]
+    weight: RoutingLossWeight
+    anchor: Optional[Anchor]
+    preservation_scale: float
+
+
+class _AddRoutingLossGradient(torch.autograd.Function):
+    """Identity on a router's probabilities (and, with a preservation anchor, on nothing else); its backward adds
+    the router's RSL gradient times `weight` to the probabilities' gradient, and the preservation term's gradient to
+    the layer's experts."""
 
     @staticmethod
-    def forward(ctx, value: torch.Tensor, anchor: torch.Tensor, step: RoutingStep) -> torch.Tensor:
-        ctx.step = step
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        step = ctx.step
-        step.gradient_scale = grad if step.gradient_scale is None else step.gradient_scale + grad
-        return grad, None, None
-
-
-class _WatchRouterBackward(torch.autograd.Function):
-    """Identity on one router's probabilities; its backward warns (once) when the RSL never reached backward."""
-
-    @staticmethod
-    def forward(ctx, probs: torch.Tensor, step: RoutingStep, collector: RoutingCollector) -> torch.Tensor:
-        ctx.step, ctx.collector = step, collector
+    def forward(ctx, probs, lora_A, lora_B, constants: _RoutingLossGradient):
+        # kept as attributes, not `save_for_backward`: non-reentrant checkpointing must see the same saved tensors
+        # in the recomputation, which builds no RSL (the probabilities, tokens x E, stay alive: a small cost)
+        ctx.probs, ctx.constants = probs.detach(), constants
+        ctx.experts = (lora_A.detach(), lora_B.detach()) if constants.anchor is not None else None
         return probs.view_as(probs)  # a view, not a copy of every router output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.step.gradient_scale is None:
-            ctx.collector.warn_missing_rsl()
-        return grad, None, None
-
-
-class _InjectRoutingGradient(torch.autograd.Function):
-    """Identity on a recomputed router's probabilities; its backward adds the gradient of that router's RSL share."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        probs: torch.Tensor,
-        token_mask: Optional[torch.Tensor],
-        usage: RouterUsage,
-        step: RoutingStep,
-        adapter_name: str,
-        collector: RoutingCollector,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(probs, token_mask)
-        ctx.step, ctx.usage, ctx.adapter_name, ctx.collector = step, usage, adapter_name, collector
-        return probs.view_as(probs)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        step: RoutingStep = ctx.step
-        if step.gradient_scale is None:  # the RSL is not in the backpropagated loss, or came after the routers
-            ctx.collector.warn_missing_rsl()
-            return grad, None, None, None, None, None
-        probs, token_mask = ctx.saved_tensors
-        rsl_grad = specialization_loss_gradient(probs, ctx.usage, step.settings[ctx.adapter_name], token_mask)
-        return grad + rsl_grad * (step.gradient_scale / step.num_routers), None, None, None, None, None
+        constants: _RoutingLossGradient = ctx.constants
+        rsl_grad = specialization_loss_gradient(ctx.probs, constants.usage, constants.settings, constants.token_mask)
+        grad_A = grad_B = None
+        if ctx.experts is not None:
+            anchor, scale = constants.anchor, constants.preservation_scale * constants.anchor.weight
+            grad_A = preservation_gradient(ctx.experts[0], anchor.lora_A, anchor.keep, 0) * scale
+            grad_B = preservation_gradient(ctx.experts[1], anchor.lora_B, anchor.keep, 1) * scale
+        grad_probs = grad + rsl_grad * constants.weight.value if ctx.needs_input_grad[0] else None
+        return grad_probs, grad_A, grad_B, None
 
 
 class RoutingCollector:
-    """Shared by the mixer layers of one model (a plain object, never a module, so nothing of it is saved)."""
+    """Shared by the mixer layers of one model while the RSL or the statistics are wanted (a plain object, never a
+    module, so nothing of it is saved)."""
 
     # reentrant-checkpointed forwards kept until their routers are recomputed (several micro-batches may run their
     # forwards before one backward); older ones were never backpropagated and are dropped
@@ -158,13 +180,25 @@ class RoutingCollector:
 
     def __init__(self) -> None:
         self.module_names: dict[int, str] = {}
-        self.step: Optional[RoutingStep] = None
-        self.collecting = False
+        self.step: Optional[RoutingStep] = None  # the forward under way, if it is watched
         self.record_stats = False
-        self.stats_training_only = False
+        self.stats_training_only = False  # leave out the forwards in eval mode
         self.stats = RoutingStatsAccumulator()
         self.awaiting_recomputation: list[RoutingStep] = []
-        self.warned_missing_rsl = False
+
+    def begin(self, step: RoutingStep) -> None:
+        self.step = step
+
+    def finish(self) -> Optional[RoutingStep]:
+        """End the forward's collection; the step, when it built the RSL."""
+        step, self.step = self.step, None
+        if step is None or not step.parts:
+            return None
+        step.weight.value = step.scale / len(step.parts)
+        if step.recomputed_routers:
+            self.awaiting_recomputation.append(step)
+            del self.awaiting_recomputation[: -self.MAX_PENDING_RECOMPUTATIONS]
+        return step
 
     def observe(
         self, layer, adapter_name: str, logits: torch.Tensor, probs: torch.Tensor, token_shape: torch.Size
@@ -172,63 +206,74 @@ class RoutingCollector:
         """Called by a layer with its router's logits and probabilities ((..., E) over tokens that had
         `token_shape`, batch first); returns the tensor the layer should route with."""
         module_name = self.module_names.get(id(layer), "")
-        if not self.collecting:  # perhaps a reentrant checkpoint's recomputation during backward
-            return self._inject_into_recomputed(layer, adapter_name, module_name, probs, token_shape)
         step = self.step
-        if step is None:
-            return probs
+        if step is None:  # perhaps a reentrant checkpoint's recomputation during backward
+            return self._attach_to_recomputed(layer, adapter_name, module_name, probs, token_shape)
         token_mask = step.masks.for_router(module_name, token_shape)
         valid = valid_tokens(probs.detach(), token_mask)
         usage = RouterUsage.of(valid, layer.routing[adapter_name].top_k, valid_tokens(logits.detach(), token_mask))
         if step.record_stats:
             self.stats.add(module_name or type(layer).__name__, valid, usage)
-        if not (step.builds_loss and adapter_name in step.settings):
+        settings = step.settings.get(adapter_name)
+        if settings is None:
             return probs
-        settings = step.settings[adapter_name]
         if settings.global_balance:
             usage = usage.over_global_batch()
-        step.parts.append((adapter_name, specialization_loss(probs, usage, settings, token_mask)))
-        if probs.requires_grad:
-            return _WatchRouterBackward.apply(probs, step, self)
-        if torch.is_grad_enabled():  # trains with autograd on, yet the router had none: nothing trains it
-            return probs
-        step.recomputed_routers.setdefault((id(layer), adapter_name), []).append(usage)
+        parts = specialization_loss(valid, usage, settings)
+        anchor = step.anchors.get((id(layer), adapter_name))
+        if (id(layer), adapter_name) in step.anchored:  # a layer run twice in one forward: its anchor counts once
+            anchor = None
+        elif anchor is not None:
+            step.anchored.add((id(layer), adapter_name))
+        preservation = _preservation(layer, adapter_name, anchor)
+        weighted = preservation * (anchor.weight if anchor is not None else 0.0)
+        step.parts.append(RouterLossPart(adapter_name, *parts, preservation, weighted))
+        if torch.is_grad_enabled():
+            return _attach(probs, layer, adapter_name, usage, settings, token_mask, step, anchor)
+        step.recomputed_routers.setdefault((id(layer), adapter_name), []).append((usage, anchor))
         return probs
 
-    def _inject_into_recomputed(
+    def _attach_to_recomputed(
         self, layer, adapter_name: str, module_name: str, probs: torch.Tensor, token_shape: torch.Size
     ) -> torch.Tensor:
         """In the recomputation of a reentrant-checkpointed router, the node that adds its RSL gradient."""
-        if not probs.requires_grad:
+        if not torch.is_grad_enabled():
             return probs
         key = (id(layer), adapter_name)
         for step in reversed(self.awaiting_recomputation):
-            usages = step.recomputed_routers.get(key)
-            if usages:
-                usage = usages.pop(0)
+            runs = step.recomputed_routers.get(key)
+            if runs:
+                usage, anchor = runs.pop(0)
                 if not any(step.recomputed_routers.values()):
                     self.awaiting_recomputation.remove(step)
                 token_mask = step.masks.for_router(module_name, token_shape)
-                return _InjectRoutingGradient.apply(probs, token_mask, usage, step, adapter_name, self)
+                return _attach(probs, layer, adapter_name, usage, step.settings[adapter_name], token_mask, step, anchor)
         return probs
 
-    def finish_forward(self) -> Optional[torch.Tensor]:
-        """End the forward's collection; (RSL averaged over its routers, as a loss term) when it builds the loss."""
-        self.collecting = False
-        step = self.step
-        if step is None or not step.parts:
-            return None
-        if step.recomputed_routers:
-            self.awaiting_recomputation.append(step)
-            del self.awaiting_recomputation[: -self.MAX_PENDING_RECOMPUTATIONS]
-        return torch.stack([parts.term for _, parts in step.parts]).mean()
 
-    def probe(self, value: torch.Tensor) -> torch.Tensor:
-        """`value` (the model's RSL), as a loss term whose backward records the gradient that reached it."""
-        anchor = torch.zeros((), device=value.device, requires_grad=True)
-        return _RoutingLossProbe.apply(value, anchor, self.step)
+def _attach(
+    probs: torch.Tensor,
+    layer,
+    adapter_name: str,
+    usage: RouterUsage,
+    settings: RouterLossSettings,
+    token_mask: Optional[torch.Tensor],
+    step: RoutingStep,
+    anchor: Optional[Anchor],
+) -> torch.Tensor:
+    constants = _RoutingLossGradient(usage, settings, token_mask, step.weight, anchor, step.scale)
+    if anchor is not None:
+        return _AddRoutingLossGradient.apply(
+            probs, layer.loramixer_A[adapter_name], layer.loramixer_B[adapter_name], constants
+        )
+    return _AddRoutingLossGradient.apply(probs, None, None, constants) if probs.requires_grad else probs
 
-    def warn_missing_rsl(self) -> None:
-        if not self.warned_missing_rsl:
-            self.warned_missing_rsl = True
-            warnings.warn(MISSING_RSL_WARNING, UserWarning, stacklevel=2)
+
+def _preservation(layer, adapter_name: str, anchor: Optional[Anchor]) -> torch.Tensor:
+    """||theta - theta(0)||^2 of the layer's trainable experts (detached; zero without an anchor)."""
+    if anchor is None:
+        return torch.zeros(())
+    with torch.no_grad():
+        lora_A, lora_B = layer.loramixer_A[adapter_name], layer.loramixer_B[adapter_name]
+        total = preservation_term(lora_A, anchor.lora_A, anchor.keep, 0)
+        return total + preservation_term(lora_B, anchor.lora_B, anchor.keep, 1)

@@ -23,12 +23,12 @@ from ..routing import top_k_indices
 
 @dataclass(frozen=True)
 class RoutingLoss:
-    """The last training forward's RSL and its parts (detached scalars), as added to `outputs.loss`.
+    """The last training forward's RSL and its parts (detached scalars), as its gradient reached the routers.
 
     `balance` and `entropy` are the unweighted terms averaged over the routers, `preservation` the unweighted
-    sum of squared distances. `outputs.loss` received `scale * total`, where (one adapter)
-    `total = alpha * balance + sign * entropy_weight * entropy + beta * preservation`; `scale` is 1, or the
-    micro-batch's share of the label tokens when the Trainer normalises the loss by token count.
+    sum of squared distances. The routers received the gradient of `scale * total`, where (one adapter)
+    `total = alpha * balance + sign * entropy_weight * entropy + beta * preservation`; `scale` is the micro-batch's
+    weight in its optimizer step (see `routing_loss.batch.loss_scale`). `outputs.loss` holds the task loss only.
     """
 
     total: torch.Tensor
@@ -129,7 +129,7 @@ class RouterLossSettings:
 
 
 class RouterLossParts(NamedTuple):
-    """One router's RSL in one forward: the weighted term (differentiable) and its unweighted parts (detached)."""
+    """One router's RSL in one forward: the weighted term and its unweighted parts."""
 
     term: torch.Tensor
     balance: torch.Tensor
@@ -149,46 +149,13 @@ def router_loss_parts(probs: torch.Tensor, usage: RouterUsage) -> tuple[torch.Te
     return balance_term(probs, usage), token_entropy(probs).mean()
 
 
-def specialization_loss(
-    probs: torch.Tensor,
-    usage: RouterUsage,
-    settings: RouterLossSettings,
-    token_mask: Optional[torch.Tensor] = None,
-) -> RouterLossParts:
-    """One router's RSL, `alpha * balance + sign * lambda * entropy`, over the tokens `token_mask` keeps.
-
-    `probs` are the router's probabilities over all its tokens ((..., E), the token dimensions those of
-    `token_mask`) and `usage` their valid tokens' constants. The term's backward is the closed-form gradient
-    (`specialization_loss_gradient`) times what reaches the term, so it needs no graph beyond `probs` itself.
-    """
-    valid = valid_tokens(probs.detach(), token_mask)
-    balance, entropy = router_loss_parts(valid, usage)
-    value = settings.balance_weight * balance + settings.entropy_sign * settings.entropy_weight * entropy
-    term = _SpecializationLoss.apply(probs, value, token_mask, usage, settings) if probs.requires_grad else value
+def specialization_loss(probs: torch.Tensor, usage: RouterUsage, settings: RouterLossSettings) -> RouterLossParts:
+    """One router's RSL, `alpha * balance + sign * lambda * entropy`, of its valid tokens' probabilities (tokens x
+    E), as detached figures: its gradient reaches the router in closed form (`specialization_loss_gradient`)."""
+    with torch.no_grad():
+        balance, entropy = router_loss_parts(probs, usage)
+        term = settings.balance_weight * balance + settings.entropy_sign * settings.entropy_weight * entropy
     return RouterLossParts(term, balance, entropy)
-
-
-class _SpecializationLoss(torch.autograd.Function):
-    """The RSL value of one router (computed by the caller), with its gradient to the probabilities in closed form."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        probs: torch.Tensor,
-        value: torch.Tensor,
-        token_mask: Optional[torch.Tensor],
-        usage: RouterUsage,
-        settings: RouterLossSettings,
-    ) -> torch.Tensor:
-        # kept as attributes, not `save_for_backward`: non-reentrant checkpointing must see the same saved tensors
-        # in the recomputation, which builds no RSL (the probabilities, tokens x E, stay alive: a small cost)
-        ctx.probs, ctx.token_mask, ctx.usage, ctx.settings = probs.detach(), token_mask, usage, settings
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gradient = specialization_loss_gradient(ctx.probs, ctx.usage, ctx.settings, ctx.token_mask)
-        return gradient * grad, None, None, None, None
 
 
 def specialization_loss_gradient(
@@ -221,6 +188,13 @@ def preservation_term(current: torch.Tensor, anchor: torch.Tensor, keep: torch.T
     shape = [1] * diff.dim()
     shape[dim] = -1
     return (diff.square() * keep.view(shape).to(diff.dtype)).sum()
+
+
+def preservation_gradient(current: torch.Tensor, anchor: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """The gradient of `preservation_term` with respect to `current`: 2 (theta - theta(0)) on the kept slots."""
+    shape = [1] * current.dim()
+    shape[dim] = -1
+    return 2 * (current - anchor) * keep.view(shape).to(current.dtype)
 
 
 def update_entropy_weight(
