@@ -40,6 +40,7 @@ def run_workers(out: Path, rsl: bool, sharding: str, port: int) -> dict:
 def single_process_step(rsl: bool, micro_batches: int):
     """The same model and global batch in one process: one forward over it, or `micro_batches` accumulated."""
     model = build_model(rsl).train()
+    model.base_model.routing_loss_accumulation_steps = micro_batches  # the RSL averaged like the loss below
     batch, share = global_batch(), GLOBAL_BATCH // micro_batches
     losses = []
     for index in range(micro_batches):

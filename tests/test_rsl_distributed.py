@@ -19,10 +19,12 @@ def full_batch() -> dict[str, torch.Tensor]:
 
 
 def loss_and_gradients(model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(task loss plus the reported RSL, the gradients), the RSL's gradient reaching the routers by itself."""
     model.zero_grad()
     loss = model(**inputs).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    objective = loss.detach() + model.routing_loss().total
+    return objective, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def run_rank(rank: int, init_file: str, scope: str, results: str) -> None:

@@ -14,9 +14,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .routing import forced_gates, gates_from_logits, switch_route, top_k_routes, with_top_k_gradient
+from .routing import ROUTING, Routes, forced_gates, gates_from_logits, top_k_routes
 from .selected_experts import (
-    SelectedRoutes,
     add_selected_experts,
     grouped_mm_supported,
     prefer_selected_experts,
@@ -211,23 +210,24 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
 
     def selected_routes(
         self, x: torch.Tensor, adapter_name: str, token_shape: Optional[torch.Size] = None
-    ) -> Optional[SelectedRoutes]:
+    ) -> Optional[Routes]:
         """The experts each token uses and their gates, when computing only those is exact and faster.
 
-        Exact whenever the forward gates are k-sparse: forced routing, `topk` and `hard_soft`. Training with
-        `hard_soft` also needs the router gradient of every expert (straight-through), which the routes carry as
-        `straight_through_probs`. Faster by the measured crossover of `prefer_selected_experts`. None means: use
-        the dense path. Both paths pick the same experts with the same weights (`top_k_routes`, or `switch_route`
-        for `topk` top-1). `token_shape` as for `gates`.
+        Exact whenever the forward gates are k-sparse: forced routing and the sparse modes of `routing.ROUTING`.
+        A straight-through mode in training also needs the router gradient of every expert, which the routes carry
+        as `straight_through_probs`. Faster by the measured crossover of `prefer_selected_experts`. None means: use
+        the dense path. Both paths route with the mode's own `routes`, so they pick the same experts with the same
+        weights. `token_shape` as for `gates`.
         """
         token_shape = x.shape[:-1] if token_shape is None else token_shape
         routing, top_k, _, num_experts = self.routing[adapter_name]
+        mode = ROUTING[routing]
         forced = self.forced_expert_ids is not None
         if forced:
             top_k = 1
-        elif routing == "soft" or top_k >= num_experts:
+        elif not mode.is_sparse(top_k, num_experts):
             return None
-        straight_through = routing == "hard_soft" and not forced and torch.is_grad_enabled()
+        straight_through = mode.straight_through and not forced and torch.is_grad_enabled()
         if not prefer_selected_experts(x.numel() // x.shape[-1], num_experts, top_k, straight_through):
             return None
         rank = self.expert_rank[adapter_name]
@@ -236,16 +236,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         ):
             return None
         if forced:
-            return SelectedRoutes(*top_k_routes(self.gates(x, adapter_name, token_shape), 1))
+            return Routes(*top_k_routes(self.gates(x, adapter_name, token_shape), 1))
         logits = self.router_logits(x, adapter_name)
-        probs = self.observed_probs(logits, adapter_name, token_shape)
-        if routing == "topk" and top_k == 1:
-            return SelectedRoutes(*switch_route(logits, probs))
-        index, weight = top_k_routes(logits.detach(), top_k)
-        trains_router = probs is not None and probs.requires_grad
-        if routing == "topk":
-            return SelectedRoutes(index, with_top_k_gradient(weight, probs, index) if trains_router else weight)
-        return SelectedRoutes(index, weight, probs if trains_router else None)
+        return mode.routes(logits, self.observed_probs(logits, adapter_name, token_shape), top_k)
 
     def add_mixture(
         self, result: torch.Tensor, tokens: torch.Tensor, token_shape: torch.Size, adapter_name: str
@@ -276,7 +269,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         return _as_dtype(mixed, result.dtype)
 
     def _add_selected_experts(
-        self, accumulator: torch.Tensor, inputs: torch.Tensor, routes: SelectedRoutes, adapter_name: str
+        self, accumulator: torch.Tensor, inputs: torch.Tensor, routes: Routes, adapter_name: str
     ) -> torch.Tensor:
         """`accumulator` plus the routed experts only, each weighted by its gate and scale; under `hard_soft` in
         training, with the straight-through gradient of every expert's router probability attached."""

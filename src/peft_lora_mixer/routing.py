@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator
-from typing import Any, Optional
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
 
 import torch
-
-# The routing modes (see `gates_from_logits`); the config, the CLI and the benchmarks read this tuple.
-ROUTING_MODES = ("hard_soft", "soft", "topk")
-# The modes whose forward gates are k-sparse
-SPARSE_ROUTING_MODES = ("hard_soft", "topk")
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,17 +63,67 @@ def with_top_k_gradient(weight: torch.Tensor, probs: torch.Tensor, index: torch.
 def switch_route(logits: torch.Tensor, probs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, weight) of `topk` routing with `top_k=1`, as Switch Transformers route: each token's best expert,
     weighted by its router probability. (Renormalised, the single kept weight would be a constant 1 and the router
-    would get no gradient at all.) `probs` as for `gates_from_logits`."""
+    would get no gradient at all.) `probs` as for `Routes`."""
     index = top_k_indices(logits.detach(), 1)
     probs = probs if probs is not None else torch.softmax(logits, dim=-1)
     return index, probs.gather(-1, index)
 
 
-def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routing: str, top_k: int) -> torch.Tensor:
-    """Mixture weights for every expert, from the router's logits.
+class Routes(NamedTuple):
+    """The experts each token uses (index, (..., k)) and their gates (weight, (..., k)); under a straight-through
+    mode in training, the router's probabilities over all experts (..., E), whose gradient the router gets as if
+    the gates were dense."""
 
-    `probs` is `softmax(logits)` as the routing observer returned it, when anything needs the probabilities (the
-    observer, or autograd to train the router); None otherwise.
+    index: torch.Tensor
+    weight: torch.Tensor
+    straight_through_probs: Optional[torch.Tensor] = None
+
+
+def _topk_routes(logits: torch.Tensor, probs: Optional[torch.Tensor], top_k: int) -> Routes:
+    """The renormalised top-k; the router's gradient flows through the kept experts only. Top-1: `switch_route`."""
+    if top_k == 1:
+        return Routes(*switch_route(logits, probs))
+    index, weight = top_k_routes(logits.detach(), top_k)
+    if probs is not None and probs.requires_grad:
+        weight = with_top_k_gradient(weight, probs, index)
+    return Routes(index, weight)
+
+
+def _hard_soft_routes(logits: torch.Tensor, probs: Optional[torch.Tensor], top_k: int) -> Routes:
+    """The forward value of `topk`, the gradient of `soft` (straight-through estimator)."""
+    index, weight = top_k_routes(logits.detach(), top_k)
+    return Routes(index, weight, probs if probs is not None and probs.requires_grad else None)
+
+
+@dataclass(frozen=True)
+class RoutingMode:
+    """One routing mode: how it routes each token over the top-k experts (`routes`; None: it is dense), and whether
+    its router gradient is dense (straight-through: training needs every expert's probability).
+
+    `routes(logits, probs, top_k)` takes the router's logits (..., E) and `softmax(logits)` as the routing observer
+    returned it, when anything needs the probabilities (the observer, or autograd to train the router), else None.
+    """
+
+    routes: Optional[Callable[[torch.Tensor, Optional[torch.Tensor], int], Routes]]
+    straight_through: bool = False
+
+    def is_sparse(self, top_k: int, num_experts: int) -> bool:
+        """Whether the forward gates are k-sparse (with `top_k` equal to the number of experts, every mode is soft)."""
+        return self.routes is not None and top_k < num_experts
+
+
+# The routing modes; the config, the CLI and the benchmarks read their names from this table, the layer its rules.
+ROUTING: dict[str, RoutingMode] = {
+    "hard_soft": RoutingMode(_hard_soft_routes, straight_through=True),
+    "soft": RoutingMode(None),
+    "topk": RoutingMode(_topk_routes),
+}
+ROUTING_MODES = tuple(ROUTING)
+SPARSE_ROUTING_MODES = tuple(name for name, mode in ROUTING.items() if mode.routes is not None)
+
+
+def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routing: str, top_k: int) -> torch.Tensor:
+    """Mixture weights for every expert (..., E), from the router's logits (`probs` as for `RoutingMode`).
 
     - `soft`: the probabilities themselves.
     - `topk`: the renormalised top-k; the router's gradient flows through the kept experts only. With `top_k=1`,
@@ -85,21 +131,14 @@ def gates_from_logits(logits: torch.Tensor, probs: Optional[torch.Tensor], routi
     - `hard_soft`: the forward value of `topk`, the gradient of `soft` (straight-through estimator).
     With `top_k` equal to the number of experts every mode is `soft`.
     """
-    if routing == "soft" or top_k >= logits.shape[-1]:
+    mode = ROUTING[routing]
+    if not mode.is_sparse(top_k, logits.shape[-1]):
         return probs if probs is not None else torch.softmax(logits, dim=-1)
-    if routing not in SPARSE_ROUTING_MODES:
-        raise ValueError(f"Unknown routing mode {routing!r}.")
-    trains_router = probs is not None and probs.requires_grad
-    if routing == "topk" and top_k == 1:
-        index, weight = switch_route(logits, probs)
-    else:
-        index, weight = top_k_routes(logits.detach() if logits.requires_grad else logits, top_k)
-        if trains_router and routing == "topk":
-            weight = with_top_k_gradient(weight, probs, index)
+    index, weight, straight_through = mode.routes(logits, probs, top_k)
     gates = torch.zeros_like(logits).scatter_(-1, index, weight)
-    if trains_router and routing == "hard_soft":
-        # `probs - probs.detach()` is exactly zero, so the forward value is exactly `topk`'s
-        return gates + (probs - probs.detach())
+    if straight_through is not None:
+        # `probs - probs.detach()` is exactly zero, so the forward value is exactly the sparse gates
+        return gates + (straight_through - straight_through.detach())
     return gates
 
 

@@ -3,8 +3,6 @@ for A and B. Worth it when few of many experts are selected (see `prefer_selecte
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -14,15 +12,6 @@ import torch.nn.functional as F
 MIN_EXPERTS_PER_SELECTED = 16
 MIN_EXPERTS_PER_SELECTED_STRAIGHT_THROUGH = 32
 MIN_TOKENS = 256
-
-
-class SelectedRoutes(NamedTuple):
-    """The experts each token uses: `index` and `weight` are (..., k) over the tokens."""
-
-    index: torch.Tensor
-    weight: torch.Tensor
-    # `hard_soft` in training: the router probabilities that take the gradient of every expert's gate
-    straight_through_probs: Optional[torch.Tensor] = None
 
 
 def prefer_selected_experts(num_tokens: int, num_experts: int, top_k: int, straight_through: bool = False) -> bool:
