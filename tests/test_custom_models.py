@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import PushToHubMixin
 
 from peft_lora_mixer import LoraMixerConfig
-from peft_lora_mixer.experts.card import SECTION_START, section_markers
+from peft_lora_mixer.model_card import SECTION_START, section_markers
 
 SRC = str(Path(__file__).parents[1] / "src")
 
@@ -183,3 +183,10 @@ def test_loading_into_a_base_with_fewer_layers_names_the_dropped_modules(tmp_pat
     ):
         loaded = PeftModel.from_pretrained(smaller, str(tmp_path))
     assert sum(isinstance(module, BaseTunerLayer) for module in loaded.modules()) == 4  # layer 0 still loads
+
+
+def test_model_card_module_imports_nothing_of_the_package():
+    """The card is rendered from plain data, so the config can use it without an import cycle."""
+    source = (Path(SRC) / "peft_lora_mixer" / "model_card.py").read_text()
+    imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert imports and not [line for line in imports if line.startswith("from .") or "peft_lora_mixer" in line]

@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 from tiny_models import VOCAB, tiny_model
 
 from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
-from peft_lora_mixer.experts.card import SECTION_END, SECTION_START
+from peft_lora_mixer.model_card import SECTION_END, SECTION_START
 
 INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 BASE_ID = "test-org/tiny-llama"
