@@ -431,7 +431,6 @@ class LoraMixerConfig(PeftConfig):
         }
         return CardSummary(
             num_experts=self.num_experts,
-            base_model=self.base_model_name_or_path,
             settings=settings,
             experts=tuple(self.resolved_experts or ()),
             trainable_experts=self.trainable_experts,

@@ -35,7 +35,6 @@ class CardSummary:
     """What the card says about one adapter, as plain data."""
 
     num_experts: int
-    base_model: Optional[str]
     settings: dict[str, Any]  # the routing settings the routers were trained with, by config field name
     experts: tuple[dict[str, Any], ...]  # the pinned expert references; empty for a mixer of new experts
     trainable_experts: bool
@@ -48,10 +47,10 @@ def write_section(folder: str, adapter_name: str, summary: CardSummary, repo_id:
     path = os.path.join(folder, _README)
     card = ModelCard.load(path)
     card.data.tags = sorted(set(card.data.tags or ()) | {TAG})
-    if summary.base_model and not card.data.get("base_model"):
-        card.data["base_model"] = summary.base_model
+    # the base model is named as PEFT names it in the metadata: from a transformers model's config, else not at all
+    base_model = card.data.get("base_model")
     start, end = section_markers(adapter_name)
-    block = f"{start}\n{_render(adapter_name, summary, repo_id)}\n{end}"
+    block = f"{start}\n{_render(adapter_name, summary, base_model, repo_id)}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     if pattern.search(card.text):
         card.text = pattern.sub(lambda _: block, card.text)
@@ -98,9 +97,9 @@ def _upload_with_card(model: PeftModel, working_dir: str, repo_id: str, *args: A
     return type(model)._upload_modified_files(model, working_dir, repo_id, *args, **kwargs)
 
 
-def _render(adapter_name: str, summary: CardSummary, repo_id: Optional[str]) -> str:
+def _render(adapter_name: str, summary: CardSummary, base_model: Optional[str], repo_id: Optional[str]) -> str:
     title = "## LoRA-Mixer" + ("" if adapter_name == "default" else f" (adapter `{adapter_name}`)")
-    base = f"`{summary.base_model}`" if summary.base_model else "the base model"
+    base = f"`{base_model}`" if base_model else "the base model"
     lines = [
         title,
         "",
