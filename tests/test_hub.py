@@ -172,6 +172,7 @@ def test_online_fetch_sends_the_token_and_pins_the_served_commit(folders, server
     assert mixer.peft_config["default"].resolved_experts[0]["revision"] == sha
     mixer.save_pretrained(tmp_path / "router")
     assert "hf_secret" not in (tmp_path / "router" / "adapter_config.json").read_text()
+    assert "hf_secret" not in repr(vars(mixer.peft_config["default"]))  # not kept on the config object either
 
 
 def test_push_to_hub_uploads_a_loadable_router_with_our_card(hub, hub_experts, server, monkeypatch):

@@ -5,8 +5,8 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 """
 
 from .config import LoraMixerConfig, LoraMixerPeftType
-from .experts.loading import ExpertError
 from .experts.plug_and_play import from_experts
+from .experts.sources import ExpertError, hub_options
 from .integrations.trainer import ExpertIdsCollator, RoutingCallback, RoutingLossMixin
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
@@ -33,5 +33,6 @@ __all__ = [
     "RoutingLoss",
     "RoutingLossMixin",
     "from_experts",
+    "hub_options",
     "register",
 ]

@@ -314,7 +314,6 @@ class LoraMixerConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.hub_kwargs: dict[str, Any] = {}  # cache_dir / token for fetching experts; never saved
         self.peft_type = LoraMixerPeftType.LORAMIXER
         self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         self.exclude_modules = (
@@ -436,14 +435,6 @@ class LoraMixerConfig(PeftConfig):
             trainable_experts=self.trainable_experts,
             stores_expert_weights=self.stores_expert_weights,
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """PEFT's loader, keeping `cache_dir` / `token` / `local_files_only` to fetch the experts the same way."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        hub_keys = ("cache_dir", "token", "local_files_only")
-        config.hub_kwargs = {key: kwargs[key] for key in hub_keys if kwargs.get(key) is not None}
-        return config
 
     @property
     def expert_scaling(self) -> float:
