@@ -164,7 +164,7 @@ def test_inspect_shows_byte_level_tokens_as_text():
     from tokenizers.models import BPE
     from transformers import GPT2TokenizerFast
 
-    from peft_lora_mixer.cli.inspection import token_texts
+    from peft_lora_mixer.inspection import token_texts
 
     backend = Tokenizer(
         BPE({"a": 0, "d": 1, "Ġ": 2, "Ġa": 3, "dd": 4, "Ġadd": 5}, [("Ġ", "a"), ("d", "d"), ("Ġa", "dd")])

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import PushToHubMixin
 
 from peft_lora_mixer import LoraMixerConfig
-from peft_lora_mixer.experts.card import SECTION_START, section_markers
+from peft_lora_mixer.model_card import SECTION_START, section_markers
 
 SRC = str(Path(__file__).parents[1] / "src")
 
@@ -183,3 +183,114 @@ def test_loading_into_a_base_with_fewer_layers_names_the_dropped_modules(tmp_pat
     ):
         loaded = PeftModel.from_pretrained(smaller, str(tmp_path))
     assert sum(isinstance(module, BaseTunerLayer) for module in loaded.modules()) == 4  # layer 0 still loads
+
+
+def test_model_card_module_imports_nothing_of_the_package():
+    """The card is rendered from plain data, so the config can use it without an import cycle."""
+    source = (Path(SRC) / "peft_lora_mixer" / "model_card.py").read_text()
+    imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert imports and not [line for line in imports if line.startswith("from .") or "peft_lora_mixer" in line]
+
+
+# ---- several named adapters on a custom model, as PEFT's tuner tests exercise them ---------------------------------
+def named_mixers(names: tuple[str, ...]) -> PeftModel:
+    """An MLP with one random mixer per name (different targets, expert counts and ranks), the first one active."""
+    shapes = [dict(target_modules=["lin0", "lin1"], num_experts=3, r=2), dict(target_modules=["lin1"], num_experts=2)]
+    model = None
+    for index, name in enumerate(names):
+        torch.manual_seed(index + 1)
+        config = LoraMixerConfig(init_weights=False, top_k=1, **shapes[index % 2])
+        if model is None:
+            model = get_peft_model(MLP(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    return model.eval()
+
+
+def outputs_per_adapter(model: PeftModel, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    outputs = {}
+    with torch.no_grad():
+        for name in model.peft_config:
+            model.set_adapter(name)
+            outputs[name] = model(inputs)
+    return outputs
+
+
+INPUTS = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+SUBSTRING_NAMES = [("a", "a2"), ("a2", "a"), ("other", "other_x"), ("other_x", "other")]
+
+
+def test_card_metadata_of_a_custom_model_names_no_base_model_as_peft_does(tmp_path):
+    """PEFT names `base_model` only from a transformers config; a config's `base_model_name_or_path` is not one."""
+    cards = {}
+    for kind, config_class, kwargs in [("lora", LoraConfig, {}), ("mixer", LoraMixerConfig, {"num_experts": 2})]:
+        model = get_peft_model(MLP(), config_class(target_modules=["lin0"], **kwargs))
+        model.add_adapter("new_adapter", config_class(target_modules=["lin1"], base_model_name_or_path="MLP", **kwargs))
+        model.save_pretrained(tmp_path / kind)
+        cards[kind] = ModelCard.load(tmp_path / kind / "README.md")
+    assert "base_model" not in cards["lora"].data.to_dict()
+    assert "base_model" not in cards["mixer"].data.to_dict()
+    assert cards["mixer"].data.library_name == "peft" and cards["mixer"].data.tags == ["lora-mixer"]
+    assert "on the base model" in cards["mixer"].text and "`MLP`" not in cards["mixer"].text
+    saved = json.loads((tmp_path / "mixer" / "new_adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "MLP"  # the config keeps it; only the card's metadata leaves it out
+
+
+def test_selected_adapters_save_and_load_alone(tmp_path):
+    model = named_mixers(("default", "new_adapter"))
+    expected = outputs_per_adapter(model, INPUTS)
+    model.save_pretrained(tmp_path, selected_adapters=["new_adapter"])
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "new_adapter"]  # nothing of "default"
+    text = (tmp_path / "README.md").read_text()
+    assert text.count(section_markers("new_adapter")[0]) == 1 and SECTION_START not in text
+
+    loaded = PeftModel.from_pretrained(MLP(), str(tmp_path / "new_adapter"), adapter_name="new_adapter")
+    assert list(loaded.peft_config) == ["new_adapter"]
+    torch.testing.assert_close(loaded(INPUTS), expected["new_adapter"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="invalid `selected_adapters`"):
+        model.save_pretrained(tmp_path / "bad", selected_adapters=["missing"])
+
+
+@pytest.mark.parametrize("names", SUBSTRING_NAMES)
+def test_adapter_names_that_contain_each_other_save_and_load_apart(tmp_path, names):
+    model = named_mixers(("default", *names))
+    expected = outputs_per_adapter(model, INPUTS)
+    assert not torch.equal(expected[names[0]], expected[names[1]])
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    for name in names:
+        start, end = section_markers(name)
+        assert text.count(start) == text.count(end) == 1
+        saved = load_safetensors((tmp_path / name / "adapter_model.safetensors").read_bytes())
+        assert saved and all(key.startswith("base_model.model.lin") for key in saved)
+
+    loaded = PeftModel.from_pretrained(MLP(), str(tmp_path))
+    for name in names:
+        loaded.load_adapter(str(tmp_path / name), adapter_name=name)
+    assert outputs_per_adapter(loaded.eval(), INPUTS).keys() == expected.keys()
+    for name, output in outputs_per_adapter(loaded, INPUTS).items():
+        torch.testing.assert_close(output, expected[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("names", SUBSTRING_NAMES)
+def test_deleting_an_adapter_leaves_one_whose_name_contains_it(names):
+    kept, deleted = names
+    model = named_mixers(("default", kept, deleted))
+    expected = outputs_per_adapter(model, INPUTS)
+    model.delete_adapter(deleted)
+    assert set(model.peft_config) == {"default", kept}
+    suffix = f".{deleted}"
+    assert not [key for key in model.state_dict() if key.endswith(suffix) or f"{suffix}." in key]
+    for name, output in outputs_per_adapter(model, INPUTS).items():
+        torch.testing.assert_close(output, expected[name], rtol=0, atol=0)
+
+
+def test_unload_returns_the_custom_model_unchanged():
+    base_outputs = MLP()(INPUTS)
+    model = named_mixers(("default", "other"))
+    assert not torch.equal(model(INPUTS), base_outputs)
+    unloaded = model.unload()
+    assert isinstance(unloaded, MLP)
+    assert [type(module) for module in unloaded.children()] == [nn.Linear, nn.Linear]
+    assert not [name for name, _ in unloaded.named_parameters() if "loramixer" in name]
+    torch.testing.assert_close(unloaded(INPUTS), base_outputs, rtol=0, atol=0)

@@ -13,7 +13,8 @@ from peft import IA3Config, PeftModel, get_peft_model
 from tiny_models import VOCAB, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
+from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts, hub_options
+from peft_lora_mixer.experts.sources import ExpertSource, FetchedExpert, HubOptions, current_hub_options, fetch
 
 INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -157,6 +158,34 @@ def test_hub_options_reach_huggingface_hub(hub, tmp_path, folders):
     mixer = from_experts(tiny_model("llama"), ["org/lora-math"], top_k=1, cache_dir=str(other.root))
     assert mixer.peft_config["default"].resolved_experts[0]["revision"]
     assert "cache_dir" not in mixer.peft_config["default"].to_dict()
+
+
+def test_each_kind_of_source_has_its_fetcher(hub, folders):
+    """A folder is fetched as it is (no commit); a Hub id to its snapshot folder, pinned to the resolved commit."""
+    local = fetch(ExpertSource.parse(folders["math"]), HubOptions())
+    assert local == FetchedExpert(folders["math"], None)
+    sha = hub.publish_folder("org/lora-math", folders["math"], subfolder="math", refs=("main", "v1"))
+    fetched = fetch(ExpertSource.parse({"id": "org/lora-math", "revision": "v1", "subfolder": "math"}), HubOptions())
+    assert fetched.commit == sha and fetched.folder.endswith(os.path.join("snapshots", sha, "math"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(fetched.folder))
+    with pytest.raises(ExpertError, match="no such folder"):
+        fetch(ExpertSource(path=folders["math"] + "-missing"), HubOptions())
+
+
+def test_hub_options_block_reaches_a_loading_mixer(hub, tmp_path, folders):
+    """`PeftModel.from_pretrained` of a router-only mixer fetches its experts with the enclosing block's options."""
+    other = HubCache(tmp_path / "elsewhere")
+    other.publish_folder("org/lora-math", folders["math"])
+    with hub_options(cache_dir=str(other.root)) as options:
+        assert current_hub_options() is options
+        get_peft_model(tiny_model("llama"), LoraMixerConfig(experts=["org/lora-math"], top_k=1)).save_pretrained(
+            tmp_path / "router"
+        )
+        assert json.loads((tmp_path / "router" / "adapter_config.json").read_text())["save_expert_weights"] is None
+        PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "router"))
+    assert current_hub_options() == HubOptions()
+    with pytest.raises(ExpertError, match="not in the local Hugging Face cache"):
+        PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "router"))
 
 
 # ---- bad inputs: each raises an error naming the adapter, before the model is modified ------------------------

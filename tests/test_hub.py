@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 from tiny_models import VOCAB, tiny_model
 
 from peft_lora_mixer import ExpertError, LoraMixerConfig, from_experts
-from peft_lora_mixer.experts.card import SECTION_END, SECTION_START
+from peft_lora_mixer.model_card import SECTION_END, SECTION_START
 
 INPUT = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
 BASE_ID = "test-org/tiny-llama"
@@ -172,6 +172,7 @@ def test_online_fetch_sends_the_token_and_pins_the_served_commit(folders, server
     assert mixer.peft_config["default"].resolved_experts[0]["revision"] == sha
     mixer.save_pretrained(tmp_path / "router")
     assert "hf_secret" not in (tmp_path / "router" / "adapter_config.json").read_text()
+    assert "hf_secret" not in repr(vars(mixer.peft_config["default"]))  # not kept on the config object either
 
 
 def test_push_to_hub_uploads_a_loadable_router_with_our_card(hub, hub_experts, server, monkeypatch):

@@ -5,8 +5,9 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 """
 
 from .config import LoraMixerConfig, LoraMixerPeftType
-from .experts.loading import ExpertError
 from .experts.plug_and_play import from_experts
+from .experts.sources import ExpertError, hub_options
+from .integrations.lm_evaluation import evaluate_mixer
 from .integrations.trainer import ExpertIdsCollator, RoutingCallback, RoutingLossMixin
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
@@ -32,6 +33,8 @@ __all__ = [
     "RoutingCallback",
     "RoutingLoss",
     "RoutingLossMixin",
+    "evaluate_mixer",
     "from_experts",
+    "hub_options",
     "register",
 ]

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .experts.card import add_mixer_section
-from .experts.card_hooks import card_folder
 from .experts.sources import ExpertSource, ExpertSourceLike
+from .model_card import CardSummary, card_folder, write_section
 from .routing import ROUTING_MODES
 
 ROUTER_INITS = ("random", "experts")
+_CARD_ROUTER_FIELDS = ("routing", "top_k", "router_temperature")
 RSL_BALANCE_SCOPES = ("micro_batch", "global_batch")
 
 
@@ -315,7 +315,6 @@ class LoraMixerConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.hub_kwargs: dict[str, Any] = {}  # cache_dir / token for fetching experts; never saved
         self.peft_type = LoraMixerPeftType.LORAMIXER
         self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
         self.exclude_modules = (
@@ -420,15 +419,23 @@ class LoraMixerConfig(PeftConfig):
         card = card_folder(save_directory) if saved_by_peft_model else None
         if card is not None:
             folder, adapter_name = card
-            add_mixer_section(folder, adapter_name, self)
+            write_section(folder, adapter_name, self.card_summary())
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """PEFT's loader, keeping `cache_dir` / `token` / `local_files_only` to fetch the experts the same way."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        hub_keys = ("cache_dir", "token", "local_files_only")
-        config.hub_kwargs = {key: kwargs[key] for key in hub_keys if kwargs.get(key) is not None}
-        return config
+    def card_summary(self) -> CardSummary:
+        """What the model card says about this adapter: the router settings, any routing-loss settings (`rsl_*`),
+        and the experts it pins."""
+        settings = {
+            item.name: getattr(self, item.name)
+            for item in fields(self)
+            if item.name in _CARD_ROUTER_FIELDS or item.name.startswith("rsl_")
+        }
+        return CardSummary(
+            num_experts=self.num_experts,
+            settings=settings,
+            experts=tuple(self.resolved_experts or ()),
+            trainable_experts=self.trainable_experts,
+            stores_expert_weights=self.stores_expert_weights,
+        )
 
     @property
     def expert_scaling(self) -> float:

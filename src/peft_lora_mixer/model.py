@@ -21,12 +21,12 @@ from peft.utils import _get_submodules
 from torch import nn
 
 from .config import LoraMixerConfig
-from .experts.card_hooks import keep_card_on_push
 from .experts.checkpoint import pinned_expert_weights, warn_about_absent_modules, without_expert_weights
 from .experts.loading import ExpertSet, load_experts
 from .experts.router_init import router_weights_from_experts, set_router_weights
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features, iter_mixer_layers
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
+from .model_card import keep_card_on_push
 from .quantization import check_supported_quantization
 from .routing import as_expert_ids
 from .routing_loss.adaptive import AdaptiveEntropyWeights

@@ -1,7 +1,7 @@
 """Make PEFT know LoRA-Mixer, as `peft.register_peft_method` would if `PeftType` were open.
 
 PEFT looks methods up by `peft_type` in its mapping dicts; we write our entries there (doing it twice is harmless).
-Nothing else of PEFT is changed: our model card is written from our own config and tuner (see `card_hooks`).
+Nothing else of PEFT is changed: our model card is written from our own config and tuner (see `model_card`).
 """
 
 from __future__ import annotations

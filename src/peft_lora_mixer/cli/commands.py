@@ -180,7 +180,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .inspection import (
+    from ..inspection import (
         expert_names,
         format_choices,
         format_expert_mix,
@@ -219,7 +219,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .evaluation import evaluate_mixer, format_report, require_lm_eval, task_manager
+    from ..integrations.lm_evaluation import evaluate_mixer, format_report, require_lm_eval, task_manager
 
     require_lm_eval()
     manager = task_manager(args.tasks, args.include_path)  # unknown tasks fail here, before any model is loaded

@@ -8,8 +8,8 @@ from typing import Union
 
 import torch
 
+from ..inspection import expert_mix
 from ..routing_loss.stats import ModuleRoutingStats
-from .inspection import expert_mix
 
 
 def plot_usage_heatmap(

@@ -1,4 +1,5 @@
-"""Existing PEFT LoRA adapters as the experts of a mixer: fetch them, read them, check them against the base model.
+"""Existing PEFT LoRA adapters as the experts of a mixer: read what the fetchers (`sources.py`) put on this machine,
+refuse what is not a plain LoRA, check it against the base model.
 
 Everything here runs before the model is modified, so a bad expert (wrong method, wrong base model, missing or
 corrupt file, pickle-only checkpoint, unreachable Hub repository) raises an `ExpertError` naming it and leaves the
@@ -11,19 +12,9 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.file_download import repo_folder_name
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import get_pattern_key
@@ -32,7 +23,7 @@ from torch import nn
 
 from ..config import LoraMixerConfig
 from ..layer import ExpertSpec, in_out_features, iter_mixer_layers
-from .sources import ExpertSource
+from .sources import ExpertError, ExpertSource, FetchedExpert, HubOptions, current_hub_options, fetch
 
 PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel's state dict and saved adapters name the base model
 _ABSENT = ExpertSpec(0, 0.0)
@@ -53,10 +44,6 @@ _UNSUPPORTED_FEATURES: dict[str, str] = {
     "modules_to_save": "fully trained extra modules (`modules_to_save`)",
     "trainable_token_indices": "trainable token embeddings",
 }
-
-
-class ExpertError(ValueError):
-    """An adapter cannot serve as an expert. The message names the adapter (and the module when there is one)."""
 
 
 @dataclass(frozen=True)
@@ -134,25 +121,23 @@ class ExpertSet:
             check_against_model(expert, model)
 
     @classmethod
-    def read(
-        cls, sources: Sequence[ExpertSource], allow_pickle: bool = False, hub_kwargs: Optional[dict[str, Any]] = None
-    ) -> ExpertSet:
+    def read(cls, sources: Sequence[ExpertSource], hub: HubOptions, allow_pickle: bool = False) -> ExpertSet:
         """Fetch and read every expert."""
-        return cls([read_expert(source, allow_pickle, hub_kwargs or {}) for source in sources])
+        return cls([read_expert(source, fetch(source, hub), allow_pickle) for source in sources])
 
     @classmethod
     def from_references(
         cls,
         references: Sequence[dict[str, Any]],
         fetch_weights: bool,
+        hub: HubOptions,
         allow_pickle: bool = False,
-        hub_kwargs: Optional[dict[str, Any]] = None,
     ) -> ExpertSet:
         """The experts a saved mixer pins, fetched again at their pinned revisions when `fetch_weights`."""
         pinned = [Expert.from_reference(reference) for reference in references]
         if not fetch_weights:
             return cls(pinned)
-        fetched = cls.read([expert.source for expert in pinned], allow_pickle, hub_kwargs).experts
+        fetched = cls.read([expert.source for expert in pinned], hub, allow_pickle).experts
         for recorded, expert in zip(pinned, fetched):
             if _layout(expert) != _layout(recorded):
                 raise ExpertError(
@@ -173,15 +158,16 @@ def _copy_exactly(factors: nn.ParameterDict, adapter_name: str, values: torch.Te
         param.copy_(values)
 
 
-def read_experts(config: LoraMixerConfig) -> Optional[ExpertSet]:
-    """The experts `config` names; None for a mixer of new experts.
+def read_experts(config: LoraMixerConfig, hub: Optional[HubOptions] = None) -> Optional[ExpertSet]:
+    """The experts `config` names; None for a mixer of new experts. `hub`: how to fetch them (default: the
+    enclosing `hub_options` block's, else the environment's).
 
     A config saved by a mixer carries `resolved_experts`: its experts are then fetched again at the pinned commits,
     unless the checkpoint holds their weights, in which case only their layout is needed.
     """
     if not config.experts:
         return None
-    options = dict(allow_pickle=config.allow_pickle_experts, hub_kwargs=config.hub_kwargs)
+    options = dict(allow_pickle=config.allow_pickle_experts, hub=hub or current_hub_options())
     if config.resolved_experts:
         return ExpertSet.from_references(
             config.resolved_experts, fetch_weights=not config.stores_expert_weights, **options
@@ -189,9 +175,9 @@ def read_experts(config: LoraMixerConfig) -> Optional[ExpertSet]:
     return ExpertSet.read(config.expert_sources, **options)
 
 
-def load_experts(config: LoraMixerConfig, model: nn.Module) -> Optional[ExpertSet]:
+def load_experts(config: LoraMixerConfig, model: nn.Module, hub: Optional[HubOptions] = None) -> Optional[ExpertSet]:
     """`read_experts`, each expert checked against `model`."""
-    experts = read_experts(config)
+    experts = read_experts(config, hub)
     if experts is not None:
         experts.check_against(model)
     return experts
@@ -201,14 +187,11 @@ def _layout(expert: Expert) -> dict[str, tuple[int, float]]:
     return {name: (block.r, block.scaling) for name, block in expert.blocks.items()}
 
 
-def read_expert(source: ExpertSource, allow_pickle: bool, hub_kwargs: dict[str, Any]) -> Expert:
-    """Fetch an adapter's files, refuse anything that is not a plain linear LoRA, and split it per module."""
-    config_path = _fetch(source, CONFIG_NAME, hub_kwargs)
-    commit = _commit_of(config_path, source, hub_kwargs) if source.is_hub else None
-    lora_config = _read_lora_config(source, config_path)
-    weights_path = _fetch_weights(source, allow_pickle, hub_kwargs, commit)  # the same commit, even if a branch moved
-    tensors = _read_tensors(source, weights_path)
-    resolved = ExpertSource(source.repo_id, commit, source.subfolder) if source.is_hub else source
+def read_expert(source: ExpertSource, fetched: FetchedExpert, allow_pickle: bool) -> Expert:
+    """Read a fetched adapter, refuse anything that is not a plain linear LoRA, and split it per module."""
+    lora_config = _read_lora_config(source, _file(source, fetched.folder, CONFIG_NAME))
+    tensors = _read_tensors(source, _weights_file(source, fetched.folder, allow_pickle))
+    resolved = ExpertSource(source.repo_id, fetched.commit, source.subfolder) if source.is_hub else source
     return Expert(resolved, source.revision, _blocks(source, lora_config, tensors))
 
 
@@ -239,59 +222,26 @@ def check_against_model(expert: Expert, model: nn.Module) -> None:
                 )
 
 
-class _Missing(ExpertError):
-    """A file the expert needs is absent (or not cached while offline)."""
+def _file(source: ExpertSource, folder: str, filename: str) -> str:
+    path = os.path.join(folder, filename)
+    if not os.path.isfile(path):
+        raise ExpertError(f"Expert {source.label!r}: the folder has no {filename}.")
+    return path
 
 
-def _fetch(source: ExpertSource, filename: str, hub_kwargs: dict[str, Any], commit: Optional[str] = None) -> str:
-    """Local path of one of the adapter's files, from its folder or through the Hugging Face cache.
-
-    `commit` overrides the source's revision (errors still name the source as the user wrote it).
-    """
-    label = source.label
-    if not source.is_hub:
-        if not os.path.isdir(source.path):
-            raise ExpertError(f"Expert {label!r}: no such folder.")
-        path = os.path.join(source.path, filename)
-        if not os.path.isfile(path):
-            raise _Missing(f"Expert {label!r}: the folder has no {filename}.")
-        return path
-    try:
-        return hf_hub_download(
-            source.repo_id, filename, subfolder=source.subfolder, revision=commit or source.revision, **hub_kwargs
-        )
-    except LocalEntryNotFoundError:
-        raise _Missing(
-            f"Expert {label!r} cannot be resolved: {filename} is not in the local Hugging Face cache and the Hub "
-            "cannot be reached (offline: HF_HUB_OFFLINE / local_files_only, or no connection). Fetch it once while "
-            "online, or pass the `cache_dir` that holds it."
-        ) from None
-    except EntryNotFoundError:
-        raise _Missing(f"Expert {label!r}: the repository has no {filename}.") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
-        raise ExpertError(f"Expert {label!r} cannot be resolved: {type(error).__name__}: {error}") from None
-    except (HfHubHTTPError, OSError) as error:
-        raise ExpertError(f"Expert {label!r}: fetching {filename} failed: {error}") from None
-
-
-def _fetch_weights(
-    source: ExpertSource, allow_pickle: bool, hub_kwargs: dict[str, Any], commit: Optional[str] = None
-) -> str:
+def _weights_file(source: ExpertSource, folder: str, allow_pickle: bool) -> str:
     """The safetensors weights; a pickle checkpoint only when there are none and the user opted in."""
-    try:
-        return _fetch(source, SAFETENSORS_WEIGHTS_NAME, hub_kwargs, commit)
-    except _Missing as no_safetensors:
-        try:
-            pickle_path = _fetch(source, WEIGHTS_NAME, hub_kwargs, commit)
-        except _Missing:
-            raise no_safetensors from None
+    if os.path.isfile(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)) or not os.path.isfile(
+        os.path.join(folder, WEIGHTS_NAME)
+    ):
+        return _file(source, folder, SAFETENSORS_WEIGHTS_NAME)
     if not allow_pickle:
         raise ExpertError(
             f"Expert {source.label!r} has only a pickle checkpoint ({WEIGHTS_NAME}), no {SAFETENSORS_WEIGHTS_NAME}. "
             "Loading pickle files can run arbitrary code; if you trust this adapter, set "
             "`allow_pickle_experts=True` (it is then read with torch.load(weights_only=True))."
         )
-    return pickle_path
+    return os.path.join(folder, WEIGHTS_NAME)
 
 
 def _read_lora_config(source: ExpertSource, path: str) -> dict[str, Any]:
@@ -356,11 +306,3 @@ def _blocks(source: ExpertSource, config: dict[str, Any], tensors: dict[str, tor
         scaling = alpha / (r**0.5 if config.get("use_rslora") else r)
         blocks[name] = ExpertSpec(r, float(scaling), pair["lora_A"], pair["lora_B"])
     return blocks
-
-
-def _commit_of(fetched_path: str, source: ExpertSource, hub_kwargs: dict[str, Any]) -> str:
-    """The commit sha a downloaded file belongs to: the cache stores it under `snapshots/<sha>/`."""
-    cache_dir = hub_kwargs.get("cache_dir") or constants.HF_HUB_CACHE
-    snapshots = Path(cache_dir, repo_folder_name(repo_id=source.repo_id, repo_type="model"), "snapshots")
-    folder = Path(os.path.realpath(os.path.dirname(fetched_path)))  # the file itself links into blobs/
-    return folder.relative_to(os.path.realpath(snapshots)).parts[0]

@@ -1,1 +1,2 @@
-"""Pieces for the training engines users already run (the transformers Trainer)."""
+"""Pieces for the tools users already run: the transformers Trainer (`trainer`), lm-evaluation-harness
+(`lm_evaluation`, an optional extra imported only when used)."""

@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..integrations.trainer import find_mixer
 from ..routing_loss.stats import ModuleRoutingStats, summarize
+from .trainer import find_mixer
 
 INSTALL_HINT = "pip install 'peft-lora-mixer[eval]'"
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer import LoraMixerLayer, iter_mixer_layers
+from .layer import LoraMixerLayer, iter_mixer_layers
 
 
 @contextmanager
