@@ -36,6 +36,7 @@ from .routing_loss.loss import RouterLossSettings, RoutingLoss
 from .routing_loss.stats import ModuleRoutingStats
 from .targets import DEFAULT_TARGET_MODULES
 from .trainable import ExpertSelection, TrainableParts
+from .zero3 import check_not_partitioned, register_partitioned_weights
 
 
 class LoraMixerModel(BaseTuner):
@@ -65,6 +66,7 @@ class LoraMixerModel(BaseTuner):
         self.routing_loss_accumulation_steps = 1
         self._mixer_forward_hooks: tuple[Any, ...] = ()
         self._forced_routing: list[AbstractContextManager] = []  # the `route_to` contexts of the forwards under way
+        self._zero3_registered = False  # the layers' weights are DeepSpeed ZeRO-3 external parameters (zero3.py)
         super().__init__(model, config, adapter_name, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: LoraMixerConfig, model_config: dict) -> LoraMixerConfig:
@@ -190,6 +192,7 @@ class LoraMixerModel(BaseTuner):
     def _install_forward_hooks(self) -> None:
         """Hook the wrapped model's forward (once); layers added by this injection are watched from the next one."""
         self._observe_layers(None)
+        self._zero3_registered = False
         if not self._mixer_forward_hooks:
             self._mixer_forward_hooks = (
                 self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -197,6 +200,9 @@ class LoraMixerModel(BaseTuner):
             )
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # ZeRO-3 gives every module it manages a `ds_id`: one attribute check per forward for everyone else
+        if not self._zero3_registered and hasattr(self.model, "ds_id"):
+            self._zero3_registered = register_partitioned_weights(layer for _, layer in iter_mixer_layers(self.model))
         expert_ids = kwargs.pop("expert_ids", None)
         forced = self.route_to(expert_ids) if expert_ids is not None else nullcontext()
         forced.__enter__()
@@ -298,6 +304,7 @@ class LoraMixerModel(BaseTuner):
         if isinstance(model, PeftModel):
             keep_card_on_push(model)
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        check_not_partitioned(selected)
         return selected if config.stores_expert_weights else without_expert_weights(model, selected, adapter_name)
 
     @classmethod

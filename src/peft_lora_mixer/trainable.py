@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from .layer import LoraMixerLayer, iter_mixer_layers
 from .routing import as_expert_ids
 from .routing_loss.collector import Anchor
+from .zero3 import gathered
 
 ExpertSelection = Union[bool, Sequence[int]]
 
@@ -81,7 +82,8 @@ class TrainableParts:
             if not lora_A.requires_grad:
                 continue
             keep = _kept_slots(layer, adapter_name, kept)
-            anchors[id(layer)] = Anchor(lora_A.detach().clone(), lora_B.detach().clone(), keep, weight)
+            with gathered([lora_A, lora_B]):  # ZeRO-3 shards: every process records the full theta(0)
+                anchors[id(layer)] = Anchor(lora_A.detach().clone(), lora_B.detach().clone(), keep, weight)
 
     def forget(self, adapter_name: str) -> None:
         """Drop everything kept for a deleted adapter."""

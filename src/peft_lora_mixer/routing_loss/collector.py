@@ -140,33 +140,33 @@ class _RoutingLossGradient(NamedTuple):
     settings: RouterLossSettings
     token_mask: Optional[torch.Tensor]
     weight: RoutingLossWeight
-    anchor: Optional[Anchor]
-    preservation_scale: float
+    # the preservation term's gradient to the layer's A and B (with an anchor), computed in the forward, where the
+    # weights are at hand (DeepSpeed ZeRO-3 releases them after it)
+    preservation_grads: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class _AddRoutingLossGradient(torch.autograd.Function):
-    """Identity on a router's probabilities (and, with a preservation anchor, on nothing else); its backward adds
-    the router's RSL gradient times `weight` to the probabilities' gradient, and the preservation term's gradient to
-    the layer's experts."""
+    """Identity on a router's probabilities; its backward adds the router's RSL gradient times `weight` to the
+    probabilities' gradient and, with a preservation anchor, the preservation term's gradient to the layer's
+    experts (passed in as `lora_A` and `lora_B` for that)."""
 
     @staticmethod
     def forward(ctx, probs, lora_A, lora_B, constants: _RoutingLossGradient):
         # kept as attributes, not `save_for_backward`: non-reentrant checkpointing must see the same saved tensors
         # in the recomputation, which builds no RSL (the probabilities, tokens x E, stay alive: a small cost)
         ctx.probs, ctx.constants = probs.detach(), constants
-        ctx.experts = (lora_A.detach(), lora_B.detach()) if constants.anchor is not None else None
         return probs.view_as(probs)  # a view, not a copy of every router output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         constants: _RoutingLossGradient = ctx.constants
-        rsl_grad = specialization_loss_gradient(ctx.probs, constants.usage, constants.settings, constants.token_mask)
-        grad_A = grad_B = None
-        if ctx.experts is not None:
-            anchor, scale = constants.anchor, constants.preservation_scale * constants.anchor.weight
-            grad_A = preservation_gradient(ctx.experts[0], anchor.lora_A, anchor.keep, 0) * scale
-            grad_B = preservation_gradient(ctx.experts[1], anchor.lora_B, anchor.keep, 1) * scale
-        grad_probs = grad + rsl_grad * constants.weight.value if ctx.needs_input_grad[0] else None
+        grad_probs = None
+        if ctx.needs_input_grad[0]:
+            rsl_grad = specialization_loss_gradient(
+                ctx.probs, constants.usage, constants.settings, constants.token_mask
+            )
+            grad_probs = grad + rsl_grad * constants.weight.value
+        grad_A, grad_B = constants.preservation_grads or (None, None)
         return grad_probs, grad_A, grad_B, None
 
 
@@ -261,12 +261,18 @@ def _attach(
     step: RoutingStep,
     anchor: Optional[Anchor],
 ) -> torch.Tensor:
-    constants = _RoutingLossGradient(usage, settings, token_mask, step.weight, anchor, step.scale)
-    if anchor is not None:
-        return _AddRoutingLossGradient.apply(
-            probs, layer.loramixer_A[adapter_name], layer.loramixer_B[adapter_name], constants
+    if anchor is None:
+        constants = _RoutingLossGradient(usage, settings, token_mask, step.weight)
+        return _AddRoutingLossGradient.apply(probs, None, None, constants) if probs.requires_grad else probs
+    lora_A, lora_B = layer.loramixer_A[adapter_name], layer.loramixer_B[adapter_name]
+    scale = step.scale * anchor.weight
+    with torch.no_grad():
+        grads = (
+            preservation_gradient(lora_A, anchor.lora_A, anchor.keep, 0) * scale,
+            preservation_gradient(lora_B, anchor.lora_B, anchor.keep, 1) * scale,
         )
-    return _AddRoutingLossGradient.apply(probs, None, None, constants) if probs.requires_grad else probs
+    constants = _RoutingLossGradient(usage, settings, token_mask, step.weight, grads)
+    return _AddRoutingLossGradient.apply(probs, lora_A, lora_B, constants)
 
 
 def _preservation(layer, adapter_name: str, anchor: Optional[Anchor]) -> torch.Tensor:
