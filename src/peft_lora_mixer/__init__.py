@@ -7,6 +7,7 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 from .config import LoraMixerConfig, LoraMixerPeftType
 from .experts.loading import ExpertError
 from .experts.plug_and_play import from_experts
+from .export import export_static_lora, export_static_lora_per_group, mean_gates
 from .integrations.trainer import ExpertIdsCollator, RoutingCallback, RoutingLossMixin
 from .layer import ExpertSpec, LoraMixerLayer
 from .model import LoraMixerModel
@@ -32,6 +33,9 @@ __all__ = [
     "RoutingCallback",
     "RoutingLoss",
     "RoutingLossMixin",
+    "export_static_lora",
+    "export_static_lora_per_group",
     "from_experts",
+    "mean_gates",
     "register",
 ]
