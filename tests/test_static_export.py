@@ -17,8 +17,10 @@ from mixers import batch, make_layer, reference_gates
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 from peft_lora_mixer import ExpertSpec, export_static_lora, export_static_lora_per_group, from_experts, mean_gates
+from peft_lora_mixer.cli.commands import main
 from peft_lora_mixer.export import applied_gates
 from peft_lora_mixer.layer import iter_mixer_layers
 
@@ -229,3 +231,39 @@ def test_layers_route_as_the_mean_gates_assume():
     expected = layer.base_layer(x) + ((x @ A.T) * (gates * scaling)[:, slot]) @ B.T
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+
+
+def test_export_command_writes_what_the_function_writes(expert_folders, tmp_path):
+    """`lora-mixer export --static` (one text per batch), whole and per group, against `export_static_lora`."""
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    make_mixer(expert_folders).save_pretrained(tmp_path / "mixer")
+    texts = {"low": ["w1 w2 w3 w4", "w5 w6"], "high": ["w90 w91 w92", "w100 w101 w102 w103 w104"]}
+    records = [{"text": text, "task": task} for task, group in texts.items() for text in group]
+    (tmp_path / "calibration.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+    paths = ["--base", str(tmp_path / "base"), "--mixer", str(tmp_path / "mixer"), "--data"]
+    assert (
+        main(["export", "--static", *paths, str(tmp_path / "calibration.jsonl"), "--output", str(tmp_path / "all")])
+        == 0
+    )
+    assert main(["export", "--static", *paths, str(tmp_path / "calibration.jsonl"), "--group-field", "task",
+                 "--output", str(tmp_path / "tasks")]) == 0  # fmt: skip
+
+    def encoded(group):
+        ids = [torch.tensor([tiny_tokenizer()(text)["input_ids"]]) for text in group]
+        return [{"input_ids": i, "attention_mask": torch.ones_like(i)} for i in ids]
+
+    model = make_mixer(expert_folders)
+    export_static_lora(model, encoded(texts["low"] + texts["high"]), tmp_path / "expected" / "all")
+    groups = {task: encoded(group) for task, group in texts.items()}
+    export_static_lora_per_group(model, groups, tmp_path / "expected" / "tasks")
+    for written in ("all", "tasks/low", "tasks/high"):
+        expected = tmp_path / "expected" / written
+        actual = load_file(tmp_path / written / "adapter_model.safetensors")
+        for key, value in load_file(expected / "adapter_model.safetensors").items():
+            torch.testing.assert_close(actual[key], value, rtol=0, atol=0)
+
+
+def test_export_command_refuses_a_static_export_without_text(tmp_path, capsys):
+    code = main(["export", "--static", "--base", "b", "--mixer", "m", "--output", str(tmp_path / "out")])
+    assert code == 2 and "--static needs --data" in capsys.readouterr().err

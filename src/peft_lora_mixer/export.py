@@ -25,6 +25,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from .layer import LoraMixerLayer, iter_mixer_layers
@@ -48,7 +49,7 @@ def export_static_lora(
     inputs (an unknown adapter, no calibration tokens, an `output_dir` holding files) raise before anything is
     written. Returns the gates, by projection.
     """
-    output_dir = _empty_output_dir(output_dir)
+    output_dir = empty_output_dir(output_dir)
     tuner, name = mixer_adapter(model, adapter_name)
     gates = mean_gates(model, calibration, name)
     _write_static_lora(tuner, name, gates, output_dir)
@@ -64,7 +65,7 @@ def export_static_lora_per_group(
     """`export_static_lora` once per named group of calibration batches (e.g. one per task), into
     `output_dir/<group>`: a deployment that knows a request's task serves that task's LoRA. Every group's gates are
     computed before anything is written. Returns the gates by group, then by projection."""
-    output_dir = _empty_output_dir(output_dir)
+    output_dir = empty_output_dir(output_dir)
     if not groups:
         raise ValueError("No calibration groups were given; give at least one group of calibration text.")
     for group in groups:
@@ -197,7 +198,23 @@ def _write_static_lora(
     save_file(state, str(output_dir / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def _empty_output_dir(output_dir: PathLike) -> Path:
+def write_serving_folder(
+    base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mixer: str, output_dir: PathLike
+) -> None:
+    """Save the base model, its tokenizer and the mixer (a folder or Hub id) into one folder, which transformers
+    loads as it loads a plain LoRA's (`AutoModelForCausalLM.from_pretrained(folder)` finds the adapter beside the
+    model): the folder `transformers serve` serves. The mixer is loaded onto `base_model` first, so a wrong pair fails
+    before anything is written, then unloaded again; its files are PEFT's `save_pretrained` (experts pinned to the
+    Hub stay references)."""
+    output_dir = empty_output_dir(output_dir)
+    model = PeftModel.from_pretrained(base_model, mixer)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    model.unload().save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def empty_output_dir(output_dir: PathLike) -> Path:
     """`output_dir` as a Path, refused if it holds anything: an export never mixes its files with others."""
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
