@@ -87,9 +87,9 @@ def mean_gates(
     The gates applied are those of the adapter's routing, after top-k and renormalisation: the softmax for `soft`;
     for `topk` and `hard_soft` the kept experts' renormalised weights and zero for the others (for `topk` with
     `top_k=1`, the kept expert's probability, so they sum to less than 1). An expert absent from a projection keeps
-    its share, which changes nothing there. Tokens whose `attention_mask` is 0 are
-    left out (projections fed tokens of another shape than the mask's, such as an encoder-decoder's decoder, count
-    all of theirs). The model runs in eval mode, without gradients; the adapter must be the only active one.
+    its share, which changes nothing there. Tokens whose `attention_mask` is 0 are left out (projections fed tokens
+    of another shape than the mask's, such as an encoder-decoder's decoder, count all of theirs). The model runs in
+    eval mode, without gradients; the adapter must be the only active one.
     """
     tuner, name = mixer_adapter(model, adapter_name)
     layers = dict(iter_mixer_layers(tuner.model, name))
