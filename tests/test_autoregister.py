@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
+from safetensors.torch import load_file
+from test_evaluation import TASKS, expected_results, write_tasks
 from tiny_models import VOCAB, tiny_model
+from tiny_tokenizer import tiny_tokenizer
 
 from peft_lora_mixer import LoraMixerConfig
 
@@ -87,16 +92,32 @@ def test_start_up_imports_nothing(site_env):
     assert run(code, env=site_env).stdout.split() == ["[]", "1"]
 
 
+def test_lookups_before_the_import_leave_the_registration_in_place(site_env):
+    """transformers' `is_peft_available()` looks peft up (`find_spec`) long before anything imports it."""
+    code = """
+    import importlib.util, sys
+    finders = lambda: [type(f).__name__ for f in sys.meta_path].count("PeftLoraMixerAutoregister")
+    specs = [importlib.util.find_spec("peft") for _ in range(3)]
+    print(all(spec is not None for spec in specs), finders(), "peft" in sys.modules, "peft_lora_mixer" in sys.modules)
+    from peft import mapping
+    print("LORAMIXER" in mapping.PEFT_TYPE_TO_TUNER_MAPPING, finders(), type(sys.modules["peft"].__loader__).__name__)
+    """
+    result = run(code, env=site_env)
+    assert result.stdout.split() == ["True", "1", "False", "False", "True", "0", "SourceFileLoader"], result.stderr
+
+
 def test_a_pth_left_behind_without_the_package_does_not_break_peft(tmp_path):
     shutil.copy(ROOT / "src" / PTH, tmp_path)
+    # `-S` runs no .pth (this package's editable install would add it back), and also leaves a virtualenv's
+    # site-packages out of `sys.path`: they are named here as the test's own interpreter sees them
     code = f"""
     import site, sys
-    sys.path.extend(site.getsitepackages())  # peft and torch, without running the .pth files there (checkouts)
+    sys.path.extend({site.getsitepackages()!r})  # peft and torch, without running the .pth files there
     site.addsitedir({str(tmp_path)!r})  # our .pth, but no package next to it
     import peft
     print("peft_lora_mixer" in sys.modules, [type(f).__name__ for f in sys.meta_path].count("PeftLoraMixerAutoregister"))
     """
-    result = run(code, env={}, python_options=["-S"])
+    result = run(code, env={"PYTHONPATH": ""}, python_options=["-S"])
     assert result.stdout.split() == ["False", "1"], result.stderr
 
 
@@ -131,3 +152,100 @@ def test_pip_install_ships_the_pth(tmp_path, saved, editable):
     assert result.returncode == 0, result.stderr
     origin = run("import peft, peft_lora_mixer; print(peft_lora_mixer.__file__)", env=env, python=python).stdout
     assert origin.startswith(str(project / "src") if editable else str(site_packages))
+
+
+# transformers' own ways to load an adapter, in a program that names neither peft nor peft_lora_mixer first
+LOAD_WITH_TRANSFORMERS = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+
+how, base, mixer, served, expected = sys.argv[1:]
+if how == "from_pretrained":  # one folder holding the base model and the adapter
+    model = AutoModelForCausalLM.from_pretrained(served)
+elif how == "load_adapter":
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.load_adapter(mixer)
+else:
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(mixer)  # the base from the adapter's config
+with torch.no_grad():
+    logits = model(input_ids=torch.arange(8)[None] % {vocab}).logits
+torch.testing.assert_close(logits, torch.load(expected), rtol=0, atol=0)
+""".format(vocab=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict[str, str]:
+    """A base model with its tokenizer, a mixer naming it as its base, both in one folder, and the mixer's logits."""
+    root = tmp_path_factory.mktemp("served")
+    paths = {name: str(root / name) for name in ("base", "mixer", "served", "expected")}
+    tiny_model("llama").save_pretrained(paths["base"])
+    tiny_tokenizer().save_pretrained(paths["base"])
+    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, r=2, init_weights=False))
+    model.peft_config["default"].base_model_name_or_path = paths["base"]
+    model.save_pretrained(paths["mixer"])
+    shutil.copytree(paths["base"], paths["served"])
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(Path(paths["mixer"]) / name, paths["served"])
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.arange(8)[None] % VOCAB).logits, paths["expected"])
+    return paths
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "load_adapter", "AutoPeftModelForCausalLM"])
+def test_transformers_loaders_load_it_without_the_import(site_env, served, how):
+    paths = [served[name] for name in ("base", "mixer", "served", "expected")]
+    result = run(LOAD_WITH_TRANSFORMERS, how, *paths, env=site_env)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow  # lm-eval's start-up: about 35 s on a busy 2-core machine
+def test_lm_eval_cli_loads_it_without_the_import(site_env, served, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=BASE,peft=MIXER`, on a local task, scores as the mixer does."""
+    tasks = write_tasks(tmp_path / "tasks", ["low_words"])
+    code = """
+    import sys
+    from lm_eval.__main__ import cli_evaluate  # what the `lm_eval` command runs
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+    """
+    model_args = f"pretrained={served['base']},peft={served['mixer']}"
+    options = ["--model", "hf", "--model_args", model_args, "--tasks", "low_words", "--include_path", str(tasks)]
+    output = tmp_path / "results"
+    result = run(code, *options, "--device", "cpu", "--output_path", str(output), env=site_env)
+    assert result.returncode == 0, result.stderr
+    [results] = output.rglob("results_*.json")
+    accuracy, _ = expected_results(served["base"], served["mixer"], *TASKS["low_words"])
+    assert json.loads(results.read_text())["results"]["low_words"]["acc,none"] == pytest.approx(accuracy)
+
+
+TRL_SCRIPT = """
+import sys
+from datasets import Dataset
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+base, mixer, output = sys.argv[1:]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), mixer, is_trainable=True)
+data = Dataset.from_list([{"text": " ".join(f"w{i + j}" for j in range(6))} for i in range(4)])
+args = SFTConfig(output, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], use_cpu=True,
+                 save_strategy="no", disable_tqdm=True, bf16=False)
+SFTTrainer(model=model, args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(base)).train()
+model.save_pretrained(output)
+"""
+
+
+def test_a_trl_script_trains_it_without_the_import(site_env, served, tmp_path):
+    """A TRL script that resumes training a saved mixer: it loads, trains, and saves a LoRA-Mixer adapter."""
+    result = run(TRL_SCRIPT, served["base"], served["mixer"], str(tmp_path), env=site_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORAMIXER"
+    before = load_file(Path(served["mixer"]) / "adapter_model.safetensors")
+    after = load_file(tmp_path / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert any("loramixer_router" in key for key in changed) and any("loramixer_A" in key for key in changed)

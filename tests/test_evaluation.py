@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,12 +54,17 @@ def saved(tmp_path):
     tiny_model("llama").save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=4, init_weights=False)).save_pretrained(mixer)
-    tasks.mkdir()
-    for name, (first, count) in TASKS.items():
-        data = tasks / f"{name}.jsonl"
-        data.write_text("\n".join(json.dumps(doc) for doc in task_documents(first, count)))
-        (tasks / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
-    return base, mixer, tasks
+    return base, mixer, write_tasks(tasks, list(TASKS))
+
+
+def write_tasks(folder: Path, names: list[str]) -> Path:
+    """lm-eval task files for the named `TASKS`, with their documents, in `folder` (an `--include-path`)."""
+    folder.mkdir()
+    for name in names:
+        data = folder / f"{name}.jsonl"
+        data.write_text("\n".join(json.dumps(doc) for doc in task_documents(*TASKS[name])))
+        (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
+    return folder
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 from .config import LoraMixerConfig, LoraMixerPeftType
 from .experts.plug_and_play import from_experts
 from .experts.sources import ExpertError, hub_options
+from .export import export_static_lora, export_static_lora_per_group, mean_gates
 from .integrations.lm_evaluation import evaluate_mixer
 from .integrations.trainer import ExpertIdsCollator, RoutingCallback, RoutingLossMixin
 from .layer import ExpertSpec, LoraMixerLayer
@@ -34,7 +35,10 @@ __all__ = [
     "RoutingLoss",
     "RoutingLossMixin",
     "evaluate_mixer",
+    "export_static_lora",
+    "export_static_lora_per_group",
     "from_experts",
     "hub_options",
+    "mean_gates",
     "register",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..routing import ROUTING_MODES
+from .export import export_command
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -92,6 +93,22 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     evaluate.add_argument("--output", type=Path, help="also write the results as JSON here")
     evaluate.set_defaults(handler=eval_command)
+
+    export = commands.add_parser("export", help="write a mixer as a folder to serve, or as one plain PEFT LoRA")
+    form = export.add_mutually_exclusive_group(required=True)
+    form.add_argument(
+        "--serving", action="store_true", help="one folder with the base model, its tokenizer and the mixer"
+    )
+    form.add_argument(
+        "--static", action="store_true", help="one plain LoRA, each router fixed to its mean gates over --data"
+    )
+    add_base_argument(export)
+    export.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
+    export.add_argument("--output", type=Path, required=True, help="a new or empty folder")
+    export.add_argument("--data", type=Path, help="--static: JSONL calibration text, a 'text' field per line")
+    export.add_argument("--group-field", help="--static: one LoRA per value of this field, into OUTPUT/<value>")
+    export.add_argument("--max-length", type=positive_int, default=256, help="tokens kept per calibration text")
+    export.set_defaults(handler=export_command)
     return root
 
 

@@ -1,0 +1,222 @@
+"""Static export: a LoRA-Mixer adapter as one plain PEFT LoRA, each projection's experts weighted by fixed gates.
+
+Serving engines (vLLM, TGI, LoRAX, llama.cpp) serve one plain LoRA per request and cannot route per token. With its
+gates fixed, a projection's mixture is one LoRA again:
+
+    sum_e g_e s_e B_e A_e x = (B_cat diag(g[slot] * s[slot])) A_cat x
+
+of rank sum_e r_e: the experts' A as they are, each expert's gate times its scale folded into its columns of B, and
+`lora_alpha = r`, so that PEFT's scaling is exactly 1 (rsLoRA and each expert's own alpha are already in `s`). An
+expert absent from a projection has no columns there, so its share of the gate changes nothing, as in the mixer.
+The fixed gates are the routers' mean gates over calibration text (`mean_gates`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from .layer import LoraMixerLayer, iter_mixer_layers
+from .model import LoraMixerModel
+from .routing import gates_from_logits
+
+Batch = Mapping[str, torch.Tensor]
+PathLike = Union[str, os.PathLike]
+
+
+def export_static_lora(
+    model: PeftModel, calibration: Iterable[Batch], output_dir: PathLike, adapter_name: Optional[str] = None
+) -> dict[str, torch.Tensor]:
+    """Write the adapter, with each router replaced by its mean gates over `calibration`, as a plain PEFT LoRA.
+
+    `calibration` holds the model's input batches (`input_ids`, `attention_mask`...); see `mean_gates` for which
+    gates are averaged. The LoRA written to `output_dir` (`adapter_config.json`, `adapter_model.safetensors`) loads
+    with `PeftModel.from_pretrained` in a program without this package, and computes exactly what the mixer computes
+    with those gates. Its rank is the largest sum of the experts' ranks over the projections; projections with fewer
+    rank slots (experts absent there) are padded with zero slots, since engines read one rank per adapter. Bad
+    inputs (an unknown adapter, no calibration tokens, an `output_dir` holding files) raise before anything is
+    written. Returns the gates, by projection.
+    """
+    output_dir = empty_output_dir(output_dir)
+    tuner, name = mixer_adapter(model, adapter_name)
+    gates = mean_gates(model, calibration, name)
+    _write_static_lora(tuner, name, gates, output_dir)
+    return gates
+
+
+def export_static_lora_per_group(
+    model: PeftModel,
+    groups: Mapping[str, Iterable[Batch]],
+    output_dir: PathLike,
+    adapter_name: Optional[str] = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`export_static_lora` once per named group of calibration batches (e.g. one per task), into
+    `output_dir/<group>`: a deployment that knows a request's task serves that task's LoRA. Every group's gates are
+    computed before anything is written. Returns the gates by group, then by projection."""
+    output_dir = empty_output_dir(output_dir)
+    if not groups:
+        raise ValueError("No calibration groups were given; give at least one group of calibration text.")
+    for group in groups:
+        if not re.fullmatch(r"[\w.-]+", group) or group in (".", ".."):
+            raise ValueError(f"Group name {group!r} cannot name a folder; use letters, digits, '_', '-' and '.'.")
+    tuner, name = mixer_adapter(model, adapter_name)
+    gates = {group: mean_gates(model, batches, name) for group, batches in groups.items()}
+    for group, group_gates in gates.items():
+        _write_static_lora(tuner, name, group_gates, output_dir / group)
+    return gates
+
+
+@torch.no_grad()
+def mean_gates(
+    model: PeftModel, calibration: Iterable[Batch], adapter_name: Optional[str] = None
+) -> dict[str, torch.Tensor]:
+    """Per adapted projection, the mean over the calibration tokens of the gates its router applies (float32, (E,)).
+
+    The gates applied are those of the adapter's routing, after top-k and renormalisation: the softmax for `soft`;
+    for `topk` and `hard_soft` the kept experts' renormalised weights and zero for the others (for `topk` with
+    `top_k=1`, the kept expert's probability, so they sum to less than 1). An expert absent from a projection keeps
+    its share, which changes nothing there. Tokens whose `attention_mask` is 0 are left out (projections fed tokens
+    of another shape than the mask's, such as an encoder-decoder's decoder, count all of theirs). The model runs in
+    eval mode, without gradients; the adapter must be the only active one.
+    """
+    tuner, name = mixer_adapter(model, adapter_name)
+    layers = dict(iter_mixer_layers(tuner.model, name))
+    sums = {
+        module: torch.zeros(layer.routing[name].num_experts, dtype=torch.float64) for module, layer in layers.items()
+    }
+    counts = dict.fromkeys(layers, 0)
+    mask: Optional[torch.Tensor] = None
+
+    def add_gates(module: str, layer: LoraMixerLayer, args: tuple) -> None:
+        tokens = args[0]
+        gates = applied_gates(layer, tokens, name).view(*tokens.shape[:-1], -1)
+        if mask is not None and mask.shape == gates.shape[:-1]:
+            gates = gates[mask.to(device=gates.device, dtype=torch.bool)]
+        gates = gates.reshape(-1, gates.shape[-1])
+        sums[module] += gates.sum(0).double().cpu()
+        counts[module] += gates.shape[0]
+
+    hooks = [
+        layer.register_forward_pre_hook(lambda layer, args, module=module: add_gates(module, layer, args))
+        for module, layer in layers.items()
+    ]
+    training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        for batch in calibration:
+            mask = batch.get("attention_mask")
+            model(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    unseen = sorted(module for module in layers if counts[module] == 0)
+    if unseen:
+        raise ValueError(
+            f"The calibration text gave no tokens to {len(unseen)} of {len(layers)} adapted projections (e.g. "
+            f"{unseen[0]!r}): give at least one batch with non-padding tokens (`attention_mask` 1) that reaches them."
+        )
+    return {module: (sums[module] / counts[module]).float() for module in layers}
+
+
+def applied_gates(layer: LoraMixerLayer, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    """The gates `layer` applies to `tokens` (..., in_features) in the forward, (tokens x E) float32, computed without
+    telling the routing observer (this is a second look, not a forward)."""
+    settings = layer.routing[adapter_name]
+    logits = layer.router_logits(tokens.reshape(-1, layer.in_features), adapter_name)
+    return gates_from_logits(logits, None, settings.mode, settings.top_k)
+
+
+def static_lora(
+    tuner: LoraMixerModel, adapter_name: str, gates: Mapping[str, torch.Tensor]
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The plain LoRA of the adapter with these fixed gates: its config and its state dict as PEFT saves it."""
+    layers = dict(iter_mixer_layers(tuner.model, adapter_name))
+    rank = max(layer.loramixer_A[adapter_name].shape[0] for layer in layers.values())
+    state = {}
+    for module, layer in layers.items():
+        lora_A = layer.loramixer_A[adapter_name].detach()
+        lora_B = layer.loramixer_B[adapter_name].detach()
+        scaling = layer.loramixer_expert_scaling[adapter_name]
+        slot_weight = (gates[module].to(scaling.device) * scaling)[layer.loramixer_slot_expert[adapter_name]]
+        lora_B = (lora_B.float() * slot_weight.to(lora_B.device)).to(lora_B.dtype)
+        padding = rank - lora_A.shape[0]
+        state[f"base_model.model.{module}.lora_A.weight"] = F.pad(lora_A, (0, 0, 0, padding)).cpu().contiguous()
+        state[f"base_model.model.{module}.lora_B.weight"] = F.pad(lora_B, (0, padding)).cpu().contiguous()
+    mixer_config = tuner.peft_config[adapter_name]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,  # PEFT's scaling is then exactly 1: each expert's own scale is in B
+        target_modules=sorted(layers),
+        lora_dropout=mixer_config.lora_dropout,
+        fan_in_fan_out=any(isinstance(layer.get_base_layer(), Conv1D) for layer in layers.values()),
+        base_model_name_or_path=mixer_config.base_model_name_or_path,
+        revision=mixer_config.revision,
+        task_type=mixer_config.task_type,
+        inference_mode=True,
+    )
+    return config, state
+
+
+def mixer_adapter(model: nn.Module, adapter_name: Optional[str]) -> tuple[LoraMixerModel, str]:
+    """The LoRA-Mixer tuner of `model` and the name of the adapter to export: `adapter_name`, by default the active
+    one. It must be the only active adapter: the gates of one adapter depend on what the others add before it."""
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    if not isinstance(tuner, LoraMixerModel):
+        raise TypeError(f"Expected a model with a LoRA-Mixer adapter (a PeftModel of one), got {type(model).__name__}.")
+    active = list(tuner.active_adapters)
+    name = adapter_name if adapter_name is not None else active[0]
+    if name not in tuner.peft_config:
+        raise ValueError(f"No adapter named {name!r}; the model's adapters: {sorted(tuner.peft_config)}.")
+    if active != [name]:
+        raise ValueError(
+            f"Adapter {name!r} must be the only active adapter to export it (active: {active}); call "
+            f"`model.set_adapter({name!r})` first."
+        )
+    return tuner, name
+
+
+def _write_static_lora(
+    tuner: LoraMixerModel, adapter_name: str, gates: Mapping[str, torch.Tensor], output_dir: Path
+) -> None:
+    config, state = static_lora(tuner, adapter_name, gates)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(output_dir))
+    save_file(state, str(output_dir / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def write_serving_folder(
+    base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mixer: str, output_dir: PathLike
+) -> None:
+    """Save the base model, its tokenizer and the mixer (a folder or Hub id) into one folder, which transformers
+    loads as it loads a plain LoRA's (`AutoModelForCausalLM.from_pretrained(folder)` finds the adapter beside the
+    model): the folder `transformers serve` serves. The mixer is loaded onto `base_model` first, so a wrong pair fails
+    before anything is written, then unloaded again; its files are PEFT's `save_pretrained` (experts pinned to the
+    Hub stay references)."""
+    output_dir = empty_output_dir(output_dir)
+    model = PeftModel.from_pretrained(base_model, mixer)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    model.unload().save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def empty_output_dir(output_dir: PathLike) -> Path:
+    """`output_dir` as a Path, refused if it holds anything: an export never mixes its files with others."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"Output folder {str(output_dir)!r} exists and is not empty; give a new or empty folder.")
+    return output_dir
