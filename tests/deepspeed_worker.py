@@ -52,6 +52,7 @@ def deepspeed_config(stage: int) -> dict:
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "SGD", "params": {"lr": LEARNING_RATE}},
         "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips to norm 1 by default; the one-process reference does not clip
         "zero_optimization": {
             "stage": stage,
             "stage3_param_persistence_threshold": 0,  # partition every parameter, however small
@@ -114,11 +115,13 @@ def train_with_trainer(model, stage: int, out: Path) -> list[float]:
             learning_rate=LEARNING_RATE,
             lr_scheduler_type="constant",
             weight_decay=0.0,
+            max_grad_norm=0.0,
             logging_steps=1,
             report_to=[],
             save_strategy="no",
             disable_tqdm=True,
             use_cpu=True,
+            train_sampling_strategy="sequential",  # rank r takes rows 4r..4r+3 of each global batch, as the engine
             deepspeed=deepspeed_config(stage),
             accelerator_config={"use_configured_state": True},
         ),
