@@ -102,16 +102,7 @@ def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespa
     subjects = {}
     for row in rows:
         model = apply_variant(workload.build(), row, workload)
-        subjects[row.name] = Subject(
-            model,
-            workload.batch,
-            workload.seq_len,
-            workload.prompt_len,
-            workload.new_tokens,
-            model.config.vocab_size,
-            workload.device,
-            args.clock,
-        )
+        subjects[row.name] = Subject.of(model, workload, args.clock)
         for _ in range(0 if args.no_train else args.warmup):
             subjects[row.name].train_step()
         print(f"  built {row.name}", flush=True)

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .workloads import Workload
+
 
 class Subject:
     """A model ready to benchmark: its optimizer, a fixed training batch and a fixed prompt."""
@@ -35,6 +37,20 @@ class Subject:
         self.new_tokens = new_tokens
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+
+    @classmethod
+    def of(cls, model: nn.Module, workload: Workload, clock: str = "wall") -> Subject:
+        """`model` with the batch and prompt shapes of `workload`, on its device."""
+        return cls(
+            model,
+            workload.batch,
+            workload.seq_len,
+            workload.prompt_len,
+            workload.new_tokens,
+            model.config.vocab_size,
+            workload.device,
+            clock,
+        )
 
     def train_step(self) -> float:
         """Seconds for forward, backward and optimizer step on the training batch."""

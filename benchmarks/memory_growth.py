@@ -37,15 +37,7 @@ def run_row(workload_name: str, variant: Variant, steps: int, threads: int, resu
     torch.set_num_threads(threads)
     workload = WORKLOADS[workload_name]
     model = apply_variant(workload.build(), variant, workload)
-    subject = Subject(
-        model,
-        workload.batch,
-        workload.seq_len,
-        workload.prompt_len,
-        workload.new_tokens,
-        model.config.vocab_size,
-        "cpu",
-    )
+    subject = Subject.of(model, workload)
     figures = {}
     for step in range(1, steps + 1):
         subject.train_step()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from peft import PeftModel, get_peft_model
 from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
 from torch import nn
 
 from peft_lora_mixer import ExpertSpec, LoraMixerConfig, LoraMixerLayer
@@ -21,6 +22,17 @@ RSL_DEFAULTS = dict(r=8, rsl_balance_weight=0.5, rsl_entropy_weight=0.3)
 def mixer(model_type: str = "llama", dtype: torch.dtype = torch.float32, **config) -> PeftModel:
     """A tiny model with a LoRA-Mixer (4 random experts of rank 4, top-2 unless `config` says otherwise)."""
     return get_peft_model(tiny_model(model_type, dtype=dtype), LoraMixerConfig(**{**MIXER_DEFAULTS, **config}))
+
+
+def save_base_and_mixer(base_dir: str, mixer_dir: str, config: LoraMixerConfig) -> PeftModel:
+    """A tiny llama with its tokenizer saved in `base_dir`, and a mixer over it saved in `mixer_dir`, naming
+    `base_dir` as its base model (what a model folder served or loaded by transformers holds)."""
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model = get_peft_model(tiny_model("llama"), config)
+    model.peft_config["default"].base_model_name_or_path = base_dir
+    model.save_pretrained(mixer_dir)
+    return model
 
 
 def rsl_mixer(model_type: str = "llama", **config) -> PeftModel:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from mixers import save_base_and_mixer
 from peft import get_peft_model
 from safetensors.torch import load_file
 from test_evaluation import TASKS, expected_results, write_tasks
 from tiny_models import VOCAB, tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 from peft_lora_mixer import LoraMixerConfig
 
@@ -181,11 +181,8 @@ def served(tmp_path_factory) -> dict[str, str]:
     """A base model with its tokenizer, a mixer naming it as its base, both in one folder, and the mixer's logits."""
     root = tmp_path_factory.mktemp("served")
     paths = {name: str(root / name) for name in ("base", "mixer", "served", "expected")}
-    tiny_model("llama").save_pretrained(paths["base"])
-    tiny_tokenizer().save_pretrained(paths["base"])
-    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, r=2, init_weights=False))
-    model.peft_config["default"].base_model_name_or_path = paths["base"]
-    model.save_pretrained(paths["mixer"])
+    config = LoraMixerConfig(num_experts=3, r=2, init_weights=False)
+    model = save_base_and_mixer(paths["base"], paths["mixer"], config)
     shutil.copytree(paths["base"], paths["served"])
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(Path(paths["mixer"]) / name, paths["served"])

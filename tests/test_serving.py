@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from mixers import save_base_and_mixer
+from peft import PeftModel
 from test_autoregister import PTH, ROOT
-from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer, word
 from transformers import AutoModelForCausalLM
 
@@ -49,10 +49,8 @@ def folders(tmp_path_factory) -> dict[str, str]:
     """A base model with its tokenizer, a mixer over it, and the serving folder exported from the two."""
     root = tmp_path_factory.mktemp("serving")
     paths = {name: str(root / name) for name in ("base", "mixer", "served", "site")}
-    tiny_model("llama").save_pretrained(paths["base"])
-    tiny_tokenizer().save_pretrained(paths["base"])
     config = LoraMixerConfig(num_experts=3, r=4, lora_alpha=16, init_weights=False)
-    get_peft_model(tiny_model("llama"), config).save_pretrained(paths["mixer"])
+    save_base_and_mixer(paths["base"], paths["mixer"], config)
     assert (
         main(["export", "--serving", "--base", paths["base"], "--mixer", paths["mixer"], "--output", paths["served"]])
         == 0
