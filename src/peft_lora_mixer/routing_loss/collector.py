@@ -78,14 +78,14 @@ class Anchor(NamedTuple):
 
 class RouterLossPart(NamedTuple):
     """One router's RSL in one forward, detached: the weighted term and its unweighted parts, and its layer's
-    preservation sum (zero but for the first run of an anchored layer) unweighted and times beta."""
+    preservation sum unweighted and times beta (None but for the first run of an anchored layer)."""
 
     adapter_name: str
     term: torch.Tensor
     balance: torch.Tensor
     entropy: torch.Tensor
-    preservation: torch.Tensor
-    weighted_preservation: torch.Tensor
+    preservation: Optional[torch.Tensor]
+    weighted_preservation: Optional[torch.Tensor]
 
 
 @dataclass
@@ -120,8 +120,13 @@ class RoutingStep:
     def routing_loss(self) -> RoutingLoss:
         """The step's RSL and its parts, as `model.routing_loss()` reports them (all detached)."""
         device = self.parts[0].term.device
-        parts = [[value.to(device) for value in part[1:]] for part in self.parts]
-        terms, balances, entropies, preservations, weighted = (torch.stack(column) for column in zip(*parts))
+
+        def column(values: list[Optional[torch.Tensor]]) -> torch.Tensor:
+            present = [value.to(device) for value in values if value is not None]
+            return torch.stack(present) if present else torch.zeros(1, device=device)
+
+        columns = zip(*(part[1:] for part in self.parts))  # all but the adapter name
+        terms, balances, entropies, preservations, weighted = (column(values) for values in columns)
         first = next(iter(self.settings.values()))
         return RoutingLoss(
             total=terms.mean() + weighted.sum(),
@@ -225,9 +230,7 @@ class RoutingCollector:
             anchor = None
         elif anchor is not None:
             step.anchored.add((id(layer), adapter_name))
-        preservation = _preservation(layer, adapter_name, anchor)
-        weighted = preservation * (anchor.weight if anchor is not None else 0.0)
-        step.parts.append(RouterLossPart(adapter_name, *parts, preservation, weighted))
+        step.parts.append(RouterLossPart(adapter_name, *parts, *_preservation(layer, adapter_name, anchor)))
         if torch.is_grad_enabled():
             return _attach(probs, layer, adapter_name, usage, settings, token_mask, step, anchor)
         step.recomputed_routers.setdefault((id(layer), adapter_name), []).append((usage, anchor))
@@ -275,11 +278,13 @@ def _attach(
     return _AddRoutingLossGradient.apply(probs, lora_A, lora_B, constants)
 
 
-def _preservation(layer, adapter_name: str, anchor: Optional[Anchor]) -> torch.Tensor:
-    """||theta - theta(0)||^2 of the layer's trainable experts (detached; zero without an anchor)."""
+def _preservation(layer, adapter_name: str, anchor: Optional[Anchor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """||theta - theta(0)||^2 of the layer's trainable experts, unweighted and times beta (detached; None without
+    an anchor)."""
     if anchor is None:
-        return torch.zeros(())
+        return None, None
     with torch.no_grad():
         lora_A, lora_B = layer.loramixer_A[adapter_name], layer.loramixer_B[adapter_name]
         total = preservation_term(lora_A, anchor.lora_A, anchor.keep, 0)
-        return total + preservation_term(lora_B, anchor.lora_B, anchor.keep, 1)
+        total = total + preservation_term(lora_B, anchor.lora_B, anchor.keep, 1)
+        return total, total * anchor.weight
