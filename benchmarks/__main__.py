@@ -24,6 +24,7 @@ import transformers
 from peft_lora_mixer.routing import ROUTING_MODES
 
 from .measure import Subject
+from .tables import markdown_table
 from .variants import REFERENCE, Variant, apply_variant, default_variants, parse_only
 from .workloads import WORKLOADS, Workload, default_workloads
 
@@ -165,22 +166,23 @@ def measure_paired(
 
 
 def format_table(workload: Workload, results: list[dict]) -> str:
-    header = (
-        "| row | train step ms | x LoRA r=8 | gen tok/s | x LoRA r=8 | peak train MiB | x LoRA r=8 | "
-        "train state MiB | x LoRA r=8 | trainable params |"
-    )
+    header = ["row", "train step ms", "x LoRA r=8", "gen tok/s", "x LoRA r=8", "peak train MiB", "x LoRA r=8"]
+    header += ["train state MiB", "x LoRA r=8", "trainable params"]
     title = (
         f"{workload.name}: batch {workload.batch} x seq {workload.seq_len}; generation {workload.batch} x "
         f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)"
     )
-    lines = [title, "", header, "|" + "---|" * (header.count("|") - 1)]
-    for r in results:
-        train = f"{r['train_ms']:.1f} | {r['train_ratio']:.2f}" if r["train_ms"] else "- | -"
-        gen = f"{r['gen_tok_s']:.0f} | {r['gen_ratio']:.2f}" if r["gen_tok_s"] else "- | -"
-        memory = f"{r['peak_train_mib']:.0f} | {r['mem_ratio']:.2f}" if r["peak_train_mib"] else "- | -"
-        state = f"{r['train_state_mib']:.0f} | {r['state_ratio']:.2f}" if r["train_state_mib"] else "- | -"
-        lines.append(f"| {r['row']} | {train} | {gen} | {memory} | {state} | {r['trainable_params']:,} |")
-    return "\n".join(lines)
+
+    def pair(value: float | None, ratio: float | None, digits: int) -> list[str]:
+        return [f"{value:.{digits}f}", f"{ratio:.2f}"] if value else ["-", "-"]
+
+    rows = [
+        [r["row"], *pair(r["train_ms"], r["train_ratio"], 1), *pair(r["gen_tok_s"], r["gen_ratio"], 0)]
+        + [*pair(r["peak_train_mib"], r["mem_ratio"], 0), *pair(r["train_state_mib"], r["state_ratio"], 0)]
+        + [f"{r['trainable_params']:,}"]
+        for r in results
+    ]
+    return title + "\n\n" + markdown_table(header, rows)
 
 
 def main() -> None:

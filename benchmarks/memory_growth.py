@@ -19,6 +19,7 @@ import multiprocessing
 import torch
 
 from .measure import Subject, _status_kib
+from .tables import markdown_table
 from .variants import Variant, apply_variant, default_variants, parse_only
 from .workloads import WORKLOADS
 
@@ -68,18 +69,18 @@ def main() -> None:
         print(f"  {row.name} done", flush=True)
     reference_peak = results[0]["peak_rss_mib"]
     first, last = FIRST_CHECKPOINT, args.steps
-    header = (
-        f"| row | RSS step {first} MiB | RSS step {last} MiB | peak RSS MiB | x LoRA r=8 | "
-        f"tensors step {first} MiB | tensors step {last} MiB |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    header = ["row", f"RSS step {first} MiB", f"RSS step {last} MiB", "peak RSS MiB", "x LoRA r=8"]
+    header += [f"tensors step {first} MiB", f"tensors step {last} MiB"]
+    rows = []
     for result in results:
-        a, b = result["at"][first], result["at"][last]
-        lines.append(
-            f"| {result['row']} | {a['rss_mib']:.0f} | {b['rss_mib']:.0f} | {result['peak_rss_mib']:.0f} | "
-            f"{result['peak_rss_mib'] / reference_peak:.2f} | {a['tensor_mib']:.1f} | {b['tensor_mib']:.1f} |"
+        a, b, peak = result["at"][first], result["at"][last], result["peak_rss_mib"]
+        rows.append(
+            [result["row"], f"{a['rss_mib']:.0f}", f"{b['rss_mib']:.0f}", f"{peak:.0f}", f"{peak / reference_peak:.2f}"]
+            + [f"{a['tensor_mib']:.1f}", f"{b['tensor_mib']:.1f}"]
         )
-    print(f"\n{args.workload}: {args.steps} training steps, {args.threads} thread(s)\n\n" + "\n".join(lines))
+    print(
+        f"\n{args.workload}: {args.steps} training steps, {args.threads} thread(s)\n\n" + markdown_table(header, rows)
+    )
     with open(args.json, "w") as out:
         json.dump(dict(workload=args.workload, steps=args.steps, threads=args.threads, results=results), out, indent=1)
 

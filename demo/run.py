@@ -24,10 +24,12 @@ from peft import LoraConfig, PeftModel, XLoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from ...config import LoraMixerConfig
-from ...experts.plug_and_play import from_experts
-from ...integrations.trainer import ExpertIdsCollator
-from ...routing_loss.stats import ModuleRoutingStats
+from benchmarks.tables import markdown_table
+from peft_lora_mixer.config import LoraMixerConfig
+from peft_lora_mixer.experts.plug_and_play import from_experts
+from peft_lora_mixer.integrations.trainer import ExpertIdsCollator
+from peft_lora_mixer.routing_loss.stats import ModuleRoutingStats
+
 from .smollm2 import SmolLM2Workload
 from .tiny import TinyWorkload
 from .train_eval import fit
@@ -361,7 +363,7 @@ def run_demo(output_dir: Path, size: DemoSize = DemoSize(), seed: int = 0, model
 def draw_heatmap(stats: dict[str, dict[str, ModuleRoutingStats]], path: Path) -> str | None:
     """The usage heatmap, or None when matplotlib (the `plot` extra) is not installed."""
     try:
-        from ..plot import plot_usage_heatmap
+        from peft_lora_mixer.cli.plot import plot_usage_heatmap
 
         return str(plot_usage_heatmap(stats, path))
     except ImportError:
@@ -378,12 +380,11 @@ def format_table(
     names = list(oracle)
     share = share or (lambda row: _mean(row) / max(_mean(oracle), 1e-9))
     extra = [("oracle (right expert alone)", oracle)] if oracle_row else []
-    width = max(len(r) for r, _ in [*rows.items(), *extra]) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{n:>10}" for n in names) + f"{'mean':>10}{'/oracle':>9}"]
-    for row, values in [*rows.items(), *extra]:
-        cells = "".join(f"{values[n]:>10.3f}" for n in names)
-        lines.append(f"{row:<{width}}{cells}{_mean(values):>10.3f}{share(values):>9.2f}")
-    return "\n".join(lines)
+    cells = [
+        [row, *(f"{values[n]:.3f}" for n in names), f"{_mean(values):.3f}", f"{share(values):.2f}"]
+        for row, values in [*rows.items(), *extra]
+    ]
+    return markdown_table(["", *names, "mean", "/oracle"], cells)
 
 
 def format_router_start(
@@ -395,17 +396,13 @@ def format_router_start(
 ) -> str:
     """Per plug-and-play row: before any router step, the oracle share, routing accuracy and held-out loss; then
     the oracle share at each evaluated step and the first step reaching `ORACLE_SHARE`."""
-    width = max(len(name) for name in before) + 2
-    lines = [
-        f"\nbefore router training, and router steps to {ORACLE_SHARE:.0%} of the oracle ({metric}):",
-        f"{'':<{width}}{'/oracle@0':>10}{'routing@0':>10}{'loss@0':>9}{'steps':>7}  /oracle by step",
-    ]
+    rows = []
     for name, start in before.items():
         reached = steps_to_share[name]
         curve = " ".join(f"{step}:{value:.2f}" for step, value in sorted(curves[name].items()))
-        lines.append(
-            f"{name:<{width}}{start['oracle_share']:>10.2f}{_mean(start['routing_accuracy']):>10.2f}"
-            f"{_mean(start['heldout_loss']):>9.3f}{reached if reached is not None else f'>{router_steps}':>7}"
-            f"  {curve}"
+        rows.append(
+            [name, f"{start['oracle_share']:.2f}", f"{_mean(start['routing_accuracy']):.2f}"]
+            + [f"{_mean(start['heldout_loss']):.3f}", reached if reached is not None else f">{router_steps}", curve]
         )
-    return "\n".join(lines)
+    title = f"\nbefore router training, and router steps to {ORACLE_SHARE:.0%} of the oracle ({metric}):\n"
+    return title + markdown_table(["", "/oracle@0", "routing@0", "loss@0", "steps", "/oracle by step"], rows)
