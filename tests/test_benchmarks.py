@@ -9,6 +9,7 @@ from tiny_models import VOCAB, tiny_model
 
 import peft_lora_mixer.layer
 from benchmarks.measure import Subject
+from benchmarks.tables import markdown_row, markdown_table
 from benchmarks.variants import apply_variant, default_variants
 from benchmarks.workloads import WORKLOADS
 
@@ -67,3 +68,16 @@ def test_gpu_workload_rows_run_in_miniature_on_cpu(row, monkeypatch):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)  # adapters: float32
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
     assert measured.generate() > 0 and measured.train_state_memory() > 0
+
+
+def test_markdown_table_pads_columns_and_refuses_ragged_rows():
+    table = markdown_table(["row", "ms"], [["lora-r8", 1.5], ["mixer-e64-k2-topk", "-"]]).splitlines()
+    assert table == [
+        "| row               | ms  |",
+        "| ----------------- | --- |",
+        "| lora-r8           | 1.5 |",
+        "| mixer-e64-k2-topk | -   |",
+    ]
+    assert markdown_row(["a", 2]) == "| a | 2 |"  # a row printed as it is measured, unpadded
+    with pytest.raises(ValueError, match="2 cells under a header of 3"):
+        markdown_table(["a", "b", "c"], [["x", "y"]])

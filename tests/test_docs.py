@@ -63,7 +63,7 @@ def test_documents_link_only_to_files_and_headings_that_exist():
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
 def test_documents_name_only_paths_and_modules_that_exist(document):
     text = document.read_text()
-    for path in re.findall(r"`((?:src|tests|examples|benchmarks)/[\w/.-]+\.(?:py|json))`", text):
+    for path in re.findall(r"`((?:src|tests|examples|benchmarks|demo)/[\w/.-]+\.(?:py|json))`", text):
         assert (ROOT / path).exists(), f"{document.name} names missing {path}"
     for path in re.findall(r"(?<![\w/])(peft_lora_mixer/[\w/]+\.py)", text):
         assert (ROOT / "src" / path).exists(), f"{document.name} names missing src/{path}"

@@ -1,1 +1,1 @@
-"""The `lora-mixer` command line and what only it uses: routing inspection, plots and the demo."""
+"""The `lora-mixer` command line and what only it uses: data reading and plots."""
