@@ -134,13 +134,18 @@ def test_importing_the_package_itself_is_unchanged(site_env):
 @pytest.mark.slow
 @pytest.mark.parametrize("editable", [False, True])
 def test_pip_install_ships_the_pth(tmp_path, saved, editable):
-    """`pip install .` and `pip install -e .` both put the .pth in site-packages (the venv sees this interpreter's
-    packages, so nothing is downloaded)."""
+    """`pip install .` and `pip install -e .` both put the .pth in site-packages (the new venv sees this
+    environment's packages, pip and the build backend included, so nothing is downloaded)."""
     project = tmp_path / "project"
     shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns("tests", "docs", "build", "*.egg-info", ".*"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    # `--system-site-packages` would show the base interpreter's packages, not those of a virtualenv running this
+    venv_site = Path(
+        run("import sysconfig; print(sysconfig.get_path('purelib'))", env={}, python=python).stdout.strip()
+    )
+    (venv_site / "parent_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
     subprocess.run([*install, *(["-e"] if editable else []), str(project)], check=True, capture_output=True)
     purelib = run("import sysconfig; print(sysconfig.get_path('purelib'))", env={}, python=python)
