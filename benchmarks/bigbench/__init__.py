@@ -1,0 +1,1 @@
+"""BIG-bench plug-and-play benchmark: per-task LoRA experts combined by LoRA-Mixer, PEFT merges, Arrow and X-LoRA."""
