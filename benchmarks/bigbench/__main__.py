@@ -1,0 +1,55 @@
+"""BIG-bench plug-and-play benchmark: frozen per-task LoRAs combined by every method, scored with lm-eval.
+
+    python -m benchmarks.bigbench --size smoke                  # the whole pipeline on the committed slice, minutes
+    python -m benchmarks.bigbench                               # the full benchmark (hours; resumes from its cache)
+    python -m benchmarks.bigbench --tasks hyperbaton navigate   # any BIG-bench tasks or task:subtask names
+    python -m benchmarks.bigbench --write-manifest              # split the tasks and record the ids (committed)
+
+The full size reads BIG-bench's sdist, downloaded once outside the repository:
+    pip download --no-deps --no-binary :all: bigbench -d ~/.cache/peft-lora-mixer/bigbench-sdist
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .prepare import write_manifest, write_slice
+from .run import run
+from .sizes import SIZES
+
+TASKS = [
+    "hyperbaton",
+    "intent_recognition",
+    "object_counting",
+    "arithmetic:2_digit_addition",
+    "linguistic_mappings:plural",
+    "linguistic_mappings:sentence_negation",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bigbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", nargs="+", default=TASKS, help="BIG-bench task or task:subtask names")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, option shuffles and training")
+    parser.add_argument("--rows", default=None, help="run only the rows whose key starts with this (e.g. expert)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument(
+        "--write-manifest", action="store_true", help="write the split manifest and the test slice, then stop"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.write_manifest:
+        write_slice(args.tasks, args.seed, write_manifest(args.tasks, args.seed))
+        return 0
+    run(args.tasks, args.size, args.seed, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
