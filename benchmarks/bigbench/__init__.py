@@ -1,2 +1,1 @@
-"""The real-task plug-and-play benchmark on BIG-bench tasks (issue in progress): the task data, read offline from the
-`bigbench` sdist, and the fixed splits (`data.py`); see docs/bigbench_benchmark.md for what is built so far."""
+"""BIG-bench plug-and-play benchmark: per-task LoRA experts combined by LoRA-Mixer, PEFT merges, Arrow and X-LoRA."""

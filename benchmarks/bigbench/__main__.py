@@ -1,46 +1,55 @@
-"""`python -m benchmarks.bigbench prepare`: the fixed splits of the chosen BIG-bench tasks, as a manifest.
+"""BIG-bench plug-and-play benchmark: frozen per-task LoRAs combined by every method, scored with lm-eval.
 
-    python -m benchmarks.bigbench prepare   # the default tasks: 200 held-out, 150 router-train, <= 1000 expert-train
-    python -m benchmarks.bigbench prepare --tasks hyperbaton arithmetic:2_digit_subtraction --manifest my.json
+    python -m benchmarks.bigbench --size smoke                  # the whole pipeline on the committed slice, minutes
+    python -m benchmarks.bigbench                               # the full benchmark (hours; resumes from its cache)
+    python -m benchmarks.bigbench --tasks hyperbaton navigate   # any BIG-bench tasks or task:subtask names
+    python -m benchmarks.bigbench --write-manifest              # split the tasks and record the ids (committed)
 
-The same command with other task names makes splits the same way for them.
+The full size reads BIG-bench's sdist, downloaded once outside the repository:
+    pip download --no-deps --no-binary :all: bigbench -d ~/.cache/peft-lora-mixer/bigbench-sdist
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .data import DEFAULT_TASKS, read_tasks, split, write_manifest
+import torch
 
-MANIFEST = Path(__file__).resolve().parent / "manifest.json"
+from .prepare import write_manifest, write_slice
+from .run import run
+from .sizes import SIZES
+
+TASKS = [
+    "hyperbaton",
+    "intent_recognition",
+    "object_counting",
+    "arithmetic:2_digit_addition",
+    "linguistic_mappings:plural",
+    "linguistic_mappings:sentence_negation",
+]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bigbench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="write the manifest of splits")
-    prepare.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="BIG-bench task or task:subtask names")
-    prepare.add_argument(
-        "--sdist", type=Path, help="the bigbench .tar.gz (default: $LORA_MIXER_BIGBENCH_SDIST or cache)"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bigbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    prepare.add_argument("--held-out", type=int, default=200)
-    prepare.add_argument("--router-train", type=int, default=150)
-    prepare.add_argument("--expert-train", type=int, default=1000, help="at most this many per task")
-    prepare.add_argument("--seed", type=int, default=0)
-    prepare.add_argument("--manifest", type=Path, default=MANIFEST)
-    args = parser.parse_args()
-    tasks = read_tasks(args.tasks, args.sdist, args.seed)
-    sizes = args.held_out, args.router_train, args.expert_train
-    splits = {name: split(examples, *sizes, seed=args.seed) for name, examples in tasks.items()}
-    settings = dict(zip(("held_out", "router_train", "expert_train"), sizes), seed=args.seed, sdist="bigbench-1.0.0")
-    write_manifest(args.manifest, splits, settings)
-    for name, parts in splits.items():
-        kind = "multiple choice" if tasks[name][0].choices else "generative"
-        sizes = ", ".join(f"{part} {len(ids)}" for part, ids in parts.items())
-        print(f"{name}: {len(tasks[name])} examples ({kind}): {sizes}")
-    print(f"wrote {args.manifest}")
+    parser.add_argument("--tasks", nargs="+", default=TASKS, help="BIG-bench task or task:subtask names")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, option shuffles and training")
+    parser.add_argument("--rows", default=None, help="run only the rows whose key starts with this (e.g. expert)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument(
+        "--write-manifest", action="store_true", help="write the split manifest and the test slice, then stop"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.write_manifest:
+        write_slice(args.tasks, args.seed, write_manifest(args.tasks, args.seed))
+        return 0
+    run(args.tasks, args.size, args.seed, args.rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

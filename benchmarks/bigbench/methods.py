@@ -1,0 +1,225 @@
+"""Every way of combining the experts that the benchmark compares, each returning a model ready to score.
+
+PEFT's own methods are used as PEFT ships them (`add_weighted_adapter`, `create_arrow_model`, `XLoraConfig`),
+LoRA-Mixer as a user would call it (`from_experts`, `LoraMixerConfig`), all over the same cached experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from peft import ArrowConfig, LoraConfig, PeftConfig, PeftModel, XLoraConfig, create_arrow_model, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from scipy.optimize import minimize
+
+from demo.run import RSL_WEIGHTS
+from peft_lora_mixer import LoraMixerConfig, from_experts
+from peft_lora_mixer.integrations.trainer import ExpertIdsCollator
+
+from .data import Example
+from .experts import collator, mixed, train
+from .models import load_base
+from .sizes import BenchSize
+
+LORAHUB_BOUND, LORAHUB_L1 = 1.5, 0.05  # LoRAHub's weight bounds and L1 penalty
+
+
+@dataclass
+class Context:
+    """What every method reads: the base model's folder, the experts' folders, the splits and the budgets."""
+
+    base_dir: Path
+    expert_dirs: list[Path]
+    tokenizer: object
+    size: BenchSize
+    splits: dict[str, dict[str, list[Example]]]
+    cache: Path
+    log: Callable[[str], None] = print
+
+    def base(self) -> torch.nn.Module:
+        return load_base(self.base_dir)
+
+    def samples(self, split: str, count: Optional[int], seed: int) -> list[dict]:
+        """`count` examples of `split` (None: all), mixed over the tasks, each with its task's `expert_id`."""
+        examples = {task: splits[split] for task, splits in self.splits.items()}
+        return mixed(examples, self.tokenizer, self.size.max_length, count, seed)
+
+    def train(self, model, samples: list[dict], steps: int, lr: float, seed: int, **kwargs) -> None:
+        train(model, samples, steps, lr, seed, self.size.batch_size, self.tokenizer, **kwargs)
+
+    def expert_configs(self) -> list[PeftConfig]:
+        return [PeftConfig.from_pretrained(folder) for folder in self.expert_dirs]
+
+    def union_targets(self) -> list[str]:
+        return sorted({name for config in self.expert_configs() for name in config.target_modules})
+
+
+def expert_alone(ctx: Context, index: int) -> PeftModel:
+    return PeftModel.from_pretrained(ctx.base(), ctx.expert_dirs[index])
+
+
+def all_experts(ctx: Context) -> tuple[PeftModel, list[str]]:
+    """One PeftModel holding every expert as a LoRA adapter named `e0`, `e1`, ..."""
+    names = [f"e{i}" for i in range(len(ctx.expert_dirs))]
+    model = PeftModel.from_pretrained(ctx.base(), ctx.expert_dirs[0], adapter_name=names[0])
+    for name, folder in zip(names[1:], ctx.expert_dirs[1:]):
+        model.load_adapter(folder, adapter_name=name)
+    return model, names
+
+
+def weighted_merge(ctx: Context, weights: list[float]) -> PeftModel:
+    """PEFT's `add_weighted_adapter` with `cat`: exactly sum_e w_e s_e B_e A_e, whatever the experts' ranks."""
+    model, names = all_experts(ctx)
+    model.add_weighted_adapter(names, list(weights), "merged", combination_type="cat")
+    model.set_adapter("merged")
+    return model
+
+
+def uniform_merge(ctx: Context) -> PeftModel:
+    return weighted_merge(ctx, [1 / len(ctx.expert_dirs)] * len(ctx.expert_dirs))
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, samples: list[dict], batch_size: int, tokenizer) -> float:
+    """Mean cross-entropy per labelled token over `samples`."""
+    pad = collator(tokenizer)
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = pad([{k: v for k, v in s.items() if k != "expert_id"} for s in samples[start : start + batch_size]])
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * tokens
+        count += tokens
+    return total / count
+
+
+def lorahub_weights(ctx: Context, count: Optional[int], seed: int) -> list[float]:
+    """LoRAHub's fit: one scalar per expert, gradient-free (Powell here, Nevergrad there), minimising the loss on
+    (at most `lorahub_examples` of) the `count` router examples plus an L1 penalty, within [-1.5, 1.5]. All experts are active at once with their scalings
+    multiplied by the weights, which computes the `cat` merge without merging at every evaluation."""
+    model, names = all_experts(ctx)
+    model.base_model.set_adapter(names)
+    model.eval()
+    layers = [module for module in model.modules() if hasattr(module, "scaling") and hasattr(module, "lora_A")]
+    original = [dict(layer.scaling) for layer in layers]
+    samples = ctx.samples("router", count, seed)[: ctx.size.lorahub_examples]
+
+    def objective(weights: np.ndarray) -> float:
+        for layer, scalings in zip(layers, original):
+            for index, name in enumerate(names):
+                if name in scalings:
+                    layer.scaling[name] = scalings[name] * float(weights[index])
+        loss = mean_loss(model, samples, ctx.size.eval_batch_size, ctx.tokenizer)
+        return loss + LORAHUB_L1 * float(np.abs(weights).sum())
+
+    result = minimize(
+        objective,
+        np.zeros(len(names)),
+        method="Powell",
+        bounds=[(-LORAHUB_BOUND, LORAHUB_BOUND)] * len(names),
+        options={"maxfev": ctx.size.lorahub_evaluations},
+    )
+    return [float(w) for w in result.x]
+
+
+def lorahub(ctx: Context, count: Optional[int], seed: int) -> PeftModel:
+    weights = lorahub_weights(ctx, count, seed)
+    ctx.log(f"LoRAHub weights: {[round(w, 3) for w in weights]}")
+    return weighted_merge(ctx, weights)
+
+
+def padded_experts(ctx: Context) -> list[Path]:
+    """The experts rewritten with one rank and one target set (zero blocks where they had none, the scaling folded
+    into B), which PEFT's Arrow requires; each computes exactly what the original does. Cached."""
+    configs = ctx.expert_configs()
+    rank, targets = max(config.r for config in configs), ctx.union_targets()
+    folders = [ctx.cache / "arrow-experts" / folder.name for folder in ctx.expert_dirs]
+    if all((folder / "adapter_model.safetensors").is_file() for folder in folders):
+        return folders
+    for config, source, folder in zip(configs, ctx.expert_dirs, folders):
+        scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        model = get_peft_model(
+            ctx.base(), LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, target_modules=targets)
+        )
+        state = {key: torch.zeros_like(value) for key, value in get_peft_model_state_dict(model).items()}
+        for key, value in load_file(source / "adapter_model.safetensors").items():
+            if ".lora_A." in key:
+                state[key][: value.shape[0]] = value
+            else:
+                state[key][:, : value.shape[1]] = scale * value
+        set_peft_model_state_dict(model, state)
+        model.save_pretrained(folder)
+    return folders
+
+
+def arrow(ctx: Context, top_k: int = 2) -> PeftModel:
+    """PEFT's Arrow over the (padded) experts, zero-shot: no training data at all."""
+    config = ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0)
+    return create_arrow_model(ctx.base(), [str(f) for f in padded_experts(ctx)], config)
+
+
+def xlora(ctx: Context, count: Optional[int], seed: int) -> PeftModel:
+    """PEFT's X-LoRA over the experts, trained on the same router examples and steps as the LoRA-Mixer rows."""
+    base = ctx.base()
+    base.config.use_cache = False  # X-LoRA's requirement
+    config = XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=base.config.hidden_size,
+        xlora_depth=1,
+        adapters={str(i): str(folder) for i, folder in enumerate(ctx.expert_dirs)},
+    )
+    model = get_peft_model(base, config)
+    ctx.train(model, ctx.samples("router", count, seed), ctx.size.router_steps, ctx.size.router_lr, seed)
+    return model
+
+
+def mixer(
+    ctx: Context, top_k: int, rsl: bool, router_init: str, count: Optional[int], seed: int, steps: int
+) -> PeftModel:
+    """LoRA-Mixer plug-and-play: the frozen experts, routers trained `steps` steps on `count` router examples."""
+    torch.manual_seed(seed)
+    weights = RSL_WEIGHTS if rsl else {"add_routing_loss": False}
+    model = from_experts(ctx.base(), [str(f) for f in ctx.expert_dirs], top_k=top_k, router_init=router_init, **weights)
+    if steps:
+        ctx.train(model, ctx.samples("router", count, seed), steps, ctx.size.router_lr, seed)
+    return model
+
+
+def joint(ctx: Context, seed: int) -> PeftModel:
+    """The paper's joint regime on the same data: new experts (r=8 on the experts' target union) trained with
+    forced routing on the expert-train examples for the experts' total steps, then routers with the RSL."""
+    torch.manual_seed(seed)
+    count = len(ctx.expert_dirs)
+    config = LoraMixerConfig(
+        num_experts=count, top_k=2, r=8, lora_alpha=16, target_modules=ctx.union_targets(), **RSL_WEIGHTS
+    )
+    model = get_peft_model(ctx.base(), config)
+    model.set_trainable(routers=False, experts=True)
+    ctx.train(
+        model,
+        ctx.samples("expert", None, seed),
+        ctx.size.expert_steps * count,
+        ctx.size.expert_lr,
+        seed,
+        keep_columns=True,
+        data_collator=ExpertIdsCollator(collator(ctx.tokenizer)),
+    )
+    model.set_trainable(routers=True, experts=False)
+    ctx.train(model, ctx.samples("router", None, seed), ctx.size.router_steps, ctx.size.router_lr, seed)
+    return model
+
+
+def multitask(ctx: Context, seed: int) -> PeftModel:
+    """One LoRA of the mixer's size (rank = the experts' ranks summed, on their target union), trained on all the
+    expert-train and router-train examples for the experts' total steps: the upper reference."""
+    rank = sum(config.r for config in ctx.expert_configs())
+    config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, target_modules=ctx.union_targets())
+    model = get_peft_model(ctx.base(), config)
+    samples = ctx.samples("expert", None, seed) + ctx.samples("router", None, seed)
+    ctx.train(model, samples, ctx.size.expert_steps * len(ctx.expert_dirs), ctx.size.expert_lr, seed)
+    return model

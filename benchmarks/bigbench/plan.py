@@ -1,0 +1,107 @@
+"""The rows of the benchmark, in the order they run: the cheap and decisive ones first, so that a run stopped
+part-way (it resumes from its cache) has already measured what matters most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+
+from . import methods
+from .methods import Context
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model to score. `group` names the row in the tables (its seeds are pooled), `method` the plot's line,
+    `router_examples` its x (None: all router examples; -1: none used)."""
+
+    key: str
+    group: str
+    method: str
+    build: Callable[[], torch.nn.Module]
+    router_examples: Optional[int] = -1
+    seed: Optional[int] = None
+
+
+def _examples(count: Optional[int]) -> str:
+    return "all" if count is None else str(count)
+
+
+def _mixer_row(ctx: Context, top_k: int, rsl: bool, count: Optional[int], seed: int) -> Row:
+    method = f"LoRA-Mixer top-{top_k} {'RSL' if rsl else 'no RSL'}"
+    n = _examples(count)
+    return Row(
+        f"mixer-k{top_k}-{'rsl' if rsl else 'norsl'}-{n}-s{seed}",
+        f"{method}, {n} router examples",
+        method,
+        partial(methods.mixer, ctx, top_k, rsl, "random", count, seed, ctx.size.router_steps),
+        count,
+        seed,
+    )
+
+
+def plan(ctx: Context, tasks: list[str]) -> list[Row]:
+    size = ctx.size
+    rows = [Row("base", "base model", "base", ctx.base)]
+    rows += [
+        Row(f"expert-{i}", f"expert {i} ({task}) alone", "expert", partial(methods.expert_alone, ctx, i))
+        for i, task in enumerate(tasks)
+    ]
+    rows.append(
+        Row(
+            "uniform-merge",
+            "uniform merge (add_weighted_adapter)",
+            "uniform merge",
+            partial(methods.uniform_merge, ctx),
+        )
+    )
+    rows.append(Row("arrow-k2", "PEFT Arrow, top-2, zero-shot", "Arrow", partial(methods.arrow, ctx, 2)))
+    for k in (1, 2):
+        build = partial(methods.mixer, ctx, k, False, "experts", None, 0, 0)
+        rows.append(
+            Row(
+                f"mixer-experts-init-k{k}-0steps",
+                f"LoRA-Mixer, experts init, top-{k}, 0 steps",
+                "LoRA-Mixer 0 steps",
+                build,
+            )
+        )
+    for seed in size.seeds:
+        for count in size.router_examples[::-1]:  # all router examples first
+            n = _examples(count)
+            rows.append(_mixer_row(ctx, 2, True, count, seed))
+            rows.append(
+                Row(
+                    f"xlora-{n}-s{seed}",
+                    f"PEFT X-LoRA, {n} router examples",
+                    "X-LoRA",
+                    partial(methods.xlora, ctx, count, seed),
+                    count,
+                    seed,
+                )
+            )
+            if seed == size.seeds[0]:
+                rows.append(
+                    Row(
+                        f"lorahub-{n}",
+                        f"LoRAHub-style weights, {n} router examples",
+                        "LoRAHub",
+                        partial(methods.lorahub, ctx, count, seed),
+                        count,
+                    )
+                )
+            rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((1, True), (2, False), (1, False))]
+    rows.append(Row("joint", "LoRA-Mixer joint (2 stages, RSL)", "joint", partial(methods.joint, ctx, 0), None))
+    rows.append(
+        Row(
+            "multitask",
+            "multi-task LoRA, the mixer's size",
+            "multi-task LoRA",
+            partial(methods.multitask, ctx, 0),
+            None,
+        )
+    )
+    return rows

@@ -1,0 +1,153 @@
+"""The BIG-bench benchmark (`python -m benchmarks.bigbench`): data, splits, lm-eval tasks, scoring, statistics, and
+the whole pipeline at the smoke size, all on the committed slice (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from benchmarks.bigbench import data, run
+from benchmarks.bigbench.__main__ import TASKS, main
+from benchmarks.bigbench.lm_eval_tasks import lm_eval_name, write_tasks
+from benchmarks.bigbench.models import load_base, load_tokenizer, prepare_base
+from benchmarks.bigbench.scoring import evaluate_mixer, score, task_manager
+from benchmarks.bigbench.splits import SPLITS, SplitSizes, read_manifest, split_task
+from benchmarks.bigbench.stats import interval, macro, paired_difference
+from peft_lora_mixer import from_experts
+
+
+def slice_task(name: str) -> dict:
+    return json.loads(data.resolve(data.SLICE, name).read_text())
+
+
+def test_sdist_missing_says_how_to_download(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.SDIST_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="pip download --no-deps --no-binary :all: bigbench"):
+        data.sdist_archive(tmp_path / "nowhere")
+
+
+def test_examples_are_deduplicated_shuffled_with_a_seed_and_answers_are_lists(tmp_path):
+    raw = slice_task("intent_recognition")
+    first = raw["examples"][0]
+    raw["examples"] = [first, dict(first), *raw["examples"][1:]]  # a duplicate input
+    (tmp_path / "intent_recognition").mkdir()
+    (tmp_path / "intent_recognition" / "task.json").write_text(json.dumps(raw))
+    examples, duplicates = data.load_task(tmp_path, "intent_recognition", seed=0)
+    assert duplicates == 1 and len(examples) == len(raw["examples"]) - 1
+    for example, original in zip(examples, [first, *raw["examples"][2:]]):
+        right = [k for k, v in original["target_scores"].items() if v == 1]
+        assert example.answers == right and example.choices[example.label] == right[0]
+        assert sorted(example.choices) == sorted(original["target_scores"])
+        assert example.prompt.startswith("Predict the intent") and example.prompt.endswith("Intent:")
+    orders = {tuple(e.choices) for e in examples}
+    assert len(orders) > 1  # the options are not all in the file's order
+    again, _ = data.load_task(tmp_path, "intent_recognition", seed=0)
+    other, _ = data.load_task(tmp_path, "intent_recognition", seed=1)
+    assert again == examples and [e.choices for e in other] != [e.choices for e in examples]
+    counting = data.load_task(data.SLICE, "object_counting", 0)[0][0]
+    assert counting.choices is None and len(counting.answers) == 2  # "three" and "3"
+
+
+def test_subtasks_are_found_with_or_without_the_json_suffix():
+    assert data.resolve(data.SLICE, "linguistic_mappings:plural") == data.resolve(
+        data.SLICE, "linguistic_mappings:plural_json"
+    )
+    assert data.resolve(data.SLICE, "linguistic_mappings:no_such_subtask") is None
+
+
+def test_committed_manifest_splits_are_disjoint_and_large_enough():
+    manifest = read_manifest()
+    assert list(manifest["tasks"]) == TASKS
+    for task, entry in manifest["tasks"].items():
+        ids = [set(entry[split]) for split in SPLITS]
+        assert sum(map(len, ids)) == len(set().union(*ids)), task
+        assert len(entry["heldout"]) >= 200 and len(entry["router"]) == 150 and len(entry["expert"]) >= 300
+        assert entry["examples"] >= 500
+        slice_ids = {e.id for e in data.load_task(data.SLICE, task, 0)[0]}
+        assert slice_ids <= set(entry["heldout"]), task  # the committed slice is held-out data only
+
+
+def test_splits_follow_the_manifest_and_refuse_ids_the_data_lacks():
+    examples = data.load_task(data.SLICE, "hyperbaton", 0)[0]
+    sizes = SplitSizes(heldout=4, router=4, expert=4)
+    seeded = split_task("hyperbaton", examples, sizes, 0)
+    assert seeded == split_task("hyperbaton", examples, sizes, 0) != split_task("hyperbaton", examples, sizes, 1)
+    manifest = {"tasks": {"hyperbaton": {s: [e.id for e in examples[i : i + 2]] for i, s in enumerate(SPLITS)}}}
+    assert split_task("hyperbaton", examples, sizes, 0, manifest)["router"] == examples[1:3]
+    manifest["tasks"]["hyperbaton"]["heldout"] = ["0" * 16]
+    with pytest.raises(ValueError, match="that the data lacks"):
+        split_task("hyperbaton", examples, sizes, 0, manifest)
+
+
+def test_paired_bootstrap():
+    tasks = {t: {str(i): float(i % 2) for i in range(40)} for t in ("a", "b")}
+    better = {t: {i: 1.0 for i in values} for t, values in tasks.items()}
+    assert macro(tasks) == 0.5 and macro(better) == 1.0
+    low, high = interval(tasks)
+    assert low < 0.5 < high
+    assert paired_difference(tasks, tasks) == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    difference = paired_difference(better, tasks)
+    assert difference["difference"] == 0.5 and 0.3 < difference["low"] <= 0.5 <= difference["high"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    prepare_base("tiny", folder, seed=0)
+    return folder
+
+
+def test_scores_per_example_agree_with_evaluate_mixer(tiny_base, tmp_path):
+    """The benchmark's scorer and the package's `evaluate_mixer` give the same accuracy on the same local tasks."""
+    tasks = ["hyperbaton", "arithmetic:2_digit_addition"]
+    heldout = {task: data.load_task(data.SLICE, task, 0)[0][:4] for task in tasks}
+    names = write_tasks(tmp_path / "tasks", heldout)
+    assert str((tmp_path / "tasks").resolve()) in (tmp_path / "tasks" / f"{names[0]}.yaml").read_text()
+    tokenizer = load_tokenizer(tiny_base)
+    experts = []
+    for i in range(2):
+        torch.manual_seed(i)
+        lora = get_peft_model(load_base(tiny_base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.5)
+        lora.save_pretrained(tmp_path / f"e{i}")
+        experts.append(str(tmp_path / f"e{i}"))
+    model = from_experts(load_base(tiny_base), experts, top_k=1)
+    per_example, routing = score(model, tokenizer, names, tmp_path / "tasks", batch_size=1)
+    reference = evaluate_mixer(model, tokenizer, names, manager=task_manager(names, tmp_path / "tasks"))
+    for name, result in zip(names, reference):
+        metric = next(v for k, v in result.scores[name].items() if k.split(",")[0] in ("acc", "exact_match"))
+        assert sorted(per_example[name]) == sorted(e.id for e in heldout[tasks[names.index(name)]])
+        assert sum(per_example[name].values()) / len(per_example[name]) == pytest.approx(metric)
+        assert routing[name]["routing/entropy"] == pytest.approx(result.routing["routing/entropy"], rel=1e-5)
+
+
+@pytest.mark.slow  # every row of the benchmark, tiny budgets: about 3 minutes on 2 shared cores
+def test_smoke_size_runs_every_row_and_resumes_from_its_cache(tmp_path, monkeypatch, tiny_base):
+    monkeypatch.setattr(run, "BENCH_CACHE", tmp_path)
+    (tmp_path / "base-tiny").symlink_to(tiny_base)
+    assert main(["--size", "smoke"]) == 0
+    folder = run.run_folder("smoke", TASKS)
+    summary = json.loads((folder / "results.json").read_text())
+    rows = summary["rows"]
+    methods = {row["method"] for row in rows.values()}
+    assert {"base", "expert", "uniform merge", "Arrow", "X-LoRA", "LoRAHub", "joint", "multi-task LoRA"} <= methods
+    assert {"LoRA-Mixer top-2 RSL", "LoRA-Mixer top-1 no RSL", "LoRA-Mixer 0 steps", "oracle"} <= methods
+    assert len(summary["expert_matrix"]) == len(TASKS)
+    heldout = {task: {e.id for e in run.load_splits(TASKS, "smoke", 0)[task]["heldout"]} for task in TASKS}
+    for path in (folder / "rows").glob("*.json"):
+        scores = json.loads(path.read_text())["scores"]
+        assert {task: set(values) for task, values in scores.items()} == heldout, path.name
+        assert all(v in (0.0, 1.0) for values in scores.values() for v in values.values())
+    assert summary["paired_vs_best_mixer"]["best"].startswith("LoRA-Mixer")
+    assert (folder / "lm-eval-tasks" / f"{lm_eval_name(TASKS[0])}.jsonl").is_file()
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a rerun scored a row again instead of reading its cache")
+
+    monkeypatch.setattr(run, "score", no_scoring)
+    assert main(["--size", "smoke"]) == 0
