@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, XLoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from benchmarks.peers import xlora_over
 from benchmarks.tables import markdown_table
 from peft_lora_mixer.config import LoraMixerConfig
 from peft_lora_mixer.experts.plug_and_play import from_experts
@@ -188,16 +189,7 @@ class Demo:
         return model
 
     def xlora(self) -> PeftModel:
-        base = self.base()
-        base.config.use_cache = False  # X-LoRA's requirement
-        # X-LoRA names its adapters "0", "1", ... internally; other names break its adapter switching
-        config = XLoraConfig(
-            task_type="CAUSAL_LM",
-            hidden_size=self.workload.hidden_size,
-            xlora_depth=1,
-            adapters={str(i): str(f) for i, f in enumerate(self.expert_dirs)},
-        )
-        model = get_peft_model(base, config)
+        model = xlora_over(self.base(), self.expert_dirs)
         samples = self.mixed_samples(self.seed + 13, self.size.router_steps)
         self.train(model, samples, self.size.router_steps, lr=self.size.router_lr)
         return model

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .texts import DOMAINS, split_documents
 from .workload import Workload
@@ -89,10 +89,6 @@ class SmolLM2Workload(Workload):
 
     def base(self) -> PreTrainedModel:
         return AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32)
-
-    @property
-    def hidden_size(self) -> int:
-        return AutoConfig.from_pretrained(self.base_dir).hidden_size
 
     def training_samples(self, index: int, count: int, seed: int) -> list[dict]:
         """`count` training windows of domain `index`, drawn without replacement while they last."""

@@ -48,10 +48,6 @@ class TinyWorkload(Workload):
     def base(self) -> AutoModelForCausalLM:
         return AutoModelForCausalLM.from_pretrained(self.base_dir)
 
-    @property
-    def hidden_size(self) -> int:
-        return self.size.hidden_size
-
     def training_samples(self, index: int, count: int, seed: int) -> list[dict]:
         return training_samples(DOMAINS[index], index, count, seed)
 

@@ -20,7 +20,7 @@ class Workload:
     """A base model, its task domains (one expert each), their samples, and how a model is scored on them.
 
     Subclasses set `metric`, `higher_is_better`, `domains` and `lora_scope` (the modules the LoRAs adapt), and
-    implement `prepare` (make the base model available under `base_dir`), `base`, `hidden_size`,
+    implement `prepare` (make the base model available under `base_dir`), `base`,
     `training_samples`, `heldout_samples` and `scores`. Samples are dicts of `input_ids`, `labels`,
     `attention_mask` (all of one length) and `expert_id` (the domain's index).
     """

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from peft import ArrowConfig, LoraConfig, PeftConfig, PeftModel, XLoraConfig, create_arrow_model, get_peft_model
+from peft import ArrowConfig, LoraConfig, PeftConfig, PeftModel, create_arrow_model, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from scipy.optimize import minimize
@@ -22,6 +22,7 @@ from demo.run import RSL_WEIGHTS
 from peft_lora_mixer import LoraMixerConfig, from_experts
 from peft_lora_mixer.integrations.trainer import ExpertIdsCollator
 
+from ..peers import xlora_over
 from .data import Example
 from .experts import collator, mixed, train
 from .models import load_base
@@ -165,15 +166,7 @@ def arrow(ctx: Context, top_k: int = 2) -> PeftModel:
 
 def xlora(ctx: Context, count: Optional[int], seed: int) -> PeftModel:
     """PEFT's X-LoRA over the experts, trained on the same router examples and steps as the LoRA-Mixer rows."""
-    base = ctx.base()
-    base.config.use_cache = False  # X-LoRA's requirement
-    config = XLoraConfig(
-        task_type="CAUSAL_LM",
-        hidden_size=base.config.hidden_size,
-        xlora_depth=1,
-        adapters={str(i): str(folder) for i, folder in enumerate(ctx.expert_dirs)},
-    )
-    model = get_peft_model(base, config)
+    model = xlora_over(ctx.base(), ctx.expert_dirs)
     ctx.train(model, ctx.samples("router", count, seed), ctx.size.router_steps, ctx.size.router_lr, seed)
     return model
 
