@@ -151,3 +151,47 @@ def test_smoke_size_runs_every_row_and_resumes_from_its_cache(tmp_path, monkeypa
 
     monkeypatch.setattr(run, "score", no_scoring)
     assert main(["--size", "smoke"]) == 0
+
+
+def heterogeneous_experts(base_folder, folder) -> list:
+    """Three LoRAs of different ranks, scalings and target sets (one rsLoRA), with random B so their deltas differ."""
+    layouts = [
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        {"r": 2, "lora_alpha": 16, "target_modules": ["o_proj", "up_proj", "down_proj"]},
+        {"r": 6, "lora_alpha": 6, "target_modules": ["k_proj", "gate_proj"], "use_rslora": True},
+    ]
+    folders = []
+    for i, layout in enumerate(layouts):
+        torch.manual_seed(i)
+        lora = get_peft_model(load_base(base_folder), LoraConfig(**layout))
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.2)
+        lora.save_pretrained(folder / f"e{i}")
+        folders.append(folder / f"e{i}")
+    return folders
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model.eval()(input_ids=torch.arange(3, 19).view(2, 8)).logits
+
+
+def test_arrow_experts_are_padded_exactly_and_weighted_sums_equal_the_merge(tiny_base, tmp_path):
+    from benchmarks.bigbench import methods
+    from benchmarks.bigbench.sizes import SIZES
+
+    experts = heterogeneous_experts(tiny_base, tmp_path)
+    ctx = methods.Context(tiny_base, experts, None, SIZES["smoke"], {}, tmp_path / "cache")
+    for original, padded in zip(experts, methods.padded_experts(ctx)):
+        config = json.loads((padded / "adapter_config.json").read_text())
+        assert config["r"] == 6 and sorted(config["target_modules"]) == ctx.union_targets()
+        expected = logits(methods.PeftModel.from_pretrained(load_base(tiny_base), original))
+        assert not torch.allclose(expected, logits(load_base(tiny_base)), atol=1e-3)
+        assert torch.allclose(
+            logits(methods.PeftModel.from_pretrained(load_base(tiny_base), padded)), expected, atol=1e-5
+        )
+    weights = [0.7, -0.4, 1.2]
+    model, set_weights = methods.weighted_sum(ctx)
+    set_weights(weights)
+    assert torch.allclose(logits(model), logits(methods.weighted_merge(ctx, weights)), atol=1e-5)

@@ -7,6 +7,7 @@ LoRA-Mixer as a user would call it (`from_experts`, `LoraMixerConfig`), all over
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -99,30 +100,41 @@ def mean_loss(model: torch.nn.Module, samples: list[dict], batch_size: int, toke
     return total / count
 
 
-def lorahub_weights(ctx: Context, count: Optional[int], seed: int) -> list[float]:
-    """LoRAHub's fit: one scalar per expert, gradient-free (Powell here, Nevergrad there), minimising the loss on
-    (at most `lorahub_examples` of) the `count` router examples plus an L1 penalty, within [-1.5, 1.5]. All experts are active at once with their scalings
-    multiplied by the weights, which computes the `cat` merge without merging at every evaluation."""
+def weighted_sum(ctx: Context) -> tuple[PeftModel, Callable[[Sequence[float]], None]]:
+    """Every expert active at once, and a setter that multiplies each expert's scalings by its weight: the `cat`
+    merge of those weights, computed without merging, so that a fit can try many weights cheaply."""
     model, names = all_experts(ctx)
     model.base_model.set_adapter(names)
-    model.eval()
     layers = [module for module in model.modules() if hasattr(module, "scaling") and hasattr(module, "lora_A")]
     original = [dict(layer.scaling) for layer in layers]
+
+    def set_weights(weights: Sequence[float]) -> None:
+        for layer, scalings in zip(layers, original):
+            for name, weight in zip(names, weights):
+                if name in scalings:
+                    layer.scaling[name] = scalings[name] * float(weight)
+
+    return model, set_weights
+
+
+def lorahub_weights(ctx: Context, count: Optional[int], seed: int) -> list[float]:
+    """LoRAHub's fit: one scalar per expert, gradient-free (Powell here, Nevergrad there), minimising the loss on
+    (at most `lorahub_examples` of) the `count` router examples plus an L1 penalty, within [-1.5, 1.5]."""
+    model, set_weights = weighted_sum(ctx)
+    model.eval()
     samples = ctx.samples("router", count, seed)[: ctx.size.lorahub_examples]
 
     def objective(weights: np.ndarray) -> float:
-        for layer, scalings in zip(layers, original):
-            for index, name in enumerate(names):
-                if name in scalings:
-                    layer.scaling[name] = scalings[name] * float(weights[index])
+        set_weights(weights)
         loss = mean_loss(model, samples, ctx.size.eval_batch_size, ctx.tokenizer)
         return loss + LORAHUB_L1 * float(np.abs(weights).sum())
 
+    experts = len(ctx.expert_dirs)
     result = minimize(
         objective,
-        np.zeros(len(names)),
+        np.zeros(experts),
         method="Powell",
-        bounds=[(-LORAHUB_BOUND, LORAHUB_BOUND)] * len(names),
+        bounds=[(-LORAHUB_BOUND, LORAHUB_BOUND)] * experts,
         options={"maxfev": ctx.size.lorahub_evaluations},
     )
     return [float(w) for w in result.x]
