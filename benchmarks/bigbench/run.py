@@ -54,11 +54,13 @@ def run(tasks: list[str], size_name: str, seed: int = 0, rows: str | None = None
     tokenizer = load_tokenizer(base_dir)
     names = write_tasks(folder / "lm-eval-tasks", {task: parts["heldout"] for task, parts in splits.items()})
     expert_dirs = [folder / "experts" / f"{i}-{task.replace(':', '__')}" for i, task in enumerate(tasks)]
-    for index, (task, expert_dir) in enumerate(zip(tasks, expert_dirs)):
-        train_expert(load_base(base_dir), index, splits[task]["expert"], expert_dir, size, tokenizer, seed, log)
     ctx = Context(base_dir, expert_dirs, tokenizer, size, splits, folder, log)
+    selected = [row for row in plan(ctx, tasks) if rows is None or row.key.startswith(rows)]
+    if any(row.method != "base" for row in selected):  # every other row needs the experts
+        for index, (task, expert_dir) in enumerate(zip(tasks, expert_dirs)):
+            train_expert(load_base(base_dir), index, splits[task]["expert"], expert_dir, size, tokenizer, seed, log)
     results = {}
-    for row in tqdm([r for r in plan(ctx, tasks) if rows is None or r.key.startswith(rows)], desc="rows"):
+    for row in tqdm(selected, desc="rows"):
         path = folder / "rows" / f"{row.key}.json"
         if not path.is_file():
             log(f"row {row.key}: building and scoring")
