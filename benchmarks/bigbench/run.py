@@ -20,7 +20,7 @@ from .lm_eval_tasks import lm_eval_name, write_tasks
 from .methods import Context
 from .models import load_base, load_tokenizer, prepare_base
 from .plan import plan
-from .report import summarize
+from .report import markdown, summarize
 from .scoring import score
 from .sizes import SIZES
 from .splits import read_manifest, split_task
@@ -73,5 +73,6 @@ def run(tasks: list[str], size_name: str, seed: int = 0, rows: str | None = None
     summary = summarize(results, tasks, size_name, folder, size.splits.router * len(tasks))
     summary["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     (folder / "results.json").write_text(json.dumps(summary, indent=2))
+    (folder / "results.md").write_text(markdown(summary))
     log(f"results: {folder / 'results.json'}")
     return summary
