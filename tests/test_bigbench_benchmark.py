@@ -145,6 +145,8 @@ def test_smoke_size_runs_every_row_and_resumes_from_its_cache(tmp_path, monkeypa
         assert all(v in (0.0, 1.0) for values in scores.values() for v in values.values())
     assert summary["paired_vs_best_mixer"]["best"].startswith("LoRA-Mixer")
     assert (folder / "lm-eval-tasks" / f"{lm_eval_name(TASKS[0])}.jsonl").is_file()
+    table = (folder / "results.md").read_text()
+    assert all(f"| {group} |" in table for group in rows)
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("a rerun scored a row again instead of reading its cache")

@@ -29,10 +29,16 @@ def write_tasks(folder: Path, heldout: dict[str, list[Example]]) -> list[str]:
     for task, examples in heldout.items():
         name = lm_eval_name(task)
         data = folder / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(_record(example)) + "\n" for example in examples))
-        (folder / f"{name}.yaml").write_text(_yaml(name, data, multiple_choice=examples[0].choices is not None))
+        _write_if_changed(data, "".join(json.dumps(_record(example)) + "\n" for example in examples))
+        _write_if_changed(folder / f"{name}.yaml", _yaml(name, data, multiple_choice=examples[0].choices is not None))
         names.append(name)
     return names
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Leave an identical file alone, so that a second run on the same cache never reads a half-written one."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def _record(example: Example) -> dict:

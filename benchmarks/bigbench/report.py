@@ -102,6 +102,26 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(summary: dict) -> str:
+    """The expert x task matrix and the rows as Markdown tables, to paste into the docs unchanged."""
+    tasks = summary["tasks"]
+    header = "| " + " | ".join(f"`{t}`" for t in tasks)
+    out = []
+    if "expert_matrix" in summary:
+        out += ["| expert \\ task " + header + " |", "|---" * (len(tasks) + 1) + "|"]
+        for group, values in summary["expert_matrix"].items():
+            out.append(f"| {group} | " + " | ".join(f"{values[t]:.3f}" for t in tasks) + " |")
+        out.append("")
+    out += ["| row " + header + " | macro [95% CI] | /oracle |", "|---" * (len(tasks) + 3) + "|"]
+    for group, row in summary["rows"].items():
+        std = "" if row["macro_std_over_seeds"] is None else f" (+-{row['macro_std_over_seeds']:.3f} over seeds)"
+        share = "" if row["oracle_gain_share"] is None else f"{row['oracle_gain_share']:.2f}"
+        low, high = row["ci95"]
+        cells = " | ".join(f"{row['per_task'][t]:.3f}" for t in tasks)
+        out.append(f"| {group} | {cells} | {row['macro']:.3f} [{low:.3f}, {high:.3f}]{std} | {share} |")
+    return "\n".join(out) + "\n"
+
+
 def plot(summary: dict, path: Path) -> Optional[str]:
     """Macro accuracy against router examples, a line per trained method and a level per untrained one; None
     without matplotlib (the `plot` extra)."""

@@ -20,7 +20,7 @@ from .lm_eval_tasks import lm_eval_name, write_tasks
 from .methods import Context
 from .models import load_base, load_tokenizer, prepare_base
 from .plan import plan
-from .report import summarize
+from .report import markdown, summarize
 from .scoring import score
 from .sizes import SIZES
 from .splits import read_manifest, split_task
@@ -54,11 +54,13 @@ def run(tasks: list[str], size_name: str, seed: int = 0, rows: str | None = None
     tokenizer = load_tokenizer(base_dir)
     names = write_tasks(folder / "lm-eval-tasks", {task: parts["heldout"] for task, parts in splits.items()})
     expert_dirs = [folder / "experts" / f"{i}-{task.replace(':', '__')}" for i, task in enumerate(tasks)]
-    for index, (task, expert_dir) in enumerate(zip(tasks, expert_dirs)):
-        train_expert(load_base(base_dir), index, splits[task]["expert"], expert_dir, size, tokenizer, seed, log)
     ctx = Context(base_dir, expert_dirs, tokenizer, size, splits, folder, log)
+    selected = [row for row in plan(ctx, tasks) if rows is None or row.key.startswith(rows)]
+    if any(row.method != "base" for row in selected):  # every other row needs the experts
+        for index, (task, expert_dir) in enumerate(zip(tasks, expert_dirs)):
+            train_expert(load_base(base_dir), index, splits[task]["expert"], expert_dir, size, tokenizer, seed, log)
     results = {}
-    for row in tqdm([r for r in plan(ctx, tasks) if rows is None or r.key.startswith(rows)], desc="rows"):
+    for row in tqdm(selected, desc="rows"):
         path = folder / "rows" / f"{row.key}.json"
         if not path.is_file():
             log(f"row {row.key}: building and scoring")
@@ -71,5 +73,6 @@ def run(tasks: list[str], size_name: str, seed: int = 0, rows: str | None = None
     summary = summarize(results, tasks, size_name, folder, size.splits.router * len(tasks))
     summary["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     (folder / "results.json").write_text(json.dumps(summary, indent=2))
+    (folder / "results.md").write_text(markdown(summary))
     log(f"results: {folder / 'results.json'}")
     return summary
