@@ -136,6 +136,7 @@ def test_smoke_size_runs_every_row_and_resumes_from_its_cache(tmp_path, monkeypa
     rows = summary["rows"]
     methods = {row["method"] for row in rows.values()}
     assert {"base", "expert", "uniform merge", "Arrow", "X-LoRA", "LoRAHub", "joint", "multi-task LoRA"} <= methods
+    assert "static export" in methods
     assert {"LoRA-Mixer top-2 RSL", "LoRA-Mixer top-1 no RSL", "LoRA-Mixer 0 steps", "oracle"} <= methods
     assert len(summary["expert_matrix"]) == len(TASKS)
     heldout = {task: {e.id for e in run.load_splits(TASKS, "smoke", 0)[task]["heldout"]} for task in TASKS}
@@ -153,6 +154,9 @@ def test_smoke_size_runs_every_row_and_resumes_from_its_cache(tmp_path, monkeypa
 
     monkeypatch.setattr(run, "score", no_scoring)
     assert main(["--size", "smoke"]) == 0
+    # a run of some rows summarises every row in the cache, not only those it was asked for
+    assert main(["--size", "smoke", "--rows", "base", "uniform"]) == 0
+    assert json.loads((folder / "results.json").read_text())["rows"].keys() == rows.keys()
 
 
 def heterogeneous_experts(base_folder, folder) -> list:

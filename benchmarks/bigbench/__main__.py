@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=TASKS, help="BIG-bench task or task:subtask names")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, option shuffles and training")
-    parser.add_argument("--rows", default=None, help="run only the rows whose key starts with this (e.g. expert)")
+    parser.add_argument(
+        "--rows", nargs="+", default=None, help="run only the rows whose key starts with one of these (e.g. expert)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument(
         "--write-manifest", action="store_true", help="write the split manifest and the test slice, then stop"

@@ -7,10 +7,11 @@ LoRA-Mixer as a user would call it (`from_experts`, `LoraMixerConfig`), all over
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from scipy.optimize import minimize
 
 from demo.run import RSL_WEIGHTS
-from peft_lora_mixer import LoraMixerConfig, from_experts
+from peft_lora_mixer import LoraMixerConfig, export_static_lora, export_static_lora_per_group, from_experts
 from peft_lora_mixer.integrations.trainer import ExpertIdsCollator
 
 from ..peers import xlora_over
@@ -186,13 +187,56 @@ def xlora(ctx: Context, count: Optional[int], seed: int) -> PeftModel:
 def mixer(
     ctx: Context, top_k: int, rsl: bool, router_init: str, count: Optional[int], seed: int, steps: int
 ) -> PeftModel:
-    """LoRA-Mixer plug-and-play: the frozen experts, routers trained `steps` steps on `count` router examples."""
+    """LoRA-Mixer plug-and-play: the frozen experts, routers trained `steps` steps on `count` router examples.
+    A trained mixer is saved as the PEFT adapter a user would save, and loaded from there when asked again (the
+    static-export rows read it)."""
+    folder = ctx.cache / "mixers" / f"k{top_k}-{'rsl' if rsl else 'norsl'}-{router_init}-{count or 'all'}-s{seed}"
+    if steps and (folder / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(ctx.base(), folder)
     torch.manual_seed(seed)
     weights = RSL_WEIGHTS if rsl else {"add_routing_loss": False}
     model = from_experts(ctx.base(), [str(f) for f in ctx.expert_dirs], top_k=top_k, router_init=router_init, **weights)
     if steps:
         ctx.train(model, ctx.samples("router", count, seed), steps, ctx.size.router_lr, seed)
+        model.save_pretrained(folder)
     return model
+
+
+def calibration_batches(ctx: Context, samples: list[dict]) -> list[dict]:
+    """Router examples (prompt and answer) as padded model inputs, `eval_batch_size` at a time."""
+    pad = collator(ctx.tokenizer)
+    keep = ("input_ids", "attention_mask")
+    return [
+        pad([{key: sample[key] for key in keep} for sample in samples[start : start + ctx.size.eval_batch_size]])
+        for start in range(0, len(samples), ctx.size.eval_batch_size)
+    ]
+
+
+def static_export(ctx: Context, per_task: bool, top_k: int, rsl: bool, seed: int) -> Union[PeftModel, dict]:
+    """The trained mixer (all router examples) exported as plain PEFT LoRA with `export_static_lora`: one LoRA from
+    the mean gates over every router example, or (`per_task`) one per task from its own router examples, returned
+    as {task: model} so that each task is scored with its LoRA. Loaded with plain PEFT, as an engine would."""
+    folder = (
+        ctx.cache / "static" / f"k{top_k}-{'rsl' if rsl else 'norsl'}-all-s{seed}-{'per-task' if per_task else 'all'}"
+    )
+    tasks = list(ctx.splits)
+    groups = {task.replace(":", "__"): task for task in tasks}
+    if not (folder / "done").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        model = mixer(ctx, top_k, rsl, "random", None, seed, ctx.size.router_steps)
+        samples = ctx.samples("router", None, seed)
+        if per_task:
+            by_group = {
+                group: calibration_batches(ctx, [s for s in samples if tasks[s["expert_id"]] == task])
+                for group, task in groups.items()
+            }
+            export_static_lora_per_group(model, by_group, folder)
+        else:
+            export_static_lora(model, calibration_batches(ctx, samples), folder)
+        (folder / "done").touch()
+    if per_task:
+        return {task: PeftModel.from_pretrained(ctx.base(), folder / group) for group, task in groups.items()}
+    return PeftModel.from_pretrained(ctx.base(), folder)
 
 
 def joint(ctx: Context, seed: int) -> PeftModel:

@@ -94,6 +94,16 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
                     )
                 )
             rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((1, True), (2, False), (1, False))]
+    for per_task, scope in ((False, "one LoRA for all tasks"), (True, "one LoRA per task")):
+        rows.append(
+            Row(
+                f"static-{'per-task' if per_task else 'all'}-k2-rsl-s{size.seeds[0]}",
+                f"static export of LoRA-Mixer top-2 RSL, {scope}",
+                "static export",
+                partial(methods.static_export, ctx, per_task, 2, True, size.seeds[0]),
+                None,
+            )
+        )
     rows.append(Row("joint", "LoRA-Mixer joint (2 stages, RSL)", "joint", partial(methods.joint, ctx, 0), None))
     rows.append(
         Row(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -41,8 +42,37 @@ def load_splits(tasks: list[str], size_name: str, seed: int) -> dict:
     return {task: split_task(task, load_task(root, task, seed)[0], size.splits, seed, manifest) for task in tasks}
 
 
-def run(tasks: list[str], size_name: str, seed: int = 0, rows: str | None = None, log=print) -> dict:
-    """Run (or resume) the benchmark; return and write the summary. `rows`: only rows whose key starts with it."""
+def _write_atomically(path: Path, text: str) -> None:
+    """Write then rename, so that another run sharing the cache never reads half a row."""
+    path.parent.mkdir(exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def _score_row(built, tokenizer, tasks: list[str], folder: Path, batch_size: int) -> tuple[dict, dict]:
+    """Every task's per-example scores (and routing statistics) of one model, or of {task: model}, each task
+    scored with its own model."""
+    models = built if isinstance(built, dict) else dict.fromkeys(tasks, built)
+    scores, routing = {}, {}
+    for model, group in _grouped(models).items():
+        per_task, stats = score(model, tokenizer, [lm_eval_name(task) for task in group], folder, batch_size)
+        scores.update({task: per_task[lm_eval_name(task)] for task in group})
+        routing.update(stats)
+    return {task: scores[task] for task in tasks}, routing
+
+
+def _grouped(models: dict) -> dict:
+    """{task: model} as {model: [tasks]}, so a model shared by tasks is scored on all of them in one call."""
+    groups: dict = {}
+    for task, model in models.items():
+        groups.setdefault(model, []).append(task)
+    return groups
+
+
+def run(tasks: list[str], size_name: str, seed: int = 0, rows: list[str] | None = None, log=print) -> dict:
+    """Run (or resume) the benchmark; return and write the summary of every row in the cache, computed now or
+    before. `rows`: compute only the rows whose key starts with one of these prefixes."""
     started = time.perf_counter()
     size = SIZES[size_name]
     folder = run_folder(size_name, tasks)
@@ -52,24 +82,22 @@ def run(tasks: list[str], size_name: str, seed: int = 0, rows: str | None = None
     base_dir = BENCH_CACHE / f"base-{size.model}"
     prepare_base(size.model, base_dir, seed)
     tokenizer = load_tokenizer(base_dir)
-    names = write_tasks(folder / "lm-eval-tasks", {task: parts["heldout"] for task, parts in splits.items()})
+    write_tasks(folder / "lm-eval-tasks", {task: parts["heldout"] for task, parts in splits.items()})
     expert_dirs = [folder / "experts" / f"{i}-{task.replace(':', '__')}" for i, task in enumerate(tasks)]
     ctx = Context(base_dir, expert_dirs, tokenizer, size, splits, folder, log)
-    selected = [row for row in plan(ctx, tasks) if rows is None or row.key.startswith(rows)]
+    planned = plan(ctx, tasks)
+    selected = [row for row in planned if rows is None or row.key.startswith(tuple(rows))]
     if any(row.method != "base" for row in selected):  # every other row needs the experts
         for index, (task, expert_dir) in enumerate(zip(tasks, expert_dirs)):
             train_expert(load_base(base_dir), index, splits[task]["expert"], expert_dir, size, tokenizer, seed, log)
-    results = {}
+    row_path = {row: folder / "rows" / f"{row.key}.json" for row in planned}
     for row in tqdm(selected, desc="rows"):
-        path = folder / "rows" / f"{row.key}.json"
-        if not path.is_file():
+        if not row_path[row].is_file():
             log(f"row {row.key}: building and scoring")
             torch.manual_seed(seed)
-            per_task, routing = score(row.build(), tokenizer, names, folder / "lm-eval-tasks", size.eval_batch_size)
-            scores = {task: per_task[lm_eval_name(task)] for task in tasks}
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps({"row": row.key, "scores": scores, "routing": routing}))
-        results[row] = json.loads(path.read_text())
+            scores, routing = _score_row(row.build(), tokenizer, tasks, folder / "lm-eval-tasks", size.eval_batch_size)
+            _write_atomically(row_path[row], json.dumps({"row": row.key, "scores": scores, "routing": routing}))
+    results = {row: json.loads(path.read_text()) for row, path in row_path.items() if path.is_file()}
     summary = summarize(results, tasks, size_name, folder, size.splits.router * len(tasks))
     summary["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     (folder / "results.json").write_text(json.dumps(summary, indent=2))
