@@ -136,7 +136,7 @@ def test_smoke_size_runs_every_row_and_resumes_from_its_cache(tmp_path, monkeypa
     rows = summary["rows"]
     methods = {row["method"] for row in rows.values()}
     assert {"base", "expert", "uniform merge", "Arrow", "X-LoRA", "LoRAHub", "joint", "multi-task LoRA"} <= methods
-    assert "static export" in methods
+    assert {"static export, one LoRA for all tasks", "static export, one LoRA per task"} <= methods
     assert {"LoRA-Mixer top-2 RSL", "LoRA-Mixer top-1 no RSL", "LoRA-Mixer 0 steps", "oracle"} <= methods
     assert len(summary["expert_matrix"]) == len(TASKS)
     heldout = {task: {e.id for e in run.load_splits(TASKS, "smoke", 0)[task]["heldout"]} for task in TASKS}
@@ -148,6 +148,7 @@ def test_smoke_size_runs_every_row_and_resumes_from_its_cache(tmp_path, monkeypa
     assert (folder / "lm-eval-tasks" / f"{lm_eval_name(TASKS[0])}.jsonl").is_file()
     table = (folder / "results.md").read_text()
     assert all(f"| {group} |" in table for group in rows)
+    assert f"| {summary['paired_vs_best_mixer']['best']} minus |" in table
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("a rerun scored a row again instead of reading its cache")

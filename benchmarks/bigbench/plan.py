@@ -99,7 +99,7 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
             Row(
                 f"static-{'per-task' if per_task else 'all'}-k2-rsl-s{size.seeds[0]}",
                 f"static export of LoRA-Mixer top-2 RSL, {scope}",
-                "static export",
+                f"static export, {scope}",
                 partial(methods.static_export, ctx, per_task, 2, True, size.seeds[0]),
                 None,
             )

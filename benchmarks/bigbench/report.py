@@ -119,6 +119,11 @@ def markdown(summary: dict) -> str:
         low, high = row["ci95"]
         cells = " | ".join(f"{row['per_task'][t]:.3f}" for t in tasks)
         out.append(f"| {group} | {cells} | {row['macro']:.3f} [{low:.3f}, {high:.3f}]{std} | {share} |")
+    paired = summary["paired_vs_best_mixer"]
+    if paired:
+        out += ["", f"| {paired['best']} minus | difference in macro | paired 95% CI |", "|---|---|---|"]
+        for peer, diff in paired["against"].items():
+            out.append(f"| {peer} | {diff['difference']:+.3f} | [{diff['low']:+.3f}, {diff['high']:+.3f}] |")
     return "\n".join(out) + "\n"
 
 
