@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..tables import markdown_row, markdown_table
 from .stats import Scores, interval, macro, paired_difference, seed_mean
 
 EXPERT_MARGIN = 0.10  # each expert must beat the base model on its own task by this much (absolute accuracy)
@@ -50,7 +51,7 @@ def summarize(results: dict, tasks: list[str], size: str, folder: Path, router_t
         }
     summary["paired_vs_best_mixer"] = _paired(pooled, meta)
     summary["plot"] = plot(summary, folder / "macro_by_router_examples.png")
-    print(format_summary(summary))
+    print(markdown(summary, aligned=True))
     return summary
 
 
@@ -74,57 +75,42 @@ def _paired(pooled: dict[str, Scores], meta: dict) -> dict:
     return {"best": best, "against": {peer: paired_difference(pooled[best], pooled[peer]) for peer in peers}}
 
 
-def format_summary(summary: dict) -> str:
-    tasks = summary["tasks"]
-    short = [task.split(":")[-1][:12] for task in tasks]
-    lines = []
-    if "expert_matrix" in summary:
-        lines.append("\nexpert x task accuracy (rows: experts, columns: held-out tasks)")
-        lines.append(f"{'':<44}" + "".join(f"{s:>13}" for s in short))
-        for group, values in [
-            ("base model", summary["rows"]["base model"]["per_task"]),
-            *summary["expert_matrix"].items(),
-        ]:
-            lines.append(f"{group[:43]:<44}" + "".join(f"{values[t]:>13.3f}" for t in tasks))
-    lines.append("\nheld-out accuracy per task, macro average [95% bootstrap interval], share of the oracle's gain")
-    lines.append(f"{'':<52}" + "".join(f"{s:>13}" for s in short) + f"{'macro':>8}{'95% CI':>16}{'/oracle':>9}")
-    for group, row in summary["rows"].items():
-        share = "" if row["oracle_gain_share"] is None else f"{row['oracle_gain_share']:.2f}"
-        std = "" if row["macro_std_over_seeds"] is None else f" +-{row['macro_std_over_seeds']:.3f}"
-        low, high = row["ci95"]
-        cells = "".join(f"{row['per_task'][t]:>13.3f}" for t in tasks)
-        lines.append(f"{group[:51]:<52}{cells}{row['macro']:>8.3f}{f'[{low:.3f}, {high:.3f}]':>16}{share:>9}{std}")
-    paired = summary["paired_vs_best_mixer"]
-    if paired:
-        lines.append(f"\npaired difference in macro accuracy, {paired['best']} minus each peer [95% interval]")
-        for peer, diff in paired["against"].items():
-            lines.append(f"  {peer[:60]:<62}{diff['difference']:>+8.3f}  [{diff['low']:+.3f}, {diff['high']:+.3f}]")
-    return "\n".join(lines)
+def markdown(summary: dict, aligned: bool = False) -> str:
+    """The expert x task matrix, the rows and the paired differences as Markdown tables: `aligned` pads the columns
+    for a terminal, unaligned they paste into the docs as they are."""
+    return "\n\n".join(_render(header, rows, aligned) for header, rows in _tables(summary)) + "\n"
 
 
-def markdown(summary: dict) -> str:
-    """The expert x task matrix and the rows as Markdown tables, to paste into the docs unchanged."""
+def _render(header: list[str], rows: list[list[str]], aligned: bool) -> str:
+    if aligned:
+        return markdown_table(header, rows)
+    return "\n".join(markdown_row(line) for line in [header, ["---"] * len(header), *rows])
+
+
+def _tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
+    """(header, rows) of each table the summary prints."""
     tasks = summary["tasks"]
-    header = "| " + " | ".join(f"`{t}`" for t in tasks)
-    out = []
+    columns = [f"`{task}`" for task in tasks]
+    tables = []
     if "expert_matrix" in summary:
-        out += ["| expert \\ task " + header + " |", "|---" * (len(tasks) + 1) + "|"]
-        for group, values in summary["expert_matrix"].items():
-            out.append(f"| {group} | " + " | ".join(f"{values[t]:.3f}" for t in tasks) + " |")
-        out.append("")
-    out += ["| row " + header + " | macro [95% CI] | /oracle |", "|---" * (len(tasks) + 3) + "|"]
+        matrix = [[group, *(f"{values[t]:.3f}" for t in tasks)] for group, values in summary["expert_matrix"].items()]
+        tables.append((["expert \\ task", *columns], matrix))
+    rows = []
     for group, row in summary["rows"].items():
         std = "" if row["macro_std_over_seeds"] is None else f" (+-{row['macro_std_over_seeds']:.3f} over seeds)"
         share = "" if row["oracle_gain_share"] is None else f"{row['oracle_gain_share']:.2f}"
         low, high = row["ci95"]
-        cells = " | ".join(f"{row['per_task'][t]:.3f}" for t in tasks)
-        out.append(f"| {group} | {cells} | {row['macro']:.3f} [{low:.3f}, {high:.3f}]{std} | {share} |")
+        macro_cell = f"{row['macro']:.3f} [{low:.3f}, {high:.3f}]{std}"
+        rows.append([group, *(f"{row['per_task'][t]:.3f}" for t in tasks), macro_cell, share])
+    tables.append((["row", *columns, "macro [95% CI]", "/oracle"], rows))
     paired = summary["paired_vs_best_mixer"]
     if paired:
-        out += ["", f"| {paired['best']} minus | difference in macro | paired 95% CI |", "|---|---|---|"]
-        for peer, diff in paired["against"].items():
-            out.append(f"| {peer} | {diff['difference']:+.3f} | [{diff['low']:+.3f}, {diff['high']:+.3f}] |")
-    return "\n".join(out) + "\n"
+        differences = [
+            [peer, f"{diff['difference']:+.3f}", f"[{diff['low']:+.3f}, {diff['high']:+.3f}]"]
+            for peer, diff in paired["against"].items()
+        ]
+        tables.append(([f"{paired['best']} minus", "difference in macro", "paired 95% CI"], differences))
+    return tables
 
 
 def plot(summary: dict, path: Path) -> Optional[str]:
