@@ -202,3 +202,31 @@ def test_arrow_experts_are_padded_exactly_and_weighted_sums_equal_the_merge(tiny
     model, set_weights = methods.weighted_sum(ctx)
     set_weights(weights)
     assert torch.allclose(logits(model), logits(methods.weighted_merge(ctx, weights)), atol=1e-5)
+
+
+def test_lorahub_fit_moves_every_weight_and_lowers_the_loss(tiny_base, tmp_path):
+    """LoRAHub's small budget of loss evaluations must reach every expert's weight (a coordinate search spent it on
+    the first two), and the fitted merge must fit the router examples better than no experts at all."""
+    from benchmarks.bigbench import methods
+    from benchmarks.bigbench.sizes import SIZES
+
+    tokenizer = load_tokenizer(tiny_base)
+    ctx = methods.Context(
+        tiny_base, heterogeneous_experts(tiny_base, tmp_path), tokenizer, SIZES["smoke"], {}, tmp_path
+    )
+    model, set_weights = methods.weighted_sum(ctx)
+    model.eval()
+    ids = torch.arange(3, 63).view(6, 10)
+    set_weights([0.7, -0.4, 1.2])  # the labels are what this merge predicts
+    with torch.no_grad():
+        predicted = model(input_ids=ids).logits.argmax(-1)
+    labels = torch.cat([torch.full((6, 1), -100), predicted[:, :-1]], dim=1)
+    samples = [{"input_ids": i, "attention_mask": [1] * 10, "labels": y} for i, y in zip(ids.tolist(), labels.tolist())]
+    ctx.samples = lambda split, count, seed: samples
+    weights = methods.lorahub_weights(ctx, None, 0)
+    assert len(weights) == 3 and all(abs(w) > 1e-3 for w in weights)
+    losses = {}
+    for name, point in (("fitted", weights), ("zero", [0.0] * 3)):
+        set_weights(point)
+        losses[name] = methods.mean_loss(model, samples, 4, tokenizer) + methods.LORAHUB_L1 * sum(map(abs, point))
+    assert losses["fitted"] < losses["zero"]

@@ -17,7 +17,8 @@ class BenchSize:
     `router_examples`: how many router-train examples (mixed over tasks; None: all) each trained-router row sees;
     every such row trains `router_steps` steps whatever its data, so smaller sets are seen more often.
     `lorahub_examples` and `lorahub_evaluations`: the router examples whose loss the LoRAHub-style weights are fitted
-    to, and the optimizer's budget of loss evaluations (LoRAHub's own default is 40).
+    to, and the optimizer's budget of loss evaluations (LoRAHub's own default is 40; COBYLA needs at least the
+    number of experts + 2).
     """
 
     model: str
@@ -50,7 +51,7 @@ SIZES = {
         router_examples=(4, None),
         seeds=(0,),
         lorahub_examples=6,
-        lorahub_evaluations=3,
+        lorahub_evaluations=8,
         eval_batch_size=4,
     ),
 }
