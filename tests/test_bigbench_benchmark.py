@@ -144,6 +144,10 @@ def test_smoke_size_runs_every_row_and_resumes_from_its_cache(tmp_path, monkeypa
         scores = json.loads(path.read_text())["scores"]
         assert {task: set(values) for task, values in scores.items()} == heldout, path.name
         assert all(v in (0.0, 1.0) for values in scores.values() for v in values.values())
+    experts = [json.loads((folder / "rows" / f"expert-{i}.json").read_text())["scores"] for i in range(len(TASKS))]
+    for task in TASKS:
+        right = [max(expert[task][key] for expert in experts) for key in heldout[task]]
+        assert rows["best expert per example"]["per_task"][task] == pytest.approx(sum(right) / len(right))
     assert summary["paired_vs_best_mixer"]["best"].startswith("LoRA-Mixer")
     assert (folder / "lm-eval-tasks" / f"{lm_eval_name(TASKS[0])}.jsonl").is_file()
     table = (folder / "results.md").read_text()
