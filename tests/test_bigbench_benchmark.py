@@ -3,8 +3,12 @@ the whole pipeline at the smoke size, all on the committed slice (nothing is dow
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -23,10 +27,48 @@ def slice_task(name: str) -> dict:
     return json.loads(data.resolve(data.SLICE, name).read_text())
 
 
-def test_sdist_missing_says_how_to_download(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.SDIST_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match="pip download --no-deps --no-binary :all: bigbench"):
-        data.sdist_archive(tmp_path / "nowhere")
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="git clone --depth 1 https://github.com/google/BIG-bench"):
+        data.task_files(["hyperbaton"], tmp_path / "nowhere")
+
+
+def _tar(archive, files: dict[str, bytes]) -> None:
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, content in files.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(content)
+            tar.addfile(member, io.BytesIO(content))
+
+
+def test_a_placeholder_sdist_without_task_data_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    _tar(tmp_path / "bigbench-0.0.1.tar.gz", {"bigbench-0.0.1/bigbench/api/task.py": b"# code, no tasks"})
+    with pytest.raises(ValueError, match="holds no BIG-bench task data.*placeholder.*git clone"):
+        data.task_files(["hyperbaton"], tmp_path)
+    assert not any(path.is_file() for path in (tmp_path / "cache").rglob("*"))
+
+
+def test_a_checkout_and_an_sdist_give_the_slice_s_examples(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    names = ["hyperbaton", "linguistic_mappings:plural"]
+    checkout = tmp_path / "BIG-bench"
+    shutil.copytree(data.SLICE, checkout / "bigbench" / data.TASKS_FOLDER)
+    monkeypatch.setenv(data.DATA_ENV, str(checkout))
+    assert data.task_files(names) == checkout / "bigbench" / data.TASKS_FOLDER  # read in place, nothing extracted
+    files = {
+        f"bigbench-1.0.0/bigbench/{data.TASKS_FOLDER}/{path.relative_to(data.SLICE)}": path.read_bytes()
+        for path in data.SLICE.rglob("task.json")
+    }
+    (tmp_path / "sdist").mkdir()
+    _tar(tmp_path / "sdist" / "bigbench-1.0.0.tar.gz", files)
+    extracted = data.task_files(names, tmp_path / "sdist")
+    assert extracted.is_relative_to(tmp_path / "cache") and data.source_name(extracted) == "bigbench-1.0.0 sdist"
+    for name in names:
+        assert data.load_task(extracted, name, 0) == data.load_task(data.SLICE, name, 0)
+    assert sorted(path.parent.name for path in extracted.rglob("task.json")) == ["hyperbaton", "plural_json"]
+    with pytest.raises(ValueError, match="no task 'navigate'"):
+        data.task_files(["navigate"], tmp_path / "sdist")
 
 
 def test_examples_are_deduplicated_shuffled_with_a_seed_and_answers_are_lists(tmp_path):
@@ -208,29 +250,23 @@ def test_arrow_experts_are_padded_exactly_and_weighted_sums_equal_the_merge(tiny
     assert torch.allclose(logits(model), logits(methods.weighted_merge(ctx, weights)), atol=1e-5)
 
 
-def test_lorahub_fit_moves_every_weight_and_lowers_the_loss(tiny_base, tmp_path):
+def test_lorahub_fit_moves_every_weight_and_lowers_the_loss(monkeypatch):
     """LoRAHub's small budget of loss evaluations must reach every expert's weight (a coordinate search spent it on
-    the first two), and the fitted merge must fit the router examples better than no experts at all."""
+    the first two). The router loss is replaced by a known bowl, so the check does not hang on how much a random
+    tiny model's nearly flat logits react to its experts."""
     from benchmarks.bigbench import methods
     from benchmarks.bigbench.sizes import SIZES
 
-    tokenizer = load_tokenizer(tiny_base)
-    ctx = methods.Context(
-        tiny_base, heterogeneous_experts(tiny_base, tmp_path), tokenizer, SIZES["smoke"], {}, tmp_path
-    )
-    model, set_weights = methods.weighted_sum(ctx)
-    model.eval()
-    ids = torch.arange(3, 63).view(6, 10)
-    set_weights([0.7, -0.4, 1.2])  # the labels are what this merge predicts
-    with torch.no_grad():
-        predicted = model(input_ids=ids).logits.argmax(-1)
-    labels = torch.cat([torch.full((6, 1), -100), predicted[:, :-1]], dim=1)
-    samples = [{"input_ids": i, "attention_mask": [1] * 10, "labels": y} for i, y in zip(ids.tolist(), labels.tolist())]
-    ctx.samples = lambda split, count, seed: samples
-    weights = methods.lorahub_weights(ctx, None, 0)
-    assert len(weights) == 3 and all(abs(w) > 1e-3 for w in weights)
-    losses = {}
-    for name, point in (("fitted", weights), ("zero", [0.0] * 3)):
-        set_weights(point)
-        losses[name] = methods.mean_loss(model, samples, 4, tokenizer) + methods.LORAHUB_L1 * sum(map(abs, point))
-    assert losses["fitted"] < losses["zero"]
+    best = np.array([0.7, -0.4, 1.2, 0.5, -0.9, 0.3])  # 6 experts, as in the benchmark
+    current = {}
+    monkeypatch.setattr(methods, "weighted_sum", lambda ctx: (torch.nn.Identity(), lambda w: current.update(w=w)))
+    monkeypatch.setattr(methods, "mean_loss", lambda *args: float(((np.asarray(current["w"]) - best) ** 2).sum()))
+    ctx = methods.Context(None, [None] * len(best), None, SIZES["full"], {}, None)  # LoRAHub's 40 evaluations
+    ctx.samples = lambda split, count, seed: []
+    weights = np.array(methods.lorahub_weights(ctx, None, 0))
+
+    def objective(point):
+        return ((point - best) ** 2).sum() + methods.LORAHUB_L1 * np.abs(point).sum()
+
+    assert len(weights) == len(best) and np.all(np.abs(weights) > 0.05)
+    assert objective(weights) < 0.25 * objective(np.zeros(len(best)))

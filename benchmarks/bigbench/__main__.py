@@ -5,8 +5,9 @@
     python -m benchmarks.bigbench --tasks hyperbaton navigate   # any BIG-bench tasks or task:subtask names
     python -m benchmarks.bigbench --write-manifest              # split the tasks and record the ids (committed)
 
-The full size reads BIG-bench's sdist, downloaded once outside the repository:
-    pip download --no-deps --no-binary :all: bigbench -d ~/.cache/peft-lora-mixer/bigbench-sdist
+The full size reads BIG-bench's task files, fetched once outside the repository (a checkout, or the bigbench 1.0.0
+sdist where a package index serves it; pypi.org's 0.0.1 holds no data):
+    git clone --depth 1 https://github.com/google/BIG-bench ~/.cache/peft-lora-mixer/bigbench-data
 """
 
 from __future__ import annotations

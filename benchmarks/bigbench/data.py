@@ -1,8 +1,10 @@
-"""BIG-bench examples, read offline from the `bigbench` sdist's `task.json` files, as prompts with listed answers.
+"""BIG-bench examples, read offline from BIG-bench's `task.json` files, as prompts with listed answers.
 
-BIG-bench's data ships on PyPI only inside the sdist (about 358 MB). It is downloaded once, by hand, outside the
-repository; the task files a run needs are extracted from it into the cache on first use. The committed slice
-(`slice/`) has the same layout, so the same reader serves the tests.
+The task files come from a BIG-bench checkout (github.com/google/BIG-bench, `bigbench/benchmark_tasks`) or from the
+`bigbench` 1.0.0 sdist (about 358 MB) where a package index serves it; pypi.org itself serves only 0.0.1, a
+placeholder without the data. Either is fetched once, by hand, outside the repository. From an sdist, the task
+files a run needs are extracted into the cache on first use. The committed slice (`slice/`) has the same layout,
+so the same reader serves the tests.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from pathlib import Path
 from typing import Optional
 
 CACHE = Path(os.environ.get("PEFT_LORA_MIXER_CACHE", Path.home() / ".cache" / "peft-lora-mixer"))
-SDIST_ENV = "BIGBENCH_SDIST"
-DEFAULT_SDIST = CACHE / "bigbench-sdist"
-DOWNLOAD_HINT = f"pip download --no-deps --no-binary :all: bigbench -d {DEFAULT_SDIST}"
+DATA_ENV = "BIGBENCH_DATA"
+DEFAULT_DATA = CACHE / "bigbench-data"
+DATA_HINT = (
+    f"git clone --depth 1 https://github.com/google/BIG-bench {DEFAULT_DATA}  (or put the bigbench 1.0.0 sdist, "
+    f"bigbench-1.0.0.tar.gz, in that folder; set ${DATA_ENV} to use another place)"
+)
 SLICE = Path(__file__).resolve().parent / "slice"
 TASKS_FOLDER = "benchmark_tasks"
 
@@ -49,41 +54,74 @@ def task_path(name: str) -> Path:
     return Path(*name.split(":"))
 
 
-def sdist_archive(source: Optional[Path] = None) -> Path:
-    """The sdist archive: `source`, else $BIGBENCH_SDIST, else the default cache folder (a file or the folder
-    holding it); a FileNotFoundError that says how to download it when there is none."""
-    location = Path(source or os.environ.get(SDIST_ENV, DEFAULT_SDIST)).expanduser()
+def data_location(source: Optional[Path] = None) -> Path:
+    """Where BIG-bench's data is: `source`, else $BIGBENCH_DATA, else the default cache folder."""
+    return Path(source or os.environ.get(DATA_ENV, DEFAULT_DATA)).expanduser()
+
+
+def checkout_tasks(location: Path) -> Optional[Path]:
+    """The `benchmark_tasks` folder of a BIG-bench checkout at `location` (or `location` itself), or None."""
+    for candidate in (location, location / TASKS_FOLDER, location / "bigbench" / TASKS_FOLDER):
+        if candidate.name == TASKS_FOLDER and candidate.is_dir():
+            return candidate
+    return None
+
+
+def sdist_archive(location: Path) -> Path:
+    """The sdist archive at `location` (the file, or the newest `bigbench-*.tar.gz` in the folder); a
+    FileNotFoundError that says how to get the data when there is none."""
     archives = sorted(location.glob("bigbench-*.tar.gz")) if location.is_dir() else [location]
     if not archives or not archives[-1].is_file():
         raise FileNotFoundError(
-            f"BIG-bench's sdist is not at {location}. Download it once (about 358 MB, outside the repository): "
-            f"{DOWNLOAD_HINT}  (or set ${SDIST_ENV} to the archive or its folder)."
+            f"No BIG-bench data at {location}: neither a BIG-bench checkout nor a bigbench-*.tar.gz sdist. "
+            f"Get it once, outside the repository: {DATA_HINT}."
         )
     return archives[-1]
 
 
-def extracted_tasks(names: list[str], source: Optional[Path] = None) -> Path:
-    """A `benchmark_tasks` folder holding the named tasks' `task.json`, extracted from the sdist into the cache once.
+def task_files(names: list[str], source: Optional[Path] = None) -> Path:
+    """A `benchmark_tasks` folder holding the named tasks' `task.json`: a checkout's own, or one extracted from the
+    sdist into the cache once.
 
     A subtask name without its folder's `_json` suffix is matched too. Unknown names raise, listing them.
     """
-    archive = sdist_archive(source)
-    root = CACHE / "bigbench" / archive.name.removesuffix(".tar.gz") / TASKS_FOLDER
-    if all(resolve(root, name) is not None for name in names):
-        return root
-    wanted = {str(task_path(name)) for name in names} | {str(task_path(name)) + "_json" for name in names}
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if TASKS_FOLDER in parts and parts[-1] == "task.json":
-                relative = Path(*parts[parts.index(TASKS_FOLDER) + 1 : -1])
-                if str(relative) in wanted:
-                    (root / relative).mkdir(parents=True, exist_ok=True)
-                    (root / relative / "task.json").write_bytes(tar.extractfile(member).read())
+    location = data_location(source)
+    root = checkout_tasks(location)
+    if root is None:
+        archive = sdist_archive(location)
+        root = CACHE / "bigbench" / archive.name.removesuffix(".tar.gz") / TASKS_FOLDER
+        if not all(resolve(root, name) is not None for name in names):
+            _extract(archive, names, root)
     missing = [name for name in names if resolve(root, name) is None]
     if missing:
         raise ValueError(f"BIG-bench has no task {', '.join(map(repr, missing))} (subtasks are named task:subtask).")
     return root
+
+
+def source_name(root: Path) -> str:
+    """What a `task_files` folder was read from, for the manifest: the sdist's name, or "BIG-bench checkout"."""
+    extracted = CACHE / "bigbench"
+    return root.parent.name + " sdist" if root.parent.parent == extracted else "BIG-bench checkout"
+
+
+def _extract(archive: Path, names: list[str], root: Path) -> None:
+    """Copy the named tasks' `task.json` out of the sdist; a ValueError when the archive holds no task data."""
+    wanted = {str(task_path(name)) for name in names} | {str(task_path(name)) + "_json" for name in names}
+    holds_tasks = False
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if TASKS_FOLDER in parts and parts[-1] == "task.json":
+                holds_tasks = True
+                relative = Path(*parts[parts.index(TASKS_FOLDER) + 1 : -1])
+                if str(relative) in wanted:
+                    (root / relative).mkdir(parents=True, exist_ok=True)
+                    (root / relative / "task.json").write_bytes(tar.extractfile(member).read())
+    if not holds_tasks:
+        raise ValueError(
+            f"{archive} holds no BIG-bench task data (no {TASKS_FOLDER}/*/task.json): pypi.org's `bigbench` 0.0.1 "
+            f"is a placeholder. Use a checkout or the 1.0.0 sdist instead: {DATA_HINT}."
+        )
 
 
 def resolve(root: Path, name: str) -> Optional[Path]:

@@ -1,11 +1,11 @@
-"""Write the committed files from the sdist: the split manifest and the tiny slice the tests run on."""
+"""Write the committed files from BIG-bench's task files: the split manifest and the tiny slice the tests run on."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .data import SLICE, example_id, extracted_tasks, load_task, resolve
+from .data import SLICE, example_id, load_task, resolve, source_name, task_files
 from .sizes import SIZES
 from .splits import MANIFEST, manifest_entry, split_task
 
@@ -14,11 +14,11 @@ SLICE_EXAMPLES = 12  # per task: enough for the smoke size's splits (4 held-out,
 
 def write_manifest(tasks: list[str], seed: int, path: Path = MANIFEST) -> dict:
     """Split every task from the seed and record the ids; tasks already in the file keep their entry."""
-    root = extracted_tasks(tasks)
+    root = task_files(tasks)
     sizes = SIZES["full"].splits
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     manifest = {
-        "source": root.parent.name + " (PyPI sdist, benchmark_tasks/*/task.json; Apache-2.0)",
+        "source": source_name(root) + " (benchmark_tasks/*/task.json; Apache-2.0)",
         "seed": seed,
         "sizes": vars(sizes),
         "id": "first 16 hex digits of the SHA-256 of the example's input text",
@@ -33,8 +33,8 @@ def write_manifest(tasks: list[str], seed: int, path: Path = MANIFEST) -> dict:
 
 
 def write_slice(tasks: list[str], seed: int, manifest: dict, folder: Path = SLICE) -> None:
-    """Each task's file with its first held-out examples only, in the sdist's layout (so one reader serves both)."""
-    root = extracted_tasks(tasks)
+    """Each task's file with its first held-out examples only, in BIG-bench's layout (so one reader serves both)."""
+    root = task_files(tasks)
     for task in tasks:
         source = resolve(root, task)
         task_json = json.loads(source.read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import CACHE, SLICE, extracted_tasks, load_task
+from .data import CACHE, SLICE, load_task, task_files
 from .experts import train_expert
 from .lm_eval_tasks import lm_eval_name, write_tasks
 from .methods import Context
@@ -35,10 +35,10 @@ def run_folder(size: str, tasks: list[str]) -> Path:
 
 
 def load_splits(tasks: list[str], size_name: str, seed: int) -> dict:
-    """task -> split -> examples: the committed slice, or the sdist split as the manifest says."""
+    """task -> split -> examples: the committed slice, or BIG-bench's task files split as the manifest says."""
     size = SIZES[size_name]
-    root = SLICE if size.data == "slice" else extracted_tasks(tasks)
-    manifest = read_manifest() if size.data == "sdist" else None
+    root = SLICE if size.data == "slice" else task_files(tasks)
+    manifest = read_manifest() if size.data == "bigbench" else None
     return {task: split_task(task, load_task(root, task, seed)[0], size.splits, seed, manifest) for task in tasks}
 
 
@@ -75,10 +75,10 @@ def run(tasks: list[str], size_name: str, seed: int = 0, rows: list[str] | None 
     before. `rows`: compute only the rows whose key starts with one of these prefixes."""
     started = time.perf_counter()
     size = SIZES[size_name]
+    splits = load_splits(tasks, size_name, seed)  # first: bad data stops the run before the cache is touched
     folder = run_folder(size_name, tasks)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tasks.json").write_text(json.dumps(tasks))
-    splits = load_splits(tasks, size_name, seed)
     base_dir = BENCH_CACHE / f"base-{size.model}"
     prepare_base(size.model, base_dir, seed)
     tokenizer = load_tokenizer(base_dir)
