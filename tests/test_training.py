@@ -158,7 +158,7 @@ def test_ddp_matches_single_process_with_the_same_global_batch(tmp_path):
         timeout=300,
     )
     assert "processes: 1, global batch: 8" in single_run.stdout
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     result = subprocess.run(
         [*torchrun, script, *common, "--losses", str(ddp)], env=env, capture_output=True, text=True, timeout=300
     )
