@@ -12,7 +12,6 @@ from tiny_tokenizer import tiny_tokenizer
 from torch import nn
 
 from peft_lora_mixer import ExpertSpec, LoraMixerConfig, LoraMixerLayer
-from peft_lora_mixer.routing_loss.loss import valid_tokens
 
 MIXER_DEFAULTS = dict(num_experts=4, top_k=2, r=4, init_weights=False)
 # rank 8 and RSL weights large enough for the RSL to matter next to the task loss
@@ -105,6 +104,13 @@ class ProbeRouters:
     def rsl(self, mask, top_k=2, alpha=0.5, lam=0.3, sign=1):
         losses = [autograd_rsl(valid_tokens(p, mask), top_k, alpha, lam, sign) for p in self.probs]
         return torch.stack(losses).mean()
+
+
+def valid_tokens(probs, mask=None):
+    """The probabilities of the tokens that count, as (tokens, E): padding dropped by indexing (the reference; the
+    library weights padding by 0 instead)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return flat if mask is None else flat[mask.reshape(-1).bool()]
 
 
 def autograd_rsl(probs, top_k, alpha, lam, sign):

@@ -15,7 +15,6 @@ from peft_lora_mixer.routing_loss.loss import (
     specialization_loss_gradient,
     token_entropy,
     update_entropy_weight,
-    valid_tokens,
 )
 
 LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 1.2, 0.9]])
@@ -23,15 +22,14 @@ LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0,
 
 def rsl(probs, top_k, alpha, lam, sign, mask=None):
     """The library's RSL value of one router."""
-    valid = valid_tokens(probs, mask)
-    return specialization_loss(valid, RouterUsage.of(valid, top_k), RouterLossSettings(alpha, lam, sign)).term
+    usage = RouterUsage.of(probs, top_k, token_mask=mask)
+    return specialization_loss(probs, usage, RouterLossSettings(alpha, lam, sign)).term
 
 
 def backward_rsl(probs, top_k, alpha, lam, sign, mask=None):
     """Backpropagate the library's closed-form RSL gradient from `probs` (as the routers' node does)."""
-    usage = RouterUsage.of(valid_tokens(probs.detach(), mask), top_k)
-    settings = RouterLossSettings(alpha, lam, sign)
-    probs.backward(specialization_loss_gradient(probs.detach(), usage, settings, mask))
+    usage = RouterUsage.of(probs, top_k, token_mask=mask)
+    probs.backward(specialization_loss_gradient(probs.detach(), usage, RouterLossSettings(alpha, lam, sign)))
 
 
 def hand_rsl(logits, top_k, alpha, lam, sign):
@@ -107,9 +105,11 @@ def test_closed_form_gradient_equals_autograd(top_k, sign):
     assert rsl(probs.detach(), top_k, 0.3, 0.7, sign).item() == pytest.approx(
         autograd_rsl(probs.detach(), top_k, 0.3, 0.7, sign).item(), rel=1e-6
     )
-    empty = probs[:0].detach()
+    padding = torch.zeros(probs.shape[0], dtype=torch.bool)  # a batch of padding only: no token counts
+    usage = RouterUsage.of(probs, top_k, token_mask=padding)
     settings = RouterLossSettings(0.3, 0.7, sign)
-    assert specialization_loss_gradient(empty, RouterUsage.of(empty, top_k), settings).shape == (0, 6)
+    assert not specialization_loss_gradient(probs.detach(), usage, settings).any()
+    assert specialization_loss(probs.detach(), usage, settings).term.item() == 0.0
 
 
 def test_adaptive_lambda_controller_moves_toward_target():

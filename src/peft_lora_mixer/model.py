@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
@@ -65,7 +65,9 @@ class LoraMixerModel(BaseTuner):
         # micro-batches per optimizer step, for the RSL's weight when the forward is not given `num_items_in_batch`
         self.routing_loss_accumulation_steps = 1
         self._mixer_forward_hooks: tuple[Any, ...] = ()
-        self._forced_routing: list[AbstractContextManager] = []  # the `route_to` contexts of the forwards under way
+        # per forward under way, the layers whose forced routing its `expert_ids` set, with what they had before
+        self._forced_routing: list[Optional[list[tuple[LoraMixerLayer, Optional[torch.Tensor]]]]] = []
+        self._mixer_layer_list: Optional[list[LoraMixerLayer]] = None
         self._zero3_registered = False  # the layers' weights are DeepSpeed ZeRO-3 external parameters (zero3.py)
         super().__init__(model, config, adapter_name, **kwargs)
 
@@ -171,6 +173,16 @@ class LoraMixerModel(BaseTuner):
         This is the forced routing of stage-1 training: each expert learns its own domain, the routers are
         bypassed (and get no gradient).
         """
+        previous = self._force_routing(expert_ids)
+        try:
+            yield
+        finally:
+            _restore_routing(previous)
+
+    def _force_routing(
+        self, expert_ids: Union[int, Sequence[int], torch.Tensor]
+    ) -> list[tuple[LoraMixerLayer, Optional[torch.Tensor]]]:
+        """Set `expert_ids` (checked) on every mixer layer; returns each layer with the ids it had before."""
         num_experts = min(self.peft_config[name].num_experts for name in self.active_adapters)
         ids = as_expert_ids(expert_ids, num_experts)
         if ids.dim() > 1 or ids.numel() == 0:
@@ -178,20 +190,16 @@ class LoraMixerModel(BaseTuner):
                 f"route_to() takes one expert id per sample (or one int for all), got {ids.tolist()} of shape "
                 f"{tuple(ids.shape)}."
             )
-        layers = [layer for _, layer in iter_mixer_layers(self.model)]
-        previous = [layer.forced_expert_ids for layer in layers]
-        for layer in layers:
+        previous = [(layer, layer.forced_expert_ids) for _, layer in iter_mixer_layers(self.model)]
+        for layer, _ in previous:
             layer.forced_expert_ids = ids
-        try:
-            yield
-        finally:
-            for layer, ids_before in zip(layers, previous):
-                layer.forced_expert_ids = ids_before
+        return previous
 
     # ---- around the wrapped model's forward ------------------------------------------------------------------
     def _install_forward_hooks(self) -> None:
         """Hook the wrapped model's forward (once); layers added by this injection are watched from the next one."""
         self._observe_layers(None)
+        self._mixer_layer_list = None
         self._zero3_registered = False
         if not self._mixer_forward_hooks:
             self._mixer_forward_hooks = (
@@ -204,9 +212,8 @@ class LoraMixerModel(BaseTuner):
         if not self._zero3_registered and hasattr(self.model, "ds_id"):
             self._zero3_registered = register_partitioned_weights(layer for _, layer in iter_mixer_layers(self.model))
         expert_ids = kwargs.pop("expert_ids", None)
-        forced = self.route_to(expert_ids) if expert_ids is not None else nullcontext()
-        forced.__enter__()
-        self._forced_routing.append(forced)
+        # plain calls, no context manager: `torch.compile(fullgraph=True)` traces this hook with the forward
+        self._forced_routing.append(self._force_routing(expert_ids) if expert_ids is not None else None)
         collector, step = self.routing_collector, self._routing_step(kwargs)
         if not self.training:  # a reentrant-checkpointed forward not backpropagated before evaluation never will be
             collector.awaiting_recomputation.clear()
@@ -217,7 +224,9 @@ class LoraMixerModel(BaseTuner):
         return args, kwargs
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
-        self._forced_routing.pop().__exit__(None, None, None)
+        forced = self._forced_routing.pop()
+        if forced is not None:
+            _restore_routing(forced)
         step = self.routing_collector.finish()
         if step is not None:
             self.last_routing_loss = step.routing_loss()
@@ -237,21 +246,23 @@ class LoraMixerModel(BaseTuner):
             masks=token_masks(kwargs, is_encoder_decoder),
             settings=settings,
             scale=loss_scale(kwargs, is_encoder_decoder, self.routing_loss_accumulation_steps) if settings else 1.0,
+            num_routers=max(1, sum(name in layer.routing for layer in self._mixer_layers() for name in settings)),
             anchors=self.trainable.anchors_for(self.model, self.peft_config, settings),
             record_stats=record_stats,
         )
 
     def _loss_settings(self) -> dict[str, RouterLossSettings]:
-        return {
-            name: RouterLossSettings(
-                config.rsl_balance_weight,
-                self.entropy_weights.current(name, self.peft_config),
-                config.rsl_entropy_sign,
-                global_balance=config.rsl_balance_scope == "global_batch",
-            )
-            for name in self.active_adapters
-            if (config := self.peft_config[name]).add_routing_loss
-        }
+        settings = {}
+        for name in self.active_adapters:  # a loop: Dynamo cannot trace a comprehension's walrus (a cell variable)
+            config = self.peft_config[name]
+            if config.add_routing_loss:
+                settings[name] = RouterLossSettings(
+                    config.rsl_balance_weight,
+                    self.entropy_weights.current(name, self.peft_config),
+                    config.rsl_entropy_sign,
+                    global_balance=config.rsl_balance_scope == "global_batch",
+                )
+        return settings
 
     def _observe_layers(self, collector: Optional[RoutingCollector]) -> None:
         """Point every mixer layer at `collector` (None: stop watching), when that changes."""
@@ -262,6 +273,13 @@ class LoraMixerModel(BaseTuner):
             layer.routing_observer = collector
             names[id(layer)] = name
         self.routing_collector.module_names = names if collector is not None else {}
+
+    def _mixer_layers(self) -> list[LoraMixerLayer]:
+        """The model's mixer layers, listed again after each change of adapters (a walk over every module costs a
+        training step too much, and a compiled one a guard per module)."""
+        if self._mixer_layer_list is None:
+            self._mixer_layer_list = [layer for _, layer in iter_mixer_layers(self.model)]
+        return self._mixer_layer_list
 
     def set_routing(
         self, routing: Optional[str] = None, top_k: Optional[int] = None, adapter_name: Optional[str] = None
@@ -334,6 +352,7 @@ class LoraMixerModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's deletion, plus what was kept for training the adapter (lambda, anchors, gradient hooks)."""
         super().delete_adapter(adapter_name)
+        self._mixer_layer_list = None
         self.entropy_weights.forget(adapter_name)
         self.trainable.forget(adapter_name)
 
@@ -343,6 +362,7 @@ class LoraMixerModel(BaseTuner):
             handle.remove()
         self._mixer_forward_hooks = ()
         self.trainable.remove()
+        self._mixer_layer_list = None
         model = super().unload()
         unguard_fused_mixers(model)
         return model
@@ -411,3 +431,9 @@ class LoraMixerModel(BaseTuner):
         if unknown:
             raise ValueError(f"Unknown adapter {unknown[0]!r}; adapters: {sorted(self.peft_config)}.")
         self.trainable.set(self.model, self.peft_config, names, routers, experts)
+
+
+def _restore_routing(previous: list[tuple[LoraMixerLayer, Optional[torch.Tensor]]]) -> None:
+    """Give each layer back the forced expert ids it had before `_force_routing`."""
+    for layer, ids in previous:
+        layer.forced_expert_ids = ids

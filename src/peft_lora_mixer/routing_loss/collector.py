@@ -5,9 +5,10 @@ an identity node (`_AddRoutingLossGradient`) whose backward adds that router's s
 closed form, to whatever gradient reached the probabilities (the pattern of DeepSeek's MoE auxiliary loss, moved
 onto the router's output). So any loss computed downstream of the model's outputs carries the RSL to the routers:
 `outputs.loss`, label smoothing, a `compute_loss_func`, TRL's loss from log-probabilities, a hand-written
-cross-entropy. Each share's weight is set when the forward ends (`RoutingStep.weight`: the step's loss scale over
-the number of routers that ran), before any backward reads it. The RSL is never added to `outputs.loss`: its
-value is only reported.
+cross-entropy. Each share's weight (`RoutingStep.router_weight`: the step's loss scale over the model's number of
+routers) is known when the forward begins, and everything the backward needs is a tensor or a constant given to
+the node as it is built: `torch.compile` traces that backward once, at the forward, and never reads Python state
+set later. The RSL is never added to `outputs.loss`: its value is only reported.
 
 Nothing with an autograd graph is kept across forwards: a `RoutingStep` holds detached figures only, and the nodes
 hold the step's constants, never the step. (A graph reachable from Python objects that its own nodes reference is
@@ -20,7 +21,7 @@ during backward, the router's probabilities get the same node, with the usage re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -32,7 +33,6 @@ from .loss import (
     preservation_term,
     specialization_loss,
     specialization_loss_gradient,
-    valid_tokens,
 )
 from .stats import RoutingStatsAccumulator
 
@@ -88,34 +88,34 @@ class RouterLossPart(NamedTuple):
     weighted_preservation: Optional[torch.Tensor]
 
 
-@dataclass
-class RoutingLossWeight:
-    """What each router's RSL gradient is multiplied by: the step's loss scale over the number of routers that ran
-    (the model's RSL is their mean). Known when the forward ends; the routers' nodes read it in backward."""
-
-    value: float = 0.0
-
-
 @dataclass(eq=False)  # compared by identity: each forward is its own step
 class RoutingStep:
     """What one forward shares with its routers: the masks, each adapter's RSL settings, the RSL's weight, the
     preservation anchors by (layer id, adapter); filled with each router's detached RSL parts.
 
-    `scale`: the step's loss scale (see `RoutingLossWeight`); the preservation term is weighted by it alone, once
-    per anchored layer. `recomputed_routers`: routers that ran without autograd
+    `scale`: the step's loss scale (`routing_loss.batch.loss_scale`); the preservation term is weighted by it
+    alone, once per anchored layer. `num_routers`: the routers of the model that build the RSL (the model's RSL is
+    the sum of their terms over this number: their mean when each runs once). Both are known when the forward
+    begins, so each router's node gets its weight, `scale / num_routers`, as it is built: a compiled backward is
+    traced then and never reads Python state later. `recomputed_routers`: routers that ran without autograd
     (reentrant checkpointing), by (layer id, adapter), with the usage and anchor of each run still to be
     recomputed.
     """
 
     masks: TokenMasks
     settings: dict[str, RouterLossSettings]
-    scale: float = 1.0
+    scale: Union[float, torch.Tensor] = 1.0
+    num_routers: int = 1
     anchors: dict[tuple[int, str], Anchor] = field(default_factory=dict)
     record_stats: bool = False
-    weight: RoutingLossWeight = field(default_factory=RoutingLossWeight)
     parts: list[RouterLossPart] = field(default_factory=list)
     anchored: set[tuple[int, str]] = field(default_factory=set)  # the anchors already given to a node
     recomputed_routers: dict[tuple[int, str], list[tuple[RouterUsage, Optional[Anchor]]]] = field(default_factory=dict)
+
+    @property
+    def router_weight(self) -> Union[float, torch.Tensor]:
+        """What each router's RSL gradient is multiplied by: the step's loss scale over the number of routers."""
+        return self.scale / self.num_routers
 
     def routing_loss(self) -> RoutingLoss:
         """The step's RSL and its parts, as `model.routing_loss()` reports them (all detached)."""
@@ -129,7 +129,7 @@ class RoutingStep:
         terms, balances, entropies, preservations, weighted = (column(values) for values in columns)
         first = next(iter(self.settings.values()))
         return RoutingLoss(
-            total=terms.mean() + weighted.sum(),
+            total=terms.sum() / self.num_routers + weighted.sum(),
             balance=balances.mean(),
             entropy=entropies.mean(),
             preservation=preservations.sum(),
@@ -143,8 +143,7 @@ class _RoutingLossGradient(NamedTuple):
 
     usage: RouterUsage
     settings: RouterLossSettings
-    token_mask: Optional[torch.Tensor]
-    weight: RoutingLossWeight
+    weight: Union[float, torch.Tensor]
     # the preservation term's gradient to the layer's A and B (with an anchor), computed in the forward, where the
     # weights are at hand (DeepSpeed ZeRO-3 releases them after it)
     preservation_grads: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -167,10 +166,8 @@ class _AddRoutingLossGradient(torch.autograd.Function):
         constants: _RoutingLossGradient = ctx.constants
         grad_probs = None
         if ctx.needs_input_grad[0]:
-            rsl_grad = specialization_loss_gradient(
-                ctx.probs, constants.usage, constants.settings, constants.token_mask
-            )
-            grad_probs = grad + rsl_grad * constants.weight.value
+            rsl_grad = specialization_loss_gradient(ctx.probs, constants.usage, constants.settings)
+            grad_probs = grad + rsl_grad * constants.weight
         grad_A, grad_B = constants.preservation_grads or (None, None)
         return grad_probs, grad_A, grad_B, None
 
@@ -199,7 +196,6 @@ class RoutingCollector:
         step, self.step = self.step, None
         if step is None or not step.parts:
             return None
-        step.weight.value = step.scale / len(step.parts)
         if step.recomputed_routers:
             self.awaiting_recomputation.append(step)
             del self.awaiting_recomputation[: -self.MAX_PENDING_RECOMPUTATIONS]
@@ -213,18 +209,17 @@ class RoutingCollector:
         module_name = self.module_names.get(id(layer), "")
         step = self.step
         if step is None:  # perhaps a reentrant checkpoint's recomputation during backward
-            return self._attach_to_recomputed(layer, adapter_name, module_name, probs, token_shape)
+            return self._attach_to_recomputed(layer, adapter_name, probs)
         token_mask = step.masks.for_router(module_name, token_shape)
-        valid = valid_tokens(probs.detach(), token_mask)
-        usage = RouterUsage.of(valid, layer.routing[adapter_name].top_k, valid_tokens(logits.detach(), token_mask))
+        usage = RouterUsage.of(probs, layer.routing[adapter_name].top_k, logits, token_mask)
         if step.record_stats:
-            self.stats.add(module_name or type(layer).__name__, valid, usage)
+            self.stats.add(module_name or type(layer).__name__, probs, usage)
         settings = step.settings.get(adapter_name)
         if settings is None:
             return probs
         if settings.global_balance:
             usage = usage.over_global_batch()
-        parts = specialization_loss(valid, usage, settings)
+        parts = specialization_loss(probs, usage, settings)
         anchor = step.anchors.get((id(layer), adapter_name))
         if (id(layer), adapter_name) in step.anchored:  # a layer run twice in one forward: its anchor counts once
             anchor = None
@@ -232,13 +227,11 @@ class RoutingCollector:
             step.anchored.add((id(layer), adapter_name))
         step.parts.append(RouterLossPart(adapter_name, *parts, *_preservation(layer, adapter_name, anchor)))
         if torch.is_grad_enabled():
-            return _attach(probs, layer, adapter_name, usage, settings, token_mask, step, anchor)
+            return _attach(probs, layer, adapter_name, usage, settings, step, anchor)
         step.recomputed_routers.setdefault((id(layer), adapter_name), []).append((usage, anchor))
         return probs
 
-    def _attach_to_recomputed(
-        self, layer, adapter_name: str, module_name: str, probs: torch.Tensor, token_shape: torch.Size
-    ) -> torch.Tensor:
+    def _attach_to_recomputed(self, layer, adapter_name: str, probs: torch.Tensor) -> torch.Tensor:
         """In the recomputation of a reentrant-checkpointed router, the node that adds its RSL gradient."""
         if not torch.is_grad_enabled():
             return probs
@@ -249,8 +242,7 @@ class RoutingCollector:
                 usage, anchor = runs.pop(0)
                 if not any(step.recomputed_routers.values()):
                     self.awaiting_recomputation.remove(step)
-                token_mask = step.masks.for_router(module_name, token_shape)
-                return _attach(probs, layer, adapter_name, usage, step.settings[adapter_name], token_mask, step, anchor)
+                return _attach(probs, layer, adapter_name, usage, step.settings[adapter_name], step, anchor)
         return probs
 
 
@@ -260,12 +252,11 @@ def _attach(
     adapter_name: str,
     usage: RouterUsage,
     settings: RouterLossSettings,
-    token_mask: Optional[torch.Tensor],
     step: RoutingStep,
     anchor: Optional[Anchor],
 ) -> torch.Tensor:
     if anchor is None:
-        constants = _RoutingLossGradient(usage, settings, token_mask, step.weight)
+        constants = _RoutingLossGradient(usage, settings, step.router_weight)
         return _AddRoutingLossGradient.apply(probs, None, None, constants) if probs.requires_grad else probs
     lora_A, lora_B = layer.loramixer_A[adapter_name], layer.loramixer_B[adapter_name]
     scale = step.scale * anchor.weight
@@ -274,7 +265,7 @@ def _attach(
             preservation_gradient(lora_A, anchor.lora_A, anchor.keep, 0) * scale,
             preservation_gradient(lora_B, anchor.lora_B, anchor.keep, 1) * scale,
         )
-    constants = _RoutingLossGradient(usage, settings, token_mask, step.weight, grads)
+    constants = _RoutingLossGradient(usage, settings, step.router_weight, grads)
     return _AddRoutingLossGradient.apply(probs, lora_A, lora_B, constants)
 
 

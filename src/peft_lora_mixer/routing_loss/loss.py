@@ -53,12 +53,15 @@ class RoutingLoss:
         return {key: value.item() for key, value in self.as_tensors(prefix).items()}
 
 
-def valid_tokens(probs: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The probabilities of the tokens that count, flattened to (tokens, E); padding dropped by `token_mask`."""
-    flat = probs.reshape(-1, probs.shape[-1])
+def token_weights(token_mask: Optional[torch.Tensor], num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """The weight of each of `num_tokens` flattened tokens in the RSL: 1 where it counts, 0 for padding.
+
+    A multiply rather than dropping the padding by indexing: the shapes stay those of the batch (no data-dependent
+    shape, no host synchronisation), which is what `torch.compile` needs to trace a training step as one graph.
+    """
     if token_mask is None:
-        return flat
-    return flat[token_mask.reshape(-1).to(device=flat.device, dtype=torch.bool)]
+        return like.new_ones(num_tokens)
+    return token_mask.reshape(num_tokens).to(device=like.device, dtype=like.dtype)
 
 
 def token_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -66,40 +69,49 @@ def token_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
 
 
-def top_k_fraction(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """fbar: for each expert, the fraction of tokens whose top-k holds it (sums to top_k).
+def top_k_choices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(tokens, E) one-hot rows of the experts each token's top-k holds (`top_k` ones per row), as float32.
 
     `scores` are the router logits, as routing picks its experts from them (the probabilities can tie where
     float32's softmax underflows, logits [0, -200, -150]: routing picks {0, 2}); probabilities only where no logits
     are at hand (they order alike while nothing underflows).
     """
     scores = scores.detach()
-    chosen = torch.zeros_like(scores, dtype=torch.float32).scatter(-1, top_k_indices(scores, top_k), 1.0)
-    return chosen.mean(0)
+    return torch.zeros_like(scores, dtype=torch.float32).scatter(-1, top_k_indices(scores, top_k), 1.0)
 
 
 class RouterUsage(NamedTuple):
-    """The constants of one router's RSL in one forward, from its valid tokens (no gradient).
+    """The constants of one router's RSL in one forward, from its tokens (no gradient).
 
-    Computed once per router and forward, and shared by the RSL, its gradient and the routing statistics.
+    Computed once per router and forward, and shared by the RSL, its gradient and the routing statistics. Every
+    field is a tensor on the router's device, so the RSL's gradient needs no Python value read at backward time.
     """
 
+    weights: torch.Tensor  # (tokens,): 1 for a token that counts, 0 for padding
     fraction: torch.Tensor  # fbar, (E,); zeros without tokens
     num_experts: torch.Tensor  # E of the balance term: every expert counts, with weights on this projection or not
-    num_tokens: int  # this forward's valid tokens: the entropy's mean is over them
+    num_tokens: torch.Tensor  # this forward's valid tokens (at least 1): the entropy's mean is over them
     # pbar is `sum of these tokens' probabilities / balance_tokens`: `num_tokens`, or with statistics over the global
     # batch its token count divided by the number of processes (whose gradients the data-parallel wrapper averages)
-    balance_tokens: Union[int, torch.Tensor]
+    balance_tokens: torch.Tensor
 
     @classmethod
-    def of(cls, probs: torch.Tensor, top_k: int, logits: Optional[torch.Tensor] = None) -> RouterUsage:
-        """From the valid tokens' probabilities (tokens x E) and, for fbar, their logits (see `top_k_fraction`)."""
-        probs = probs.detach()
-        num_experts = probs.new_tensor(probs.shape[-1])
-        if probs.shape[0] == 0:
-            return cls(probs.new_zeros(probs.shape[-1]), num_experts, 0, 0)
-        fraction = top_k_fraction(probs if logits is None else logits, top_k).to(probs.dtype)
-        return cls(fraction, num_experts, probs.shape[0], probs.shape[0])
+    def of(
+        cls,
+        probs: torch.Tensor,
+        top_k: int,
+        logits: Optional[torch.Tensor] = None,
+        token_mask: Optional[torch.Tensor] = None,
+    ) -> RouterUsage:
+        """From a router's probabilities ((..., E) over its tokens), for fbar its logits (see `top_k_choices`), and
+        the tokens' padding mask (the tokens' shape; None: every token counts)."""
+        flat = probs.detach().reshape(-1, probs.shape[-1])
+        weights = token_weights(token_mask, flat.shape[0], flat)
+        num_tokens = weights.sum().clamp_min(1.0)  # no tokens: every sum below is 0, and so is the RSL
+        scores = flat if logits is None else logits.reshape(flat.shape)
+        chosen = top_k_choices(scores, top_k).to(flat.dtype)
+        fraction = (chosen * weights.unsqueeze(-1)).sum(0) / num_tokens
+        return cls(weights, fraction, flat.new_tensor(flat.shape[-1]), num_tokens, num_tokens)
 
     def over_global_batch(self, group: Optional[dist.ProcessGroup] = None) -> RouterUsage:
         """This usage with fbar (and pbar's token count) taken over the tokens of every process in `group`.
@@ -110,11 +122,11 @@ class RouterUsage(NamedTuple):
         """
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        counts = torch.cat([self.fraction * self.num_tokens, self.fraction.new_tensor([float(self.num_tokens)])])
+        count = self.weights.sum()
+        counts = torch.cat([self.fraction * self.num_tokens, count.reshape(1)])
         dist.all_reduce(counts, group=group)
-        total = counts[-1]
-        fraction = counts[:-1] / total.clamp_min(1.0)
-        return self._replace(fraction=fraction, balance_tokens=total / dist.get_world_size(group))
+        total = counts[-1].clamp_min(1.0)
+        return self._replace(fraction=counts[:-1] / total, balance_tokens=total / dist.get_world_size(group))
 
 
 @dataclass(frozen=True)
@@ -136,50 +148,47 @@ class RouterLossParts(NamedTuple):
     entropy: torch.Tensor
 
 
+def flat_probs(probs: torch.Tensor) -> torch.Tensor:
+    """A router's probabilities as (tokens, E)."""
+    return probs.reshape(-1, probs.shape[-1])
+
+
 def balance_term(probs: torch.Tensor, usage: RouterUsage) -> torch.Tensor:
-    """E * sum_i pbar_i * fbar_i over all E experts of the router."""
-    return usage.num_experts * (probs.sum(0) / usage.balance_tokens * usage.fraction).sum()
+    """E * sum_i pbar_i * fbar_i over all E experts of the router (`probs`: (..., E) over its tokens)."""
+    pbar = (flat_probs(probs) * usage.weights.unsqueeze(-1)).sum(0) / usage.balance_tokens
+    return usage.num_experts * (pbar * usage.fraction).sum()
 
 
 def router_loss_parts(probs: torch.Tensor, usage: RouterUsage) -> tuple[torch.Tensor, torch.Tensor]:
-    """(balance term, mean per-token entropy) of one router's valid-token probabilities (tokens x E)."""
-    if probs.shape[0] == 0:
-        zero = probs.sum() * 0.0
-        return zero, zero
-    return balance_term(probs, usage), token_entropy(probs).mean()
+    """(balance term, mean per-token entropy over the valid tokens) of one router's probabilities ((..., E))."""
+    entropy = (token_entropy(flat_probs(probs)) * usage.weights).sum() / usage.num_tokens
+    return balance_term(probs, usage), entropy
 
 
 def specialization_loss(probs: torch.Tensor, usage: RouterUsage, settings: RouterLossSettings) -> RouterLossParts:
-    """One router's RSL, `alpha * balance + sign * lambda * entropy`, of its valid tokens' probabilities (tokens x
-    E), as detached figures: its gradient reaches the router in closed form (`specialization_loss_gradient`)."""
+    """One router's RSL, `alpha * balance + sign * lambda * entropy`, of its probabilities ((..., E)), as detached
+    figures: its gradient reaches the router in closed form (`specialization_loss_gradient`)."""
     with torch.no_grad():
         balance, entropy = router_loss_parts(probs, usage)
         term = settings.balance_weight * balance + settings.entropy_sign * settings.entropy_weight * entropy
     return RouterLossParts(term, balance, entropy)
 
 
-def specialization_loss_gradient(
-    probs: torch.Tensor, usage: RouterUsage, settings: RouterLossSettings, token_mask: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def specialization_loss_gradient(probs: torch.Tensor, usage: RouterUsage, settings: RouterLossSettings) -> torch.Tensor:
     """The gradient of `specialization_loss`'s term with respect to `probs` ((..., E)), in closed form.
 
     What autograd gives, without building and running a graph in every router's backward: the balance term is
     linear in the mean probabilities (its constants are `usage`), and a token's entropy `-sum p log p` has the
     gradient `-(log p + 1)`, or `-log(tiny)` where `p` lies below the clamp that keeps the logarithm finite.
-    Tokens that `token_mask` drops (padding) get zero.
+    Padding tokens (weight 0 in `usage`) get zero.
     """
-    if usage.num_tokens == 0:
-        return torch.zeros_like(probs)
     tiny = torch.finfo(probs.dtype).tiny
-    entropy_gradient = -(probs.clamp_min(tiny).log() + (probs >= tiny).to(probs.dtype))
+    entropy_gradient = -(probs.clamp_min(tiny).log() + (probs >= tiny).to(probs.dtype)) / usage.num_tokens
     balance_gradient = usage.num_experts * usage.fraction / usage.balance_tokens
-    entropy_gradient = entropy_gradient / usage.num_tokens
     gradient = settings.balance_weight * balance_gradient + settings.entropy_sign * settings.entropy_weight * (
         entropy_gradient
     )
-    if token_mask is not None:  # padding tokens take no part in the RSL
-        gradient = gradient * token_mask.reshape(*probs.shape[:-1], 1).to(device=probs.device, dtype=probs.dtype)
-    return gradient
+    return gradient * usage.weights.reshape(*probs.shape[:-1], 1)
 
 
 def preservation_term(current: torch.Tensor, anchor: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:

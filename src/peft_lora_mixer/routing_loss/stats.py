@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import RouterUsage, token_entropy
+from .loss import RouterUsage, flat_probs, token_entropy
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,19 @@ class RoutingStatsAccumulator:
         self._sums: dict[str, list[torch.Tensor]] = {}
 
     def add(self, name: str, probs: torch.Tensor, usage: RouterUsage) -> None:
-        """Add one forward's valid-token probabilities (tokens x E) of module `name`, and their top-k usage."""
-        count = probs.new_tensor(float(probs.shape[0]))
-        top1 = torch.zeros_like(probs).scatter(-1, probs.argmax(-1, keepdim=True), 1.0).sum(0)
-        top_k_hits = usage.fraction * count
-        new = [count, top1, top_k_hits, probs.sum(0), token_entropy(probs).sum()]
+        """Add one forward's probabilities ((..., E) over its tokens) of module `name`, with their usage (which
+        holds the padding weights and the top-k fraction)."""
+        flat = flat_probs(probs).detach()
+        weights = usage.weights.unsqueeze(-1)
+        count = usage.weights.sum()
+        top1 = (torch.zeros_like(flat).scatter(-1, flat.argmax(-1, keepdim=True), 1.0) * weights).sum(0)
+        new = [
+            count,
+            top1,
+            usage.fraction * count,
+            (flat * weights).sum(0),
+            (token_entropy(flat) * usage.weights).sum(),
+        ]
         old = self._sums.get(name)
         self._sums[name] = new if old is None else [a + b for a, b in zip(old, new)]
 
