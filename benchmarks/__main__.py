@@ -25,7 +25,7 @@ from peft_lora_mixer.routing import ROUTING_MODES
 
 from .measure import Subject
 from .tables import markdown_table
-from .variants import REFERENCE, Variant, apply_variant, default_variants, parse_only
+from .variants import REFERENCE, Variant, apply_variant, default_variants, parse_only, reference_of
 from .workloads import WORKLOADS, Workload, default_workloads
 
 QUICK_ROWS = [
@@ -80,6 +80,12 @@ def parse_args() -> argparse.Namespace:
         help="wall-clock time, or the process's CPU time (CPU workloads; steadier on a shared machine "
         "with --threads 1)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add a compiled twin of each row (X-LoRA's aside): `torch.compile` training, static-cache compiled "
+        "generation; its ratios are against PEFT LoRA r=8 compiled",
+    )
     parser.add_argument("--no-generate", action="store_true", help="skip the generation measurement")
     parser.add_argument(
         "--no-train",
@@ -103,7 +109,7 @@ def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespa
     subjects = {}
     for row in rows:
         model = apply_variant(workload.build(), row, workload)
-        subjects[row.name] = Subject.of(model, workload, args.clock)
+        subjects[row.name] = Subject.of(model, workload, args.clock, compiled=row.compiled)
         for _ in range(0 if args.no_train else args.warmup):
             subjects[row.name].train_step()
         print(f"  built {row.name}", flush=True)
@@ -129,9 +135,9 @@ def run_workload(workload: Workload, rows: list[Variant], args: argparse.Namespa
             gen_ratio=_median(gen_ratios[name]),
             gen_ratio_all=gen_ratios[name],
             peak_train_mib=memory[name] / 2**20 if memory else None,
-            mem_ratio=memory[name] / memory[REFERENCE] if memory else None,
+            mem_ratio=memory[name] / memory[reference_of(name)] if memory else None,
             train_state_mib=state[name] / 2**20 if state else None,
-            state_ratio=state[name] / state[REFERENCE] if state else None,
+            state_ratio=state[name] / state[reference_of(name)] if state else None,
             trainable_params=subjects[name].trainable_parameters(),
         )
         for name in subjects
@@ -146,7 +152,8 @@ def _median(values: list[float], scale: float = 1.0) -> float | None:
 def measure_paired(
     subjects: dict[str, Subject], measure: Callable[[Subject], float], repeats: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """`measure` of every row, each time right after the reference row's: (the values, the row / reference ratios).
+    """`measure` of every row, each time right after its reference row's (`reference_of`): (the values, the
+    row / reference ratios).
 
     On a shared machine the load changes within seconds; a ratio of two measurements taken back to back sees the
     same load, so the median of such pairs is much steadier than the ratio of two medians over a whole run.
@@ -156,8 +163,9 @@ def measure_paired(
     others = [name for name in subjects if name != REFERENCE] or [REFERENCE]
     for _ in range(repeats):
         for name in others:
-            reference_value, value = measure(subjects[REFERENCE]), measure(subjects[name])
-            values[REFERENCE].append(reference_value)
+            reference = reference_of(name)
+            reference_value, value = measure(subjects[reference]), measure(subjects[name])
+            values[reference].append(reference_value)
             if name != REFERENCE:
                 values[name].append(value)
             ratios[name].append(value / reference_value)
@@ -166,8 +174,9 @@ def measure_paired(
 
 
 def format_table(workload: Workload, results: list[dict]) -> str:
-    header = ["row", "train step ms", "x LoRA r=8", "gen tok/s", "x LoRA r=8", "peak train MiB", "x LoRA r=8"]
-    header += ["train state MiB", "x LoRA r=8", "trainable params"]
+    # "x ref": against PEFT LoRA r=8, or for a compiled row against PEFT LoRA r=8 compiled (`reference_of`)
+    header = ["row", "train step ms", "x ref", "gen tok/s", "x ref", "peak train MiB", "x ref"]
+    header += ["train state MiB", "x ref", "trainable params"]
     title = (
         f"{workload.name}: batch {workload.batch} x seq {workload.seq_len}; generation {workload.batch} x "
         f"({workload.prompt_len} prompt + {workload.new_tokens} new tokens)"
@@ -202,7 +211,7 @@ def main() -> None:
     )
     for name in args.workloads or default_workloads():
         workload = WORKLOADS[name]
-        available = default_variants(workload, tuple(args.routing))
+        available = default_variants(workload, tuple(args.routing), compiled=args.compile)
         quick_rows = [row.name for row in available if row.name in QUICK_ROWS]
         names = args.rows or (quick_rows if args.quick else None)
         rows = parse_only(names, available)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.generation import CompileConfig
 
 from .workloads import Workload
 
@@ -27,9 +28,12 @@ class Subject:
         device: str,
         clock: str = "wall",
         seed: int = 0,
+        compiled: bool = False,
     ):
         generator = torch.Generator().manual_seed(seed)
         self.model = model
+        self.compiled = compiled
+        self.forward = torch.compile(model) if compiled else model
         self.device = device
         self.clock = clock
         self.input_ids = torch.randint(vocab_size, (batch, seq_len), generator=generator).to(device)
@@ -39,8 +43,8 @@ class Subject:
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
 
     @classmethod
-    def of(cls, model: nn.Module, workload: Workload, clock: str = "wall") -> Subject:
-        """`model` with the batch and prompt shapes of `workload`, on its device."""
+    def of(cls, model: nn.Module, workload: Workload, clock: str = "wall", compiled: bool = False) -> Subject:
+        """`model` with the batch and prompt shapes of `workload`, on its device (`compiled`: see `Variant`)."""
         return cls(
             model,
             workload.batch,
@@ -50,13 +54,14 @@ class Subject:
             model.config.vocab_size,
             workload.device,
             clock,
+            compiled=compiled,
         )
 
     def train_step(self) -> float:
         """Seconds for forward, backward and optimizer step on the training batch."""
         self.model.train()
         start = _now(self.device, self.clock)
-        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        loss = self.forward(input_ids=self.input_ids, labels=self.input_ids).loss
         if self.optimizer is not None:
             loss.backward()
             self.optimizer.step()
@@ -65,7 +70,8 @@ class Subject:
 
     @torch.no_grad()
     def generate(self) -> float:
-        """Generated tokens per second (greedy, KV cache where the method allows it, prefill included)."""
+        """Generated tokens per second (greedy, KV cache where the method allows it, prefill included); compiled:
+        with a static cache, each decoding step one compiled graph, as transformers compiles generation."""
         self.model.eval()
         start = _now(self.device, self.clock)
         out = self.model.generate(
@@ -76,6 +82,7 @@ class Subject:
             do_sample=False,
             use_cache=True,
             pad_token_id=0,
+            **(_compiled_generation() if self.compiled else {}),
         )
         seconds = _now(self.device, self.clock) - start
         return (out.shape[0] * (out.shape[1] - self.prompt.shape[1])) / seconds
@@ -107,12 +114,19 @@ class Subject:
 
         self.model.train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+            loss = self.forward(input_ids=self.input_ids, labels=self.input_ids).loss
         if self.optimizer is not None:
             loss.backward()
             self.optimizer.zero_grad(set_to_none=True)
         activations = sum(size for key, size in saved.items() if key not in held)
         return sum(held.values()) + gradients + activations
+
+
+def _compiled_generation() -> dict:
+    """`generate` arguments that compile decoding; transformers does so by itself on accelerators only."""
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=config)
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, str]:

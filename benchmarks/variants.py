@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, XLoraConfig, get_peft_model
@@ -15,6 +15,7 @@ from peft_lora_mixer import LoraMixerConfig
 from .workloads import Workload
 
 REFERENCE = "lora-r8"  # every ratio is taken against this row, measured in the same run
+COMPILED_REFERENCE = "lora-r8-compiled"  # ...or, for a compiled row, against PEFT LoRA r=8 compiled
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class Variant:
     """One row: `kind` is base, lora, xlora or mixer; r is the (per-expert) rank.
 
     `on_lora_targets`: the mixer on the modules PEFT LoRA adapts, for a like-for-like comparison where LoRA
-    refuses some of the mixer's targets (Mamba's out_proj).
+    refuses some of the mixer's targets (Mamba's out_proj). `compiled`: trained under `torch.compile` and generating
+    with a static cache compiled as transformers compiles decoding (`compile_config`).
     """
 
     kind: str
@@ -31,9 +33,14 @@ class Variant:
     top_k: int = 0
     routing: str = "hard_soft"
     on_lora_targets: bool = False
+    compiled: bool = False
 
     @property
     def name(self) -> str:
+        return self._eager_name + ("-compiled" if self.compiled else "")
+
+    @property
+    def _eager_name(self) -> str:
         if self.kind == "base":
             return "base"
         if self.kind == "lora":
@@ -45,7 +52,16 @@ class Variant:
         return f"mixer-e{self.num_experts}-k{self.top_k}{suffix}"
 
 
-def default_variants(workload: Workload, routings: tuple[str, ...] = ("hard_soft",)) -> list[Variant]:
+def reference_of(row: str) -> str:
+    """The row whose measurement, taken just before, `row`'s ratio divides by: PEFT LoRA r=8 compiled for a
+    compiled row, PEFT LoRA r=8 for the others (the compiled reference included)."""
+    return COMPILED_REFERENCE if row.endswith("-compiled") and row != COMPILED_REFERENCE else REFERENCE
+
+
+def default_variants(
+    workload: Workload, routings: tuple[str, ...] = ("hard_soft",), compiled: bool = False
+) -> list[Variant]:
+    """Every row of `workload`; with `compiled`, also a compiled twin of each row but X-LoRA's."""
     rows = [Variant("base"), Variant("lora", r=8), Variant("lora", r=64), Variant("xlora", num_experts=8, top_k=2)]
     rows += [
         Variant("mixer", num_experts=e, top_k=k, routing=routing)
@@ -55,6 +71,8 @@ def default_variants(workload: Workload, routings: tuple[str, ...] = ("hard_soft
     ]
     if workload.lora_target_modules != workload.target_modules:
         rows.append(Variant("mixer", num_experts=8, top_k=2, on_lora_targets=True))
+    if compiled:
+        rows += [replace(row, compiled=True) for row in rows if row.kind != "xlora"]
     return rows
 
 
@@ -110,10 +128,11 @@ def _xlora(model: PreTrainedModel, variant: Variant, workload: Workload) -> Peft
 
 
 def parse_only(names: list[str] | None, rows: list[Variant]) -> list[Variant]:
-    """The rows named in `names` (the reference row is always kept, since ratios need it)."""
+    """The rows named in `names`, with the reference rows their ratios need."""
     if not names:
         return rows
     unknown = set(names) - {row.name for row in rows}
     if unknown:
         raise SystemExit(f"Unknown rows {sorted(unknown)}; choose among {[row.name for row in rows]}")
-    return [row for row in rows if row.name in names or row.name == REFERENCE]
+    needed = set(names) | {reference_of(name) for name in names} | {REFERENCE}
+    return [row for row in rows if row.name in needed]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -97,6 +97,21 @@ WORKLOADS: dict[str, Workload] = {
         dtype=torch.bfloat16,
     ),
 }
+
+
+def miniature(workload: Workload) -> Workload:
+    """`workload` shrunk to seconds on CPU, its code paths kept (its dtype, grouped-query attention, and 128 tokens
+    per batch: the selected-experts path at E=64): what runs of a GPU workload on a machine without one."""
+    config = dict(
+        workload.config,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    return replace(workload, device="cpu", config=config, batch=2, seq_len=128, prompt_len=8, new_tokens=2)
 
 
 def default_workloads() -> list[str]:

@@ -1,7 +1,5 @@
 """The benchmark's exact training-memory count, and its GPU workload's code run in miniature."""
 
-import dataclasses
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,7 +9,7 @@ import peft_lora_mixer.layer
 from benchmarks.measure import Subject
 from benchmarks.tables import markdown_row, markdown_table
 from benchmarks.variants import apply_variant, default_variants
-from benchmarks.workloads import WORKLOADS
+from benchmarks.workloads import WORKLOADS, miniature
 
 
 def subject(rank: int) -> Subject:
@@ -38,23 +36,7 @@ def test_train_state_memory_is_exact_and_counts_what_training_holds():
 def test_gpu_workload_rows_run_in_miniature_on_cpu(row, monkeypatch):
     """The GPU workload's code (bf16 weights, grouped-query attention, the selected-experts path at E=64) on CPU,
     shrunk: this machine has no GPU, so this is what runs of it here."""
-    workload = dataclasses.replace(
-        WORKLOADS["llama-1b-gpu"],
-        device="cpu",
-        config=dict(
-            WORKLOADS["llama-1b-gpu"].config,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-        ),
-        batch=2,
-        seq_len=128,
-        prompt_len=8,
-        new_tokens=2,
-    )
+    workload = miniature(WORKLOADS["llama-1b-gpu"])
     (variant,) = (v for v in default_variants(workload, ("hard_soft", "topk")) if v.name == row)
     model = apply_variant(workload.build(), variant, workload)
     measured = Subject(model, workload.batch, workload.seq_len, workload.prompt_len, workload.new_tokens, VOCAB, "cpu")
@@ -81,3 +63,24 @@ def test_markdown_table_pads_columns_and_refuses_ragged_rows():
     assert markdown_row(["a", 2]) == "| a | 2 |"  # a row printed as it is measured, unpadded
     with pytest.raises(ValueError, match="2 cells under a header of 3"):
         markdown_table(["a", "b", "c"], [["x", "y"]])
+
+
+def test_gpu_check_runs_in_miniature_on_cpu(tmp_path, monkeypatch):
+    """`python -m benchmarks.gpu_check --tiny`: every correctness check passes and every row is measured, with the
+    compiled rows' ratios against PEFT LoRA r=8 compiled."""
+    import json
+    import sys
+
+    from benchmarks import gpu_check
+
+    out = tmp_path / "check.json"
+    argv = ["gpu_check", "--tiny", "--backend", "aot_eager", "--repeats", "1", "--gen-repeats", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    gpu_check.main()
+    report = json.loads(out.read_text())
+    assert all(check["passed"] for check in report["checks"].values())
+    assert report["checks"]["forced_routing_equals_lora"]["max_abs_difference"] < 1e-4
+    assert "skipped" in report["checks"]["no_host_syncs"]  # a CUDA check
+    rows = {row["row"]: row for row in report["benchmark"]}
+    assert set(gpu_check.DEFAULT_ROWS) | {"lora-r8"} == set(rows)
+    assert all(row["train_ratio"] > 0 and row["gen_ratio"] > 0 for row in rows.values())
