@@ -15,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .routing import ROUTING, Routes, forced_gates, gates_from_logits, top_k_routes
+from .routing_loss.observation import RouterObservation, RoutingObserver
 from .selected_experts import (
     add_selected_experts,
     grouped_mm_supported,
@@ -96,7 +97,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
         self.common_scaling: dict[str, Optional[float]] = {}  # the present experts' common scale, None if they differ
         self.forced_expert_ids: Optional[torch.Tensor] = None
-        self.routing_observer = None  # set by the tuner while the RSL or routing statistics are wanted
+        self.routing_observer: Optional[RoutingObserver] = (
+            None  # set by the tuner while the RSL or statistics are wanted
+        )
         self._disable_adapters = False
         self.cast_input_dtype_enabled = True  # toggled by `peft.helpers.disable_input_dtype_casting`
         self.merged_adapters = []
@@ -191,7 +194,16 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         padding mask."""
         if self.routing_observer is None:
             return torch.softmax(logits, dim=-1) if logits.requires_grad else None
-        return self.routing_observer.observe(self, adapter_name, logits, torch.softmax(logits, dim=-1), token_shape)
+        router = RouterObservation(
+            layer_id=id(self),
+            adapter_name=adapter_name,
+            logits=logits,
+            probs=torch.softmax(logits, dim=-1),
+            token_shape=token_shape,
+            top_k=self.routing[adapter_name].top_k,
+            experts=(self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]),
+        )
+        return self.routing_observer.observe(router)
 
     def gates(self, x: torch.Tensor, adapter_name: str, token_shape: Optional[torch.Size] = None) -> torch.Tensor:
         """Per-token expert weights (float32, (..., E) over the tokens of `x`), or the forced one-hot of `route_to`.

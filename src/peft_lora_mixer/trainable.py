@@ -4,7 +4,7 @@ that train, for the RSL's preservation term."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -12,10 +12,18 @@ from torch.utils.hooks import RemovableHandle
 
 from .layer import LoraMixerLayer, iter_mixer_layers
 from .routing import as_expert_ids
-from .routing_loss.collector import Anchor
 from .zero3 import gathered
 
 ExpertSelection = Union[bool, Sequence[int]]
+
+
+class Anchor(NamedTuple):
+    """theta(0) of one layer's trainable experts for the preservation term, and its weight beta."""
+
+    lora_A: torch.Tensor  # (sum r_e, in)
+    lora_B: torch.Tensor  # (out, sum r_e)
+    keep: torch.Tensor  # (sum r_e,) bool: the rank slots of experts that train
+    weight: float
 
 
 class TrainableParts:

@@ -1,14 +1,43 @@
-"""What a forward's keyword arguments tell the RSL: the padding masks its routers read, and the weight of its RSL
-next to the task loss."""
+"""What a forward's keyword arguments tell the RSL: the padding masks its routers read (`TokenMasks`, built by
+`token_masks`), and the weight of its RSL next to the task loss."""
 
 from __future__ import annotations
 
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from .collector import TokenMasks
+# Cross-attention projections that read the encoder's tokens (their router sees the encoder's padding mask).
+CROSS_ATTENTION_BLOCKS = ("EncDecAttention", "encoder_attn", "crossattention")
+CROSS_ATTENTION_ENCODER_INPUTS = ("k", "v", "k_proj", "v_proj", "key", "value")
+
+
+@dataclass
+class TokenMasks:
+    """The padding masks of one forward (batch x length, True = counts), and which one each router reads.
+
+    Decoder-only and SSM models have one (`decoder`); encoder-decoders also have the encoder's, read by the
+    encoder's routers and by the cross-attention projections fed the encoder's output.
+    """
+
+    decoder: Optional[torch.Tensor] = None
+    encoder: Optional[torch.Tensor] = None
+
+    def for_router(self, module_name: str, token_shape: torch.Size) -> Optional[torch.Tensor]:
+        """The mask for the router of `module_name`, if its tokens (of `token_shape`) are the ones it describes."""
+        mask = self.encoder if self.encoder is not None and _reads_encoder_tokens(module_name) else self.decoder
+        if mask is not None and tuple(mask.shape) == tuple(token_shape):
+            return mask
+        return None
+
+
+def _reads_encoder_tokens(module_name: str) -> bool:
+    parts = module_name.split(".")
+    if "encoder" in parts:
+        return True
+    return any(block in parts for block in CROSS_ATTENTION_BLOCKS) and parts[-1] in CROSS_ATTENTION_ENCODER_INPUTS
 
 
 def token_masks(kwargs: dict[str, Any], is_encoder_decoder: bool) -> TokenMasks:

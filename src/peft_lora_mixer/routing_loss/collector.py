@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from ..trainable import Anchor
+from .batch import TokenMasks
 from .loss import (
     RouterLossSettings,
     RouterUsage,
@@ -34,46 +36,8 @@ from .loss import (
     specialization_loss,
     specialization_loss_gradient,
 )
+from .observation import RouterObservation
 from .stats import RoutingStatsAccumulator
-
-# Cross-attention projections that read the encoder's tokens (their router sees the encoder's padding mask).
-CROSS_ATTENTION_BLOCKS = ("EncDecAttention", "encoder_attn", "crossattention")
-CROSS_ATTENTION_ENCODER_INPUTS = ("k", "v", "k_proj", "v_proj", "key", "value")
-
-
-@dataclass
-class TokenMasks:
-    """The padding masks of one forward (batch x length, True = counts), and which one each router reads.
-
-    Decoder-only and SSM models have one (`decoder`); encoder-decoders also have the encoder's, read by the
-    encoder's routers and by the cross-attention projections fed the encoder's output.
-    """
-
-    decoder: Optional[torch.Tensor] = None
-    encoder: Optional[torch.Tensor] = None
-
-    def for_router(self, module_name: str, token_shape: torch.Size) -> Optional[torch.Tensor]:
-        """The mask for the router of `module_name`, if its tokens (of `token_shape`) are the ones it describes."""
-        mask = self.encoder if self.encoder is not None and _reads_encoder_tokens(module_name) else self.decoder
-        if mask is not None and tuple(mask.shape) == tuple(token_shape):
-            return mask
-        return None
-
-
-def _reads_encoder_tokens(module_name: str) -> bool:
-    parts = module_name.split(".")
-    if "encoder" in parts:
-        return True
-    return any(block in parts for block in CROSS_ATTENTION_BLOCKS) and parts[-1] in CROSS_ATTENTION_ENCODER_INPUTS
-
-
-class Anchor(NamedTuple):
-    """theta(0) of one layer's trainable experts for the preservation term, and its weight beta."""
-
-    lora_A: torch.Tensor  # (sum r_e, in)
-    lora_B: torch.Tensor  # (out, sum r_e)
-    keep: torch.Tensor  # (sum r_e,) bool: the rank slots of experts that train
-    weight: float
 
 
 class RouterLossPart(NamedTuple):
@@ -201,64 +165,62 @@ class RoutingCollector:
             del self.awaiting_recomputation[: -self.MAX_PENDING_RECOMPUTATIONS]
         return step
 
-    def observe(
-        self, layer, adapter_name: str, logits: torch.Tensor, probs: torch.Tensor, token_shape: torch.Size
-    ) -> torch.Tensor:
-        """Called by a layer with its router's logits and probabilities ((..., E) over tokens that had
-        `token_shape`, batch first); returns the tensor the layer should route with."""
-        module_name = self.module_names.get(id(layer), "")
+    def observe(self, router: RouterObservation) -> torch.Tensor:
+        """`RoutingObserver.observe`: record the router's statistics and RSL parts; in a training forward, return
+        its probabilities through the node that adds the RSL's gradient."""
+        layer_id, adapter_name, probs = router.layer_id, router.adapter_name, router.probs
+        module_name = self.module_names.get(layer_id, "")
         step = self.step
         if step is None:  # perhaps a reentrant checkpoint's recomputation during backward
-            return self._attach_to_recomputed(layer, adapter_name, probs)
-        token_mask = step.masks.for_router(module_name, token_shape)
-        usage = RouterUsage.of(probs, layer.routing[adapter_name].top_k, logits, token_mask)
+            return self._attach_to_recomputed(router)
+        token_mask = step.masks.for_router(module_name, router.token_shape)
+        usage = RouterUsage.of(probs, router.top_k, router.logits, token_mask)
         if step.record_stats:
-            self.stats.add(module_name or type(layer).__name__, probs, usage)
+            self.stats.add(module_name or str(layer_id), probs, usage)
         settings = step.settings.get(adapter_name)
         if settings is None:
             return probs
         if settings.global_balance:
             usage = usage.over_global_batch()
         parts = specialization_loss(probs, usage, settings)
-        anchor = step.anchors.get((id(layer), adapter_name))
-        if (id(layer), adapter_name) in step.anchored:  # a layer run twice in one forward: its anchor counts once
+        anchor = step.anchors.get((layer_id, adapter_name))
+        if (layer_id, adapter_name) in step.anchored:  # a layer run twice in one forward: its anchor counts once
             anchor = None
         elif anchor is not None:
-            step.anchored.add((id(layer), adapter_name))
-        step.parts.append(RouterLossPart(adapter_name, *parts, *_preservation(layer, adapter_name, anchor)))
+            step.anchored.add((layer_id, adapter_name))
+        step.parts.append(RouterLossPart(adapter_name, *parts, *_preservation(router.experts, anchor)))
         if torch.is_grad_enabled():
-            return _attach(probs, layer, adapter_name, usage, settings, step, anchor)
-        step.recomputed_routers.setdefault((id(layer), adapter_name), []).append((usage, anchor))
+            return _attach(router, usage, settings, step, anchor)
+        step.recomputed_routers.setdefault((layer_id, adapter_name), []).append((usage, anchor))
         return probs
 
-    def _attach_to_recomputed(self, layer, adapter_name: str, probs: torch.Tensor) -> torch.Tensor:
+    def _attach_to_recomputed(self, router: RouterObservation) -> torch.Tensor:
         """In the recomputation of a reentrant-checkpointed router, the node that adds its RSL gradient."""
         if not torch.is_grad_enabled():
-            return probs
-        key = (id(layer), adapter_name)
+            return router.probs
+        key = (router.layer_id, router.adapter_name)
         for step in reversed(self.awaiting_recomputation):
             runs = step.recomputed_routers.get(key)
             if runs:
                 usage, anchor = runs.pop(0)
                 if not any(step.recomputed_routers.values()):
                     self.awaiting_recomputation.remove(step)
-                return _attach(probs, layer, adapter_name, usage, step.settings[adapter_name], step, anchor)
-        return probs
+                return _attach(router, usage, step.settings[router.adapter_name], step, anchor)
+        return router.probs
 
 
 def _attach(
-    probs: torch.Tensor,
-    layer,
-    adapter_name: str,
+    router: RouterObservation,
     usage: RouterUsage,
     settings: RouterLossSettings,
     step: RoutingStep,
     anchor: Optional[Anchor],
 ) -> torch.Tensor:
+    probs = router.probs
     if anchor is None:
         constants = _RoutingLossGradient(usage, settings, step.router_weight)
         return _AddRoutingLossGradient.apply(probs, None, None, constants) if probs.requires_grad else probs
-    lora_A, lora_B = layer.loramixer_A[adapter_name], layer.loramixer_B[adapter_name]
+    lora_A, lora_B = router.experts
     scale = step.scale * anchor.weight
     with torch.no_grad():
         grads = (
@@ -269,13 +231,15 @@ def _attach(
     return _AddRoutingLossGradient.apply(probs, lora_A, lora_B, constants)
 
 
-def _preservation(layer, adapter_name: str, anchor: Optional[Anchor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _preservation(
+    experts: tuple[torch.Tensor, torch.Tensor], anchor: Optional[Anchor]
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """||theta - theta(0)||^2 of the layer's trainable experts, unweighted and times beta (detached; None without
     an anchor)."""
     if anchor is None:
         return None, None
     with torch.no_grad():
-        lora_A, lora_B = layer.loramixer_A[adapter_name], layer.loramixer_B[adapter_name]
+        lora_A, lora_B = experts
         total = preservation_term(lora_A, anchor.lora_A, anchor.keep, 0)
         total = total + preservation_term(lora_B, anchor.lora_B, anchor.keep, 1)
         return total, total * anchor.weight
