@@ -355,7 +355,7 @@ def run_demo(output_dir: Path, size: DemoSize = DemoSize(), seed: int = 0, model
 def draw_heatmap(stats: dict[str, dict[str, ModuleRoutingStats]], path: Path) -> str | None:
     """The usage heatmap, or None when matplotlib (the `plot` extra) is not installed."""
     try:
-        from peft_lora_mixer.cli.plot import plot_usage_heatmap
+        from peft_lora_mixer.plot import plot_usage_heatmap
 
         return str(plot_usage_heatmap(stats, path))
     except ImportError:
