@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=tuple(SIZES),
         default="tiny",
         help="'tiny': the miniature, pretrained on the spot (minutes); 'smollm2': SmolLM2-135M-Instruct "
-        "on real text (about 15 minutes on 2 cores; needs the 'real' extra)",
+        "on real text (about 7 minutes on 2 lightly loaded cores, plus under a minute to convert the GGUF file on the "
+        "first run; needs the 'real' extra)",
     )
     parser.add_argument("--output", type=Path, help="folder for results and plot (default: outputs/demo[-smollm2])")
     parser.add_argument("--size", choices=("full", "smoke"), default="full", help="'smoke': a quick check of the steps")
