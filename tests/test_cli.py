@@ -378,7 +378,7 @@ def test_eval_report_names_the_experts():
 
 def test_a_gguf_file_is_a_base(tmp_path, capsys):
     """`--base model.gguf`: the file's weights and tokenizer, loaded without GGUF's unsaveable quantiser, so a
-    serving export writes the base model; build and inspect work from it too."""
+    serving export writes the base model; build, train-router, inspect and the static export work from it too."""
     gguf_file = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf_file)
     experts = []
@@ -403,6 +403,12 @@ def test_a_gguf_file_is_a_base(tmp_path, capsys):
     expected = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "m")(ids).logits
     torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-5)
     assert not hasattr(served.config, "quantization_config")
+
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "hello world"}, {"text": "a bc de"}])
+    assert train_router(gguf_file, tmp_path / "m", data, tmp_path / "t", "--steps", "1", "--batch-size", "2") == 0
+    static = ["export", "--static", *base_option, "--mixer", str(tmp_path / "t"), "--data", data]
+    assert main([*static, "--output", str(tmp_path / "static")]) == 0
+    assert (tmp_path / "static" / "adapter_model.safetensors").is_file()
 
     assert main(["build", "--base", str(tmp_path / "missing.gguf"), "--experts", "x", "--output", "y"]) == 2
     assert f"GGUF file '{tmp_path / 'missing.gguf'}' does not exist" in capsys.readouterr().err
