@@ -50,11 +50,11 @@ def export_static_lora(
     `calibration` holds the model's input batches (`input_ids`, `attention_mask`...); see `mean_gates` for which
     gates are averaged. The LoRA written to `output_dir` (`adapter_config.json`, `adapter_model.safetensors`) loads
     with `PeftModel.from_pretrained` in a program without this package, and computes exactly what the mixer computes
-    with those gates, and a model card saying what it was exported from (`source`: the mixer's folder or Hub id, for
-    the card) and which gates it fixed. Its rank is the largest sum of the experts' ranks over the projections; projections with fewer
-    rank slots (experts absent there) are padded with zero slots, since engines read one rank per adapter. Bad
-    inputs (an unknown adapter, no calibration tokens, an `output_dir` holding files) raise before anything is
-    written. Returns the gates, by projection.
+    with those gates. Its model card (`README.md`) says what it was exported from (`source`: the mixer's folder or
+    Hub id) and which gates it fixed. Its rank is the largest sum of the experts' ranks over the projections;
+    projections with fewer rank slots (experts absent there) are padded with zero slots, since engines read one rank
+    per adapter. Bad inputs (an unknown adapter, no calibration tokens, an `output_dir` holding files) raise before
+    anything is written. Returns the gates, by projection.
     """
     output_dir = empty_output_dir(output_dir)
     tuner, name = mixer_adapter(model, adapter_name)
