@@ -24,18 +24,17 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from benchmarks.mixers import RSL_WEIGHTS, plug_and_play
 from benchmarks.peers import xlora_over
 from benchmarks.tables import markdown_table
+from benchmarks.training import fit
 from peft_lora_mixer.config import LoraMixerConfig
-from peft_lora_mixer.experts.plug_and_play import from_experts
 from peft_lora_mixer.integrations.trainer import ExpertIdsCollator
 from peft_lora_mixer.routing_loss.stats import ModuleRoutingStats
 
 from .smollm2 import SmolLM2Workload
 from .tiny import TinyWorkload
-from .train_eval import fit
 
-RSL_WEIGHTS = {"rsl_balance_weight": 0.1, "rsl_entropy_weight": 0.1}
 ORACLE_SHARE = 0.95  # the plug-and-play rows report the router steps needed to reach this share of the oracle
 
 
@@ -201,10 +200,7 @@ class Demo:
         progress: OracleProgress | None = None,
         before_training: Callable[[PeftModel], None] | None = None,
     ) -> PeftModel:
-        weights = RSL_WEIGHTS if rsl else {"add_routing_loss": False}
-        model = from_experts(
-            self.base(), [str(f) for f in self.expert_dirs], top_k=self.size.top_k, router_init=router_init, **weights
-        )
+        model = plug_and_play(self.base(), self.expert_dirs, self.size.top_k, rsl, router_init)
         if before_training is not None:
             before_training(model)
         samples = self.mixed_samples(self.seed + 17, self.size.router_steps)
@@ -355,7 +351,7 @@ def run_demo(output_dir: Path, size: DemoSize = DemoSize(), seed: int = 0, model
 def draw_heatmap(stats: dict[str, dict[str, ModuleRoutingStats]], path: Path) -> str | None:
     """The usage heatmap, or None when matplotlib (the `plot` extra) is not installed."""
     try:
-        from peft_lora_mixer.cli.plot import plot_usage_heatmap
+        from peft_lora_mixer.plot import plot_usage_heatmap
 
         return str(plot_usage_heatmap(stats, path))
     except ImportError:

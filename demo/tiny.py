@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from benchmarks.training import fit
 from benchmarks.workloads import model_from_config
 
 from .tasks import DOMAINS, EOS_ID, PAD_ID, PRETRAIN, VOCAB, training_samples
-from .train_eval import exact_match, fit
+from .train_eval import exact_match
 from .workload import Workload
 
 

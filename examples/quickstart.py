@@ -3,6 +3,10 @@
 Stage 1 trains each expert on its own synthetic "domain" with forced routing (`route_to`); stage 2 trains the
 routers alone. Then the adapter is saved, loaded back on a fresh base model and checked to give identical logits.
 This shows the calls, not the method's quality: for that, see the Routing Specialization Loss and the demo.
+
+Stage 2's loss comes out above stage 1's, and the held-out comparison printed after it says why: stage 1 is told each
+sample's domain, so every token reaches its own expert; in stage 2 the routers must guess the domain from the tokens
+alone, and 30 steps on this toy do not teach them to guess it as well.
 """
 
 from __future__ import annotations
@@ -55,6 +59,18 @@ def train(model, steps: int, forced: bool) -> float:
     return loss.item()
 
 
+@torch.no_grad()
+def heldout_loss(model, forced: bool) -> float:
+    """The loss on fresh samples of every domain, with forced routing or with the routers' own choice."""
+    domain = torch.arange(DOMAINS).repeat_interleave(8)
+    torch.manual_seed(1)
+    ids = domain_batch(domain)
+    if forced:
+        with model.route_to(domain):
+            return model(input_ids=ids, labels=ids).loss.item()
+    return model(input_ids=ids, labels=ids).loss.item()
+
+
 def main() -> None:
     model = get_peft_model(tiny_llama(), LoraMixerConfig(num_experts=DOMAINS, top_k=1, r=8, lora_alpha=16))
     model.print_trainable_parameters()
@@ -65,6 +81,11 @@ def main() -> None:
     print(f"stage 2 (routers only):            loss {train(model, 30, forced=False):.3f}")
 
     model.eval()
+    forced, routed = heldout_loss(model, forced=True), heldout_loss(model, forced=False)
+    print(
+        f"held-out loss: {forced:.3f} with each sample sent to its domain's expert (stage 1's routing), {routed:.3f} "
+        "with the routers' own choice: the gap is what the routers have not learned yet, not the experts"
+    )
     ids = domain_batch(torch.arange(DOMAINS).repeat_interleave(4))
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         model.save_pretrained(folder)

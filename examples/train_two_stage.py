@@ -150,7 +150,7 @@ def main() -> None:
         with open(args.losses, "w") as f:
             json.dump([[h["loss"] for h in stage] for stage in logs], f)
     if args.plot:
-        from peft_lora_mixer.cli.plot import plot_usage_heatmap
+        from peft_lora_mixer.plot import plot_usage_heatmap
 
         print("heatmap:", plot_usage_heatmap(by_domain, args.plot))
 

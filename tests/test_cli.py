@@ -1,15 +1,18 @@
 """The `lora-mixer` command: build / train-router / inspect, bad input."""
 
+import argparse
 import json
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_gguf import write_tiny_gguf
 from tiny_models import VOCAB, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from peft_lora_mixer.cli.commands import main
+from peft_lora_mixer.cli.commands import main, parser
+from peft_lora_mixer.layer import iter_mixer_layers
 
 
 def word_tokenizer(**special_tokens) -> PreTrainedTokenizerFast:
@@ -112,18 +115,15 @@ def test_build_train_router_and_inspect(tmp_path, base_dir, expert_dirs, capsys)
     capsys.readouterr()
     assert main(["inspect", "--base", str(base_dir), "--mixer", str(trained_dir), "--text", "w5 w9 w33"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    # 2 layers x 3 projections (q, k, v); columns: token, one share per expert (named after its folder), top
-    assert lines[0].startswith("expert mix over 6 projections") and lines[1].split() == [
-        "token",
-        "expert0",
-        "expert1",
-        "top",
-    ]
-    rows = [line.split() for line in lines[2:]]
+    # 2 layers x 3 projections (q, k, v); columns: token, each expert (named after its folder), no change, top
+    assert lines[0].startswith("expert mix over 6 projections")
+    assert lines[1].split() == ["token", "expert0", "expert1", "no", "change", "top"]
+    rows = [line.split(maxsplit=4) for line in lines[2:]]
     assert [row[0] for row in rows] == ["'w5'", "'w9'", "'w33'"]
     for row in rows:
-        shares = [int(cell) for cell in row[1:3]]
-        assert 99 <= sum(shares) <= 101 and row[3] == ("expert0" if shares[0] >= shares[1] else "expert1")
+        shares = [int(cell) for cell in row[1:4]]
+        top = ["expert0", "expert1", "no change"][shares.index(max(shares))]
+        assert 99 <= sum(shares) <= 101 and row[4] == top
 
 
 def test_inspect_per_module_layers_and_heatmap(tmp_path, base_dir, mixer_dir, capsys):
@@ -150,8 +150,10 @@ def test_inspect_per_module_layers_and_heatmap(tmp_path, base_dir, mixer_dir, ca
     )
     lines = capsys.readouterr().out.strip().splitlines()
     # full names past the common prefix 'model.layers.', not cut to their last 12 characters
-    assert lines[0].split() == ["token", "1.self_attn.q_proj", "1.self_attn.k_proj", "1.self_attn.v_proj"]
-    assert all(cell in {"0", "1"} for line in lines[1:3] for cell in line.split()[1:])
+    assert lines[1].split() == ["token", "1.self_attn.q_proj", "1.self_attn.k_proj", "1.self_attn.v_proj"]
+    # the experts by name; on k_proj, where expert0 has no weights, routing to it shows as "-" (no change)
+    assert all(cell in {"expert0", "expert1"} for line in lines[2:4] for cell in line.split()[1::2])
+    assert all(cell in {"-", "expert1"} for line in lines[2:4] for cell in line.split()[2:3])
     assert heatmap.stat().st_size > 1000
 
     assert main(["inspect", "--base", str(base_dir), "--mixer", str(mixer_dir), "--text", "w5", "--layers", "7"]) == 2
@@ -289,3 +291,124 @@ def test_demo_is_not_a_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["demo"])
     assert "invalid choice: 'demo'" in capsys.readouterr().err
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    return next(action for action in parser()._actions if action.choices and action.dest == "command").choices
+
+
+@pytest.mark.parametrize("command", ["build", "train-router", "inspect", "eval", "export"])
+def test_help_explains_every_option_with_its_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for action in subcommands()[command]._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings} has no help"
+        if not action.required and action.default is not None:
+            assert f"(default: {action.default})" in text, f"{command} {action.option_strings} hides its default"
+    if command == "train-router":
+        for default in ("--steps STEPS optimizer steps", "(default: 200)", "(default: 0.001)", "(default: 8)"):
+            assert default in text
+
+
+def test_train_router_says_what_it_will_do_before_the_first_step(tmp_path, base_dir, mixer_dir, capsys, monkeypatch):
+    from transformers import Trainer
+
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": " ".join(f"w{j + 2}" for j in range(10))}] * 6)
+    printed_before_training = []
+    train = Trainer.train
+
+    def record_then_train(self, *args, **kwargs):
+        printed_before_training.append(capsys.readouterr().out)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", record_then_train)
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "trained", "--steps", "2", "--batch-size", "4") == 0
+    routers = sum(
+        layer.loramixer_router["default"].weight.numel() + layer.loramixer_router["default"].bias.numel()
+        for _, layer in iter_mixer_layers(PeftModel.from_pretrained(tiny_model("llama"), mixer_dir))
+    )
+    assert (
+        f"training {routers:,} router parameters on 6 examples of 10 tokens on average (at most 256 kept); "
+        "2 steps of 4 examples, about 40 tokens per step (1.3 epochs)"
+    ) in printed_before_training[0]
+
+
+@pytest.fixture
+def routed_mixer_dir(tmp_path, base_dir, expert_dirs):
+    """The mixer over expert0 (q, v) and expert1 (q, k, v), top-1, with routers that send every token to expert0 on
+    k_proj (where it has no weights: no change) and to expert1 on q_proj and v_proj."""
+    from peft_lora_mixer import from_experts
+
+    model = from_experts(AutoModelForCausalLM.from_pretrained(base_dir), expert_dirs, top_k=1)
+    with torch.no_grad():
+        for name, layer in iter_mixer_layers(model.get_base_model()):
+            router = layer.loramixer_router["default"]
+            router.weight.zero_()
+            router.bias.copy_(torch.tensor([10.0, -10.0] if name.endswith("k_proj") else [-10.0, 10.0]))
+    model.save_pretrained(tmp_path / "routed")
+    return tmp_path / "routed"
+
+
+def test_inspect_counts_an_expert_only_where_it_has_weights(base_dir, routed_mixer_dir, capsys):
+    """expert0 wins every k_proj router, but has no weights there: that is no change, not expert0."""
+    inspect = ["inspect", "--base", str(base_dir), "--mixer", str(routed_mixer_dir), "--text", "w5 w9"]
+    capsys.readouterr()
+    assert main(inspect) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].split() == ["token", "expert0", "expert1", "no", "change", "top"]
+    assert [line.split() for line in lines[2:]] == [[token, "0", "67", "33", "expert1"] for token in ("'w5'", "'w9'")]
+
+    assert main([*inspect, "--per-module"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].split()[1:4] == ["0.self_attn.q_proj", "0.self_attn.k_proj", "0.self_attn.v_proj"]
+    assert lines[2].split() == ["'w5'", "expert1", "-", "expert1", "expert1", "-", "expert1"]
+
+
+def test_eval_report_names_the_experts():
+    from peft_lora_mixer.integrations.lm_evaluation import TaskEvaluation, format_report
+
+    result = TaskEvaluation("t", {"t": {"acc,none": 0.5}}, {"tokens": 10}, [0.25, 0.75])
+    lines = format_report([result], ["licenses", "code"]).splitlines()
+    assert lines[1].split()[-2:] == ["licenses", "code"] and lines[2].split()[-2:] == ["0.25", "0.75"]
+    assert lines[0].strip() == "top-1 usage per expert"
+
+
+def test_a_gguf_file_is_a_base(tmp_path, capsys):
+    """`--base model.gguf`: the file's weights and tokenizer, loaded without GGUF's unsaveable quantiser, so a
+    serving export writes the base model; build, train-router, inspect and the static export work from it too."""
+    gguf_file = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf_file)
+    experts = []
+    for index, targets in enumerate([["q_proj", "v_proj"], ["k_proj"]]):
+        torch.manual_seed(index)
+        config = LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
+        get_peft_model(tiny_model("llama"), config).save_pretrained(tmp_path / f"expert{index}")
+        experts.append(str(tmp_path / f"expert{index}"))
+    base_option = ["--base", str(gguf_file)]
+    assert main(["build", *base_option, "--experts", *experts, "--output", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", *base_option, "--mixer", str(tmp_path / "m"), "--text", "hello world"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split()[0] for row in rows[:3]] == ["'h'", "'e'", "'l'"]  # the file's own byte-level tokenizer
+    assert (
+        main(["export", "--serving", *base_option, "--mixer", str(tmp_path / "m"), "--output", str(tmp_path / "s")])
+        == 0
+    )
+
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "s")  # the base with the mixer, from a plain folder
+    ids = torch.tensor([[73, 70, 77, 77, 80]])
+    expected = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "m")(ids).logits
+    torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-5)
+    assert not hasattr(served.config, "quantization_config")
+
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "hello world"}, {"text": "a bc de"}])
+    assert train_router(gguf_file, tmp_path / "m", data, tmp_path / "t", "--steps", "1", "--batch-size", "2") == 0
+    static = ["export", "--static", *base_option, "--mixer", str(tmp_path / "t"), "--data", data]
+    assert main([*static, "--output", str(tmp_path / "static")]) == 0
+    assert (tmp_path / "static" / "adapter_model.safetensors").is_file()
+
+    assert main(["build", "--base", str(tmp_path / "missing.gguf"), "--experts", "x", "--output", "y"]) == 2
+    assert f"GGUF file '{tmp_path / 'missing.gguf'}' does not exist" in capsys.readouterr().err

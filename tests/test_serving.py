@@ -1,5 +1,6 @@
 """`transformers serve` serves a LoRA-Mixer from the folder `lora-mixer export --serving` writes, as it serves a
-plain LoRA: concurrent greedy `/v1/completions` answer what `generate` answers in-process."""
+plain LoRA: concurrent greedy `/v1/completions`, and a `/v1/chat/completions` request (what chat clients send),
+answer what `generate` answers in-process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,11 @@ def folders(tmp_path_factory) -> dict[str, str]:
         main(["export", "--serving", "--base", paths["base"], "--mixer", paths["mixer"], "--output", paths["served"]])
         == 0
     )
+    # the tiny tokenizer has no chat template; this one sends a message's text as it is, so a chat request's
+    # answer is the completion of that text
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(paths["served"])
     os.mkdir(paths["site"])
     (root / "site" / PTH).write_text((ROOT / "src" / PTH).read_text())
     return paths
@@ -94,28 +102,19 @@ def wait_until_up(server: subprocess.Popen, url: str, log: Path) -> None:
     raise AssertionError(f"transformers serve did not answer within {START_TIMEOUT_S} s")
 
 
-@pytest.mark.slow  # a server start: 15 to 40 s on a busy 2-core machine
-@pytest.mark.parametrize("continuous_batching", [False, True], ids=["plain", "continuous-batching"])
-def test_concurrent_completions_equal_generate(folders, continuous_batching, tmp_path):
-    base = AutoModelForCausalLM.from_pretrained(folders["base"]).eval()
-    unadapted = [generated(base, prompt) for prompt in PROMPTS]
-    mixer = PeftModel.from_pretrained(base, folders["mixer"]).eval()
-    expected = [generated(mixer, prompt) for prompt in PROMPTS]
-    assert expected != unadapted  # the server must apply the mixer to match
-
+@contextmanager
+def server_of(folders: dict[str, str], continuous_batching: bool, log: Path) -> Iterator[str]:
+    """`transformers serve` on the exported folder, on a free port; yields its URL, stops it in every case."""
     port = free_port()
     batching = "--continuous-batching" if continuous_batching else "--no-continuous-batching"
     command = [sys.executable, "-c", SERVE, folders["served"], "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "SITE_DIR": folders["site"], "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "server.log"
     with log.open("w") as output:
         server = subprocess.Popen([*command, "--device", "cpu", batching], env=env, stdout=output, stderr=output)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_up(server, url, log)
-        body = {"model": folders["served"], "max_tokens": MAX_TOKENS, "temperature": 0}
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            answers = list(pool.map(lambda prompt: post(f"{url}/v1/completions", {**body, "prompt": prompt}), PROMPTS))
+        yield url
     finally:
         server.terminate()
         try:
@@ -123,4 +122,33 @@ def test_concurrent_completions_equal_generate(folders, continuous_batching, tmp
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def expected_answers(folders: dict[str, str]) -> list[str]:
+    base = AutoModelForCausalLM.from_pretrained(folders["base"]).eval()
+    unadapted = [generated(base, prompt) for prompt in PROMPTS]
+    mixer = PeftModel.from_pretrained(base, folders["mixer"]).eval()
+    expected = [generated(mixer, prompt) for prompt in PROMPTS]
+    assert expected != unadapted  # the server must apply the mixer to match
+    return expected
+
+
+@pytest.mark.slow  # a server start: 15 to 40 s on a busy 2-core machine
+@pytest.mark.parametrize("continuous_batching", [False, True], ids=["plain", "continuous-batching"])
+def test_concurrent_completions_equal_generate(folders, continuous_batching, tmp_path):
+    expected = expected_answers(folders)
+    with server_of(folders, continuous_batching, tmp_path / "server.log") as url:
+        body = {"model": folders["served"], "max_tokens": MAX_TOKENS, "temperature": 0}
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            answers = list(pool.map(lambda prompt: post(f"{url}/v1/completions", {**body, "prompt": prompt}), PROMPTS))
     assert [answer["choices"][0]["text"] for answer in answers] == expected
+
+
+@pytest.mark.slow  # a server start
+def test_chat_completion_equals_generate(folders, tmp_path):
+    expected = expected_answers(folders)
+    with server_of(folders, False, tmp_path / "server.log") as url:
+        messages = [{"role": "user", "content": PROMPTS[1]}]
+        body = {"model": folders["served"], "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
+        answer = post(f"{url}/v1/chat/completions", body)
+    assert answer["choices"][0]["message"]["content"] == expected[1]

@@ -267,3 +267,62 @@ def test_export_command_writes_what_the_function_writes(expert_folders, tmp_path
 def test_export_command_refuses_a_static_export_without_text(tmp_path, capsys):
     code = main(["export", "--static", "--base", "b", "--mixer", "m", "--output", str(tmp_path / "out")])
     assert code == 2 and "--static needs --data" in capsys.readouterr().err
+
+
+def route_every_token_to(model: PeftModel, expert: int) -> PeftModel:
+    """Routers that send every token to `expert` (a zero weight and a bias that only it wins)."""
+    with torch.no_grad():
+        for _, layer in iter_mixer_layers(model.get_base_model()):
+            router = layer.loramixer_router["default"]
+            router.weight.zero_()
+            router.bias.copy_(torch.nn.functional.one_hot(torch.tensor(expert), router.bias.numel()) * 10.0)
+    return model
+
+
+def test_export_command_writes_a_card_sorted_targets_and_prints_the_gates(expert_folders, tmp_path, capsys):
+    """Every token goes to expert2, which adapts v/o only: on q/k that is no change, and the card, the printed
+    table and the sorted, condensed targets say so."""
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    route_every_token_to(make_mixer(expert_folders, top_k=1), 2).save_pretrained(tmp_path / "mixer")
+    (tmp_path / "calibration.jsonl").write_text(json.dumps({"text": "w1 w2 w3"}))
+    capsys.readouterr()
+    assert main(["export", "--static", "--base", str(tmp_path / "base"), "--mixer", str(tmp_path / "mixer"),
+                 "--data", str(tmp_path / "calibration.jsonl"), "--output", str(tmp_path / "static")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    config = json.loads((tmp_path / "static" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]  # not 8 full names, unordered
+    table = [
+        "| expert | all | k_proj | o_proj | q_proj | v_proj |",
+        "|---|---|---|---|---|---|",
+        "| expert0 | 0.000 | - | - | 0.000 | 0.000 |",
+        "| expert1 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |",
+        "| expert2 | 0.500 | - | 1.000 | - | 1.000 |",
+        "| no change | 0.500 | 1.000 | 0.000 | 1.000 | 0.000 |",
+    ]
+    assert "\n".join(table) in out
+    card = (tmp_path / "static" / "README.md").read_text()
+    assert "\n".join(table) in card
+    assert f"the LoRA-Mixer adapter `{tmp_path / 'mixer'}`" in card and "**no longer routed per token**" in card
+    assert all(f"`{Path(folder).name}`: `{folder}`" in card for folder in expert_folders)
+    assert card.startswith("---\n") and "library_name: peft" in card
+
+
+def test_static_targets_name_only_the_adapted_modules(tmp_path):
+    """Experts on q_proj of layer 1 only and on v_proj everywhere: the condensed targets pick exactly those
+    modules in a plain base model (PEFT's own suffix matching), no more."""
+    folders = [
+        save_lora(tmp_path / "q1", seed=0, r=2, target_modules=["q_proj"], layers_to_transform=[1]),
+        save_lora(tmp_path / "v", seed=1, r=2, target_modules=["v_proj"]),
+    ]
+    model = from_experts(tiny_model("llama"), folders).eval()
+    export_static_lora(model, calibration(), tmp_path / "static")
+    config = json.loads((tmp_path / "static" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["1.self_attn.q_proj", "v_proj"]
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "static")
+    adapted = {
+        name.removeprefix("base_model.model.")
+        for name, module in loaded.named_modules()
+        if hasattr(module, "lora_A") and name
+    }
+    assert adapted == {name for name, _ in iter_mixer_layers(model.get_base_model())}

@@ -173,7 +173,7 @@ def test_ddp_matches_single_process_with_the_same_global_batch(tmp_path):
 
 
 def test_usage_heatmap_png(tmp_path):
-    from peft_lora_mixer.cli.plot import plot_usage_heatmap
+    from peft_lora_mixer.plot import plot_usage_heatmap
 
     stats = routing_by_domain(mixer_model(), seed=2, count=2)
     path = plot_usage_heatmap({f"domain {d}": s for d, s in stats.items()}, tmp_path / "usage.png")

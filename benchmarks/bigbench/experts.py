@@ -13,8 +13,7 @@ from pathlib import Path
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq
 
-from demo.train_eval import fit
-
+from ..training import fit
 from .data import Example
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -20,10 +20,10 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from scipy.optimize import minimize
 
-from demo.run import RSL_WEIGHTS
-from peft_lora_mixer import LoraMixerConfig, export_static_lora, export_static_lora_per_group, from_experts
+from peft_lora_mixer import LoraMixerConfig, export_static_lora, export_static_lora_per_group
 from peft_lora_mixer.integrations.trainer import ExpertIdsCollator
 
+from ..mixers import RSL_WEIGHTS, plug_and_play
 from ..peers import xlora_over
 from .data import Example
 from .experts import collator, mixed, train
@@ -197,8 +197,7 @@ def mixer(
     if steps and (folder / "adapter_config.json").is_file():
         return PeftModel.from_pretrained(ctx.base(), folder)
     torch.manual_seed(seed)
-    weights = RSL_WEIGHTS if rsl else {"add_routing_loss": False}
-    model = from_experts(ctx.base(), [str(f) for f in ctx.expert_dirs], top_k=top_k, router_init=router_init, **weights)
+    model = plug_and_play(ctx.base(), ctx.expert_dirs, top_k, rsl, router_init)
     if steps:
         ctx.train(model, ctx.samples("router", count, seed), steps, ctx.size.router_lr, seed)
         model.save_pretrained(folder)

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from demo.smollm2 import GGUF_FILE, gguf_folder, save_plain_base
+from peft_lora_mixer.base_model import load_tokenizer as load_gguf_tokenizer
+
+from ..smollm2 import save_plain_base, smollm2_gguf
 
 
 def prepare_base(model: str, folder: Path, seed: int) -> None:
@@ -20,7 +22,7 @@ def prepare_base(model: str, folder: Path, seed: int) -> None:
     if model == "smollm2":
         save_plain_base(folder)
         return
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE)
+    tokenizer = load_gguf_tokenizer(smollm2_gguf())
     config = AutoConfig.for_model(
         "llama",
         vocab_size=len(tokenizer),

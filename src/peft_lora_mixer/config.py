@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
@@ -37,6 +38,28 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def documented_fields(cls: type) -> type:
+    """Append to the class docstring an `Args:` section in PEFT's format, written from each own field's `help`, type
+    and default: the `help` is then the one place a field is documented, and `help(cls)` still shows them all."""
+    inherited = {item.name for item in fields(PeftConfig)}
+    entries = []
+    for item in fields(cls):
+        if item.name in inherited:
+            continue
+        if not item.metadata.get("help"):
+            raise TypeError(f"{cls.__name__}.{item.name} has no `help`: every field is documented there.")
+        kind = "str" if str(item.type).startswith("Literal[") else item.type  # the choices are in the help
+        entries.append(f"        {item.name} (`{kind}`, defaults to `{item.default!r}`):")
+        entries.append(
+            textwrap.fill(
+                item.metadata["help"], 120, initial_indent=" " * 12, subsequent_indent=" " * 12, break_on_hyphens=False
+            )
+        )
+    cls.__doc__ = f"{cls.__doc__.rstrip()}\n\n    Args:\n" + "\n".join(entries) + "\n"
+    return cls
+
+
+@documented_fields
 @dataclass
 class LoraMixerConfig(PeftConfig):
     """Configuration of a LoRA-Mixer adapter (arXiv 2507.00029).
@@ -47,111 +70,52 @@ class LoraMixerConfig(PeftConfig):
     projection are stored as one `A` of shape (sum_e r_e, in_features) and one `B` of shape
     (out_features, sum_e r_e).
 
-    Args:
-        r (`int`, defaults to `8`):
-            Rank of each new expert: expert e's `A_e` is (r, in_features), its `B_e` (out_features, r). Experts
-            from `experts` keep their own ranks.
-        lora_alpha (`float`, defaults to `8`):
-            Scaling numerator, a finite number > 0: each expert's delta is multiplied by `s = lora_alpha / r`.
-        lora_dropout (`float`, defaults to `0.0`):
-            Dropout probability on the experts' input, in [0, 1); the router always sees the undropped input.
-        use_rslora (`bool`, defaults to `False`):
-            Scale by `lora_alpha / sqrt(r)` (rank-stabilised LoRA) instead of `lora_alpha / r`.
-        num_experts (`Optional[int]`, defaults to `None`):
-            E, the number of experts on each adapted projection (and the router's output width). None:
-            `len(experts)` when `experts` is given (another value is an error), else 4.
-        top_k (`int`, defaults to `2`):
-            Experts kept per token by the `topk` and `hard_soft` modes, in [1, num_experts]. With
-            `top_k == num_experts` every mode is `soft`. `topk` with `top_k=1` weights the kept expert by its
-            router probability (Switch routing), so that the router trains; `hard_soft` with `top_k=1` gives it
-            weight 1 with the dense softmax's gradient. Change it after training with `model.set_routing`.
-        routing (`str`, defaults to `"hard_soft"`):
-            `"soft"`: softmax over all experts. `"topk"`: the top-k experts by logit (ties to the lower index),
-            weighted by the softmax of their logits; the router's gradient flows through the kept experts only (for
-            `top_k=1` see `top_k`). `"hard_soft"`: the paper's differentiable hard-soft top-k, the forward of `topk`
-            with the gradient of `soft` (straight-through). With many experts (`num_experts * r` about the
-            projection's width or more) prefer `topk` for training: `hard_soft`'s router gradient needs every
-            expert's output.
-        router_temperature (`float`, defaults to `1.0`):
-            T, finite and > 0: the router's softmax is taken over `logits / T`.
-        target_modules (`Optional[Union[list[str], str]]`, defaults to `None`):
-            Module names (suffix match) or a regex. None: the default projections of the model's `model_type`
-            (`peft_lora_mixer.DEFAULT_TARGET_MODULES`), or, with `experts`, every module some expert adapts.
-            `"all-linear"`: every linear layer but the output head.
-        exclude_modules (`Optional[Union[list[str], str]]`, defaults to `None`):
-            Module names or a regex never to adapt, as in PEFT's `LoraConfig`.
-        layers_to_transform (`Optional[Union[list[int], int]]`, defaults to `None`):
-            Adapt only the layers with these indices, as in PEFT's `LoraConfig`.
-        layers_pattern (`Optional[Union[list[str], str]]`, defaults to `None`):
-            Name of the layer list that `layers_to_transform` indexes (e.g. `"layers"`); needs
-            `layers_to_transform`.
-        modules_to_save (`Optional[list[str]]`, defaults to `None`):
-            Modules besides the adapters to train and save whole (e.g. a new classification head).
-        init_weights (`bool`, defaults to `True`):
-            True: every expert's B starts at zero, so the model's output is unchanged until training. False: B is
-            random too (for tests).
-        experts (`Optional[list]`, defaults to `None`):
-            Existing PEFT LoRA adapters to use as frozen experts, in router order: Hub ids (`"org/name"`,
-            `"org/name@revision"`), local folders, or dicts `{"id", "revision", "subfolder"}` / `{"path"}`. Ranks,
-            alphas, rsLoRA and target modules may differ. None: the experts are new LoRAs of rank `r` (the joint
-            regime). See docs/plug_and_play.md.
-        resolved_experts (`Optional[list[dict]]`, defaults to `None`):
-            Written when the adapter is created from `experts`, not by the user: each expert pinned to the commit
-            that was resolved, with its rank and scaling per module. Loading uses these pins.
-        save_expert_weights (`Optional[bool]`, defaults to `None`):
-            Whether `save_pretrained` writes the experts' weights next to the routers. None: only when an expert is
-            a local folder or `trainable_experts` is set; otherwise the checkpoint holds the routers and the pinned
-            references.
-        router_init (`str`, defaults to `"random"`):
-            How the routers of a new mixer over `experts` start: `"random"` (nn.Linear's initialisation) or
-            `"experts"` (each row along its expert's top input direction, the top right singular vector of
-            `B_e A_e`, signed by the projection's mean input on random token ids; see docs/plug_and_play.md).
-        trainable_experts (`bool`, defaults to `False`):
-            Train the experts from `experts` together with the routers.
-        allow_pickle_experts (`bool`, defaults to `False`):
-            Accept experts that only have a pickle checkpoint (`adapter_model.bin`), read with
-            `torch.load(weights_only=True)`. Never saved: whoever loads a mixer decides again.
-        add_routing_loss (`bool`, defaults to `True`):
-            Build the Routing Specialization Loss (RSL) in training forwards and send its gradient to the routers,
-            whatever loss is backpropagated; `outputs.loss` stays the task loss (docs/training.md).
-        rsl_balance_weight (`float`, defaults to `0.01`):
-            alpha, the weight of the balance term `alpha * E * sum_i pbar_i * fbar_i`.
-        rsl_entropy_weight (`float`, defaults to `0.01`):
-            lambda, the weight of the mean per-token routing entropy (its start value when adaptive).
-        rsl_entropy_sign (`int`, defaults to `1`):
-            The RSL adds `sign * lambda * H`, H the mean per-token routing entropy, and training minimises it. With
-            1 and `lambda > 0` training lowers H: each token's choice sharpens (input-aware routing, what the
-            paper's text asks for). -1 raises H (the paper's equation read literally, `- lambda * H` minimised).
-        rsl_entropy_target (`Optional[float]`, defaults to `None`):
-            Target mean per-token entropy in nats, in [0, log(num_experts)]. When set, lambda adapts after every
-            training forward: `lambda <- max(0, lambda + rsl_entropy_adapt_rate * sign * (H - target))`.
-        rsl_entropy_adapt_rate (`float`, defaults to `0.01`):
-            Step size of the adaptive lambda.
-        rsl_preservation_weight (`float`, defaults to `0.0`):
-            beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable
-            (theta_e(0): their weights at `set_trainable`, or else at the first training forward).
-        rsl_balance_scope (`str`, defaults to `"micro_batch"`):
-            The tokens the balance term's statistics are taken over: each forward's on each process, or
-            `"global_batch"`, all-reduced over the data-parallel processes (N processes then give the RSL of one
-            process on the whole batch).
+    The `Args:` section below is written from each field's `help` (`documented_fields`): the one place a field is
+    documented.
     """
 
-    r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
-    lora_alpha: float = field(default=8, metadata={"help": "LoRA alpha; each expert is scaled by lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input (not the router's)."})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "Rank of each new expert: expert e's `A_e` is (r, in_features), its `B_e` (out_features, r). Experts "
+                "from `experts` keep their own ranks."
+            )
+        },
+    )
+    lora_alpha: float = field(
+        default=8,
+        metadata={
+            "help": "Scaling numerator, a finite number > 0: each expert's delta is multiplied by `s = lora_alpha / r`."
+        },
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Dropout probability on the experts' input, in [0, 1); the router always sees the undropped input."
+        },
+    )
     use_rslora: bool = field(
-        default=False, metadata={"help": "Scale experts by lora_alpha / sqrt(r) (rank-stabilised LoRA)."}
+        default=False,
+        metadata={"help": "Scale by `lora_alpha / sqrt(r)` (rank-stabilised LoRA) instead of `lora_alpha / r`."},
     )
     num_experts: Optional[int] = field(
         default=None,
-        metadata={"help": "Number of LoRA experts on each adapted projection. Default: len(experts), else 4."},
+        metadata={
+            "help": (
+                "E, the number of experts on each adapted projection (and the router's output width). None: "
+                "`len(experts)` when `experts` is given (another value is an error), else 4."
+            )
+        },
     )
     top_k: int = field(
         default=2,
         metadata={
             "help": (
-                "Experts kept per token by the `topk` and `hard_soft` modes. `topk` with top_k=1 weights the kept "
-                "expert by its router probability (Switch Transformers' top-1), so that the router trains."
+                "Experts kept per token by the `topk` and `hard_soft` modes, in [1, num_experts]. With "
+                "`top_k == num_experts` every mode is `soft`. `topk` with `top_k=1` weights the kept expert by its "
+                "router probability (Switch routing), so that the router trains; `hard_soft` with `top_k=1` gives it "
+                "weight 1 with the dense softmax's gradient. Change it after training with `model.set_routing`."
             )
         },
     )
@@ -159,58 +123,68 @@ class LoraMixerConfig(PeftConfig):
         default="hard_soft",
         metadata={
             "help": (
-                "'soft': softmax over all experts. 'topk': the top_k of the softmax, renormalised, gradient "
-                "through the kept experts only (with top_k=1 not renormalised: the kept expert is weighted by its "
-                "probability, as in Switch Transformers; renormalised it would be 1 and the router would not "
-                "train). 'hard_soft': forward as 'topk', backward as 'soft' "
-                "(straight-through, the paper's differentiable hard-soft top-k). Ties go to the lower index. "
-                "With many experts (num_experts * r about the projection's width or more) prefer 'topk': "
-                "'hard_soft' training needs every expert's output for its router gradient, 'topk' only the "
-                "selected experts'."
+                "`'soft'`: softmax over all experts. `'topk'`: the top-k experts by logit (ties to the lower index), "
+                "weighted by the softmax of their logits renormalised over them; the router's gradient flows "
+                "through the kept experts only (for `top_k=1` see `top_k`). `'hard_soft'`: the paper's "
+                "differentiable hard-soft top-k, the forward of `topk` with the gradient of `soft` "
+                "(straight-through). With many experts (`num_experts * r` about the projection's width or more) "
+                "prefer `topk` for training: `hard_soft`'s router gradient needs every expert's output, `topk` only "
+                "the selected experts'."
             )
         },
     )
-    router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router logits."})
+    router_temperature: float = field(
+        default=1.0,
+        metadata={"help": "T, finite and > 0: the router's softmax is taken over `logits / T`."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
             "help": (
-                "Module names (suffix match) or a regex to adapt. None: the attention / SSM projections of the "
-                "model's `model_type` (see peft_lora_mixer.targets). 'all-linear': every linear layer but the "
-                "output head."
+                "Module names (suffix match) or a regex. None: the default projections of the model's `model_type` "
+                "(`peft_lora_mixer.DEFAULT_TARGET_MODULES`), or, with `experts`, every module some expert adapts. "
+                "`'all-linear'`: every linear layer but the output head."
             )
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex never to adapt."}
+        default=None,
+        metadata={"help": "Module names or a regex never to adapt, as in PEFT's `LoraConfig`."},
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt the layers with these indices."}
+        default=None,
+        metadata={"help": "Adapt only the layers with these indices, as in PEFT's `LoraConfig`."},
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list that `layers_to_transform` indexes, e.g. 'layers'."}
+        default=None,
+        metadata={
+            "help": (
+                "Name of the layer list that `layers_to_transform` indexes (e.g. `'layers'`); needs "
+                "`layers_to_transform`."
+            )
+        },
     )
     modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules besides the adapters to train and save whole, e.g. a new head."}
+        default=None,
+        metadata={"help": "Modules besides the adapters to train and save whole (e.g. a new classification head)."},
     )
     init_weights: bool = field(
         default=True,
         metadata={
             "help": (
-                "True: every expert's B starts at zero, so the model's output is unchanged until training. "
-                "False: B is random too (useful for tests)."
+                "True: every expert's B starts at zero, so the model's output is unchanged until training. False: B "
+                "is random too (for tests)."
             )
         },
     )
-
     experts: Optional[list[ExpertSourceLike]] = field(
         default=None,
         metadata={
             "help": (
-                "Existing PEFT LoRA adapters to use as frozen experts, in router order: Hub ids ('org/name', "
-                "'org/name@revision'), local folders, or dicts {'id', 'revision', 'subfolder'} / {'path'}. Ranks, "
-                "alphas, rsLoRA and target modules may differ; by default the mixer targets every module any expert "
-                "adapts. None: the experts are new LoRAs of rank `r` (the joint training regime)."
+                "Existing PEFT LoRA adapters to use as frozen experts, in router order: Hub ids (`'org/name'`, "
+                "`'org/name@revision'`), local folders, or dicts `{'id', 'revision', 'subfolder'}` / `{'path'}`. "
+                "Ranks, alphas, rsLoRA and target modules may differ. None: the experts are new LoRAs of rank `r` "
+                "(the joint regime). See docs/plug_and_play.md."
             )
         },
     )
@@ -218,9 +192,9 @@ class LoraMixerConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Written when the adapter is created from `experts`: each expert pinned to the commit that was "
-                "resolved, with its rank and scaling per module. Loading uses these pins, never the moving "
-                "references in `experts`."
+                "Written when the adapter is created from `experts`, not by the user: each expert pinned to the "
+                "commit that was resolved, with its rank and scaling per module. Loading uses these pins, never the "
+                "moving references in `experts`."
             )
         },
     )
@@ -229,21 +203,21 @@ class LoraMixerConfig(PeftConfig):
         metadata={
             "help": (
                 "Whether `save_pretrained` writes the experts' weights next to the routers. None: only when an expert "
-                "is a local folder or `trainable_experts` is set; frozen Hub experts are then saved as their pinned "
-                "references, so the checkpoint holds only the routers."
+                "is a local folder or `trainable_experts` is set; otherwise the checkpoint holds the routers and the "
+                "pinned references."
             )
         },
     )
-    router_init: Literal["random", "experts"] = field(
+    router_init: Literal[ROUTER_INITS] = field(
         default="random",
         metadata={
             "help": (
-                "How the routers of a new mixer over `experts` start. 'random': nn.Linear's initialisation. "
-                "'experts': each router row points along its expert's top input direction (top right singular "
-                "vector of B_e A_e, signed by the projection's mean input on one forward pass over random token "
-                "ids), so the tokens an expert changes most go to it before any training; it did not measure better "
-                "than 'random' on the demos (docs/plug_and_play.md), hence not the default. A mixer of new experts "
-                "(no `experts`) and a loaded mixer ignore it."
+                "How the routers of a new mixer over `experts` start: `'random'` (nn.Linear's initialisation) or "
+                "`'experts'` (each row along its expert's top input direction, the top right singular vector of "
+                "`B_e A_e`, signed by the projection's mean input over one forward pass on random token ids, so the "
+                "tokens an expert changes most go to it before any training). A mixer of new experts and a loaded "
+                "mixer ignore it. `'experts'` did not measure better than `'random'` on the demos, hence not the "
+                "default (docs/plug_and_play.md)."
             )
         },
     )
@@ -254,29 +228,37 @@ class LoraMixerConfig(PeftConfig):
         default=False,
         metadata={
             "help": (
-                "Accept experts that only have a pickle checkpoint (adapter_model.bin). Off by default: unpickling "
-                "can run arbitrary code. Such files are read with torch.load(weights_only=True). Never saved: whoever "
+                "Accept experts that only have a pickle checkpoint (`adapter_model.bin`), read with "
+                "`torch.load(weights_only=True)`; off by default, since unpickling can run code. Never saved: whoever "
                 "loads a mixer decides again (`PeftModel.from_pretrained(..., allow_pickle_experts=True)`)."
             )
         },
     )
     add_routing_loss: bool = field(
         default=True,
-        metadata={"help": "Train the routers with the Routing Specialization Loss in training forwards."},
+        metadata={
+            "help": (
+                "Build the Routing Specialization Loss (RSL) in training forwards and send its gradient to the "
+                "routers, whatever loss is backpropagated; `outputs.loss` stays the task loss (docs/training.md)."
+            )
+        },
     )
     rsl_balance_weight: float = field(
-        default=0.01, metadata={"help": "alpha: weight of the RSL balance term alpha * E * sum_i pbar_i * fbar_i."}
+        default=0.01,
+        metadata={"help": "alpha, the weight of the balance term `alpha * E * sum_i pbar_i * fbar_i`."},
     )
     rsl_entropy_weight: float = field(
         default=0.01,
-        metadata={"help": "lambda: weight of the per-token routing entropy (the start value when adaptive)."},
+        metadata={"help": "lambda, the weight of the mean per-token routing entropy (its start value when adaptive)."},
     )
     rsl_entropy_sign: int = field(
         default=1,
         metadata={
             "help": (
-                "+1 minimises the mean per-token entropy (sharp, input-aware routing; the paper's text). "
-                "-1 maximises it (the sign printed in the paper's equation)."
+                "The RSL adds `sign * lambda * H`, H the mean per-token routing entropy, and training minimises it. "
+                "With 1 and `lambda > 0` training lowers H: each token's choice sharpens (input-aware routing, what "
+                "the paper's text asks for). -1 raises H (the paper's equation read literally, `- lambda * H` "
+                "minimised)."
             )
         },
     )
@@ -284,8 +266,8 @@ class LoraMixerConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Target mean per-token entropy in nats, in [0, log(num_experts)]. When set, lambda is adapted after "
-                "every training forward: lambda <- max(0, lambda + rsl_entropy_adapt_rate * sign * (H - target))."
+                "Target mean per-token entropy in nats, in [0, log(num_experts)]. When set, lambda adapts after every "
+                "training forward: `lambda <- max(0, lambda + rsl_entropy_adapt_rate * sign * (H - target))`."
             )
         },
     )
@@ -296,9 +278,8 @@ class LoraMixerConfig(PeftConfig):
         default=0.0,
         metadata={
             "help": (
-                "beta: weight of beta * sum_e ||theta_e - theta_e(0)||^2 over the experts that stay trainable, "
-                "theta_e(0) being their weights when `set_trainable` was called, or else at the first training "
-                "forward."
+                "beta, the weight of `beta * sum_e ||theta_e - theta_e(0)||^2` over the experts that stay trainable "
+                "(theta_e(0): their weights at `set_trainable`, or else at the first training forward)."
             )
         },
     )
@@ -306,9 +287,9 @@ class LoraMixerConfig(PeftConfig):
         default="micro_batch",
         metadata={
             "help": (
-                "Tokens the balance term's statistics (pbar, fbar) are taken over: 'micro_batch' (each forward of "
-                "each process) or 'global_batch' (the forward's tokens on every data-parallel process, all-reduced "
-                "over the default process group, so N processes give the loss of one process on the whole batch)."
+                "The tokens the balance term's statistics (pbar, fbar) are taken over: `'micro_batch'` (each forward "
+                "on each process) or `'global_batch'`, all-reduced over the data-parallel processes (the default "
+                "process group), so N processes give the RSL of one process on the whole batch."
             )
         },
     )

@@ -22,37 +22,44 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import _find_minimal_target_modules
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from .export_card import gate_summary, write_static_card
+from .inspection import applied_gates
 from .layer import LoraMixerLayer, iter_mixer_layers
 from .model import LoraMixerModel
-from .routing import gates_from_logits
 
 Batch = Mapping[str, torch.Tensor]
 PathLike = Union[str, os.PathLike]
 
 
 def export_static_lora(
-    model: PeftModel, calibration: Iterable[Batch], output_dir: PathLike, adapter_name: Optional[str] = None
+    model: PeftModel,
+    calibration: Iterable[Batch],
+    output_dir: PathLike,
+    adapter_name: Optional[str] = None,
+    source: Optional[str] = None,
 ) -> dict[str, torch.Tensor]:
     """Write the adapter, with each router replaced by its mean gates over `calibration`, as a plain PEFT LoRA.
 
     `calibration` holds the model's input batches (`input_ids`, `attention_mask`...); see `mean_gates` for which
     gates are averaged. The LoRA written to `output_dir` (`adapter_config.json`, `adapter_model.safetensors`) loads
     with `PeftModel.from_pretrained` in a program without this package, and computes exactly what the mixer computes
-    with those gates. Its rank is the largest sum of the experts' ranks over the projections; projections with fewer
-    rank slots (experts absent there) are padded with zero slots, since engines read one rank per adapter. Bad
-    inputs (an unknown adapter, no calibration tokens, an `output_dir` holding files) raise before anything is
-    written. Returns the gates, by projection.
+    with those gates. Its model card (`README.md`) says what it was exported from (`source`: the mixer's folder or
+    Hub id) and which gates it fixed. Its rank is the largest sum of the experts' ranks over the projections;
+    projections with fewer rank slots (experts absent there) are padded with zero slots, since engines read one rank
+    per adapter. Bad inputs (an unknown adapter, no calibration tokens, an `output_dir` holding files) raise before
+    anything is written. Returns the gates, by projection.
     """
     output_dir = empty_output_dir(output_dir)
     tuner, name = mixer_adapter(model, adapter_name)
     gates = mean_gates(model, calibration, name)
-    _write_static_lora(tuner, name, gates, output_dir)
+    _write_static_lora(tuner, name, gates, output_dir, source)
     return gates
 
 
@@ -61,6 +68,7 @@ def export_static_lora_per_group(
     groups: Mapping[str, Iterable[Batch]],
     output_dir: PathLike,
     adapter_name: Optional[str] = None,
+    source: Optional[str] = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """`export_static_lora` once per named group of calibration batches (e.g. one per task), into
     `output_dir/<group>`: a deployment that knows a request's task serves that task's LoRA. Every group's gates are
@@ -74,7 +82,7 @@ def export_static_lora_per_group(
     tuner, name = mixer_adapter(model, adapter_name)
     gates = {group: mean_gates(model, batches, name) for group, batches in groups.items()}
     for group, group_gates in gates.items():
-        _write_static_lora(tuner, name, group_gates, output_dir / group)
+        _write_static_lora(tuner, name, group_gates, output_dir / group, source, group)
     return gates
 
 
@@ -132,14 +140,6 @@ def mean_gates(
     return {module: (sums[module] / counts[module]).float() for module in layers}
 
 
-def applied_gates(layer: LoraMixerLayer, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
-    """The gates `layer` applies to `tokens` (..., in_features) in the forward, (tokens x E) float32, computed without
-    telling the routing observer (this is a second look, not a forward)."""
-    settings = layer.routing[adapter_name]
-    logits = layer.router_logits(tokens.reshape(-1, layer.in_features), adapter_name)
-    return gates_from_logits(logits, None, settings.mode, settings.top_k)
-
-
 def static_lora(
     tuner: LoraMixerModel, adapter_name: str, gates: Mapping[str, torch.Tensor]
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -160,7 +160,7 @@ def static_lora(
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,  # PEFT's scaling is then exactly 1: each expert's own scale is in B
-        target_modules=sorted(layers),
+        target_modules=minimal_target_modules(tuner.model, layers),
         lora_dropout=mixer_config.lora_dropout,
         fan_in_fan_out=any(isinstance(layer.get_base_layer(), Conv1D) for layer in layers.values()),
         base_model_name_or_path=mixer_config.base_model_name_or_path,
@@ -168,7 +168,19 @@ def static_lora(
         task_type=mixer_config.task_type,
         inference_mode=True,
     )
+    # LoraConfig keeps target_modules as a set, which PEFT writes in arbitrary order; a sorted list reads and diffs
+    config.target_modules = sorted(config.target_modules)
     return config, state
+
+
+def minimal_target_modules(model: nn.Module, targets: Iterable[str]) -> set[str]:
+    """The shortest name suffixes that match exactly `targets` among `model`'s modules (e.g. {"q_proj", "v_proj"}
+    instead of one full name per layer), found as PEFT condenses long target lists; the modules inside an adapted
+    layer (its base layer, routers) are not the base model's and are left out of the comparison."""
+    targets = set(targets)
+    inside = tuple(f"{name}." for name in targets)
+    others = [name for name, _ in model.named_modules() if name and name not in targets and not name.startswith(inside)]
+    return _find_minimal_target_modules(targets, others)
 
 
 def mixer_adapter(model: nn.Module, adapter_name: Optional[str]) -> tuple[LoraMixerModel, str]:
@@ -190,12 +202,18 @@ def mixer_adapter(model: nn.Module, adapter_name: Optional[str]) -> tuple[LoraMi
 
 
 def _write_static_lora(
-    tuner: LoraMixerModel, adapter_name: str, gates: Mapping[str, torch.Tensor], output_dir: Path
+    tuner: LoraMixerModel,
+    adapter_name: str,
+    gates: Mapping[str, torch.Tensor],
+    output_dir: Path,
+    source: Optional[str],
+    group: Optional[str] = None,
 ) -> None:
     config, state = static_lora(tuner, adapter_name, gates)
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(output_dir))
     save_file(state, str(output_dir / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    write_static_card(output_dir, tuner, adapter_name, gate_summary(tuner, adapter_name, gates), source, group)
 
 
 def write_serving_folder(

@@ -1,4 +1,10 @@
-"""Which expert each token chose, per adapted projection: for reading a trained mixer on real text."""
+"""How each token is routed, per adapted projection: for reading a trained mixer on real text.
+
+Experts may adapt different projections (plug-and-play LoRAs of different target sets). A gate given to an expert
+with no weights on a projection changes nothing there, by design (see `LoraMixerLayer.router_logits`), so every view
+here counts it as "no change", never as that expert: an expert alone on a projection would otherwise seem chosen
+wherever the others are.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +13,50 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layer import LoraMixerLayer, iter_mixer_layers
+from .routing import gates_from_logits
+
+NO_CHANGE = "no change"
+
+
+def applied_gates(layer: LoraMixerLayer, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    """The gates `layer` applies to `tokens` (..., in_features) in the forward, (tokens x E) float32, computed without
+    telling the routing observer (this is a second look, not a forward)."""
+    settings = layer.routing[adapter_name]
+    logits = layer.router_logits(tokens.reshape(-1, layer.in_features), adapter_name)
+    return gates_from_logits(logits, None, settings.mode, settings.top_k)
+
+
+def experts_present(layer: LoraMixerLayer, adapter_name: str) -> torch.Tensor:
+    """(E,) bool: which experts have weights (at least one rank slot) on this projection."""
+    slots = layer.loramixer_slot_expert[adapter_name]
+    return torch.bincount(slots.cpu(), minlength=layer.routing[adapter_name].num_experts) > 0
 
 
 @contextmanager
-def recorded_choices(model: nn.Module, adapter_name: str = "default") -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record, for every forward inside the block, each mixer layer's top-1 expert per token.
+def recorded_gates(
+    model: nn.Module, adapter_name: str = "default"
+) -> Iterator[tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]]:
+    """Record, for every forward inside the block, the gates each mixer layer applies to each token.
 
-    Yields `{module name: [tensor of expert ids, one per forward, shaped like the input's tokens]}`.
+    Yields `(gates, present)`: `gates[module]` is a list with one (tokens x E) float32 tensor per forward, `present`
+    the module's `experts_present`.
     """
-    choices: dict[str, list[torch.Tensor]] = {}
+    gates: dict[str, list[torch.Tensor]] = {}
+    present: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in iter_mixer_layers(model, adapter_name):
+        present[name] = experts_present(module, adapter_name)
 
         def record(layer: LoraMixerLayer, args: tuple, output, name: str = name) -> None:
             with torch.no_grad():
-                probs = layer.router_probs(args[0], adapter_name)
-            choices.setdefault(name, []).append(probs.argmax(-1).cpu())
+                gates.setdefault(name, []).append(applied_gates(layer, args[0], adapter_name).cpu())
 
         handles.append(module.register_forward_hook(record))
     try:
-        yield choices
+        yield gates, present
     finally:
         for handle in handles:
             handle.remove()
@@ -41,13 +67,13 @@ def layer_index(module_name: str) -> Optional[int]:
     return next((int(part) for part in module_name.split(".") if part.isdigit()), None)
 
 
-def within_layers(choices: dict[str, torch.Tensor], layers: Optional[Sequence[int]]) -> dict[str, torch.Tensor]:
-    """The choices of the modules in `layers` (all when None); an error naming the adapted layers if none is."""
+def within_layers(gates: dict[str, torch.Tensor], layers: Optional[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """The entries of the modules in `layers` (all when None); an error naming the adapted layers if none is."""
     if layers is None:
-        return choices
-    kept = {name: chosen for name, chosen in choices.items() if layer_index(name) in set(layers)}
+        return gates
+    kept = {name: value for name, value in gates.items() if layer_index(name) in set(layers)}
     if not kept:
-        adapted = sorted({layer_index(name) for name in choices} - {None})
+        adapted = sorted({layer_index(name) for name in gates} - {None})
         raise ValueError(f"No adapted projection in layers {list(layers)}; the mixer adapts layers {adapted}.")
     return kept
 
@@ -64,33 +90,51 @@ def expert_names(config) -> list[str]:
     return [source.label.rstrip("/").split("/")[-1].split("@")[0] for source in config.expert_sources]
 
 
-def expert_mix(choices: dict[str, torch.Tensor], num_experts: int) -> torch.Tensor:
-    """(tokens, experts): the share of the adapted projections whose top-1 expert for each token is each expert."""
-    chosen = torch.stack([ids.reshape(-1) for ids in choices.values()])  # (modules, tokens)
-    return F.one_hot(chosen, num_experts).float().mean(0)
+def expert_mix(gates: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(tokens, E + 1): each token's gate per expert, averaged over the projections, counting an expert only on the
+    projections it adapts; the last column is the gate given to experts absent from a projection (no change)."""
+    rows = []
+    for name, module_gates in gates.items():
+        kept = module_gates * present[name]
+        rows.append(torch.cat([kept, (module_gates - kept).sum(-1, keepdim=True)], dim=-1))
+    return torch.stack(rows).mean(0)
 
 
-def format_expert_mix(tokens: list[str], choices: dict[str, torch.Tensor], names: list[str]) -> str:
-    """One row per token: the percentage of projections routed to each expert, and the most chosen expert."""
-    mix = expert_mix(choices, len(names))
+def format_expert_mix(tokens: list[str], mix: torch.Tensor, names: list[str], projections: int) -> str:
+    """One row per token: its mean gate (%) per expert and for "no change", and the largest of them."""
+    columns = [*names, NO_CHANGE]
     token_width = min(max(len(token) for token in tokens), 24) + 2
-    widths = [max(len(name), 5) for name in names]
-    header = f"{'token':<{token_width}}" + " ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + "  top"
-    lines = [f"expert mix over {len(choices)} projections (% choosing each expert first)", header]
+    widths = [max(len(column), 5) for column in columns]
+    header = f"{'token':<{token_width}}" + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths)) + "  top"
+    lines = [
+        f"expert mix over {projections} projections (mean gate, %; {NO_CHANGE!r}: gates of experts absent from a "
+        "projection)",
+        header,
+    ]
     for token, shares in zip(tokens, mix):
         cells = " ".join(f"{100 * share:>{w}.0f}" for share, w in zip(shares.tolist(), widths))
-        lines.append(f"{token[: token_width - 2]:<{token_width}}{cells}  {names[int(shares.argmax())]}")
+        lines.append(f"{token[: token_width - 2]:<{token_width}}{cells}  {columns[int(shares.argmax())]}")
     return "\n".join(lines)
 
 
-def format_choices(tokens: list[str], choices: dict[str, torch.Tensor]) -> str:
-    """One row per token, one column per adapted module (its name past the common prefix), the top-1 expert."""
-    headers = _without_common_prefix(list(choices))
+def format_choices(
+    tokens: list[str], gates: dict[str, torch.Tensor], present: dict[str, torch.Tensor], names: list[str]
+) -> str:
+    """One row per token, one column per adapted module (its name past the common prefix): the name of the token's
+    top-1 expert there, or '-' where that expert is absent from the module (no change)."""
+    headers = _without_common_prefix(list(gates))
+    cells_by_module = []
+    for module, module_gates in gates.items():
+        chosen = module_gates.argmax(-1).tolist()
+        cells_by_module.append([names[e] if present[module][e] else "-" for e in chosen])
     token_width = min(max(len(token) for token in tokens), 24) + 2
-    widths = [len(header) for header in headers]
-    lines = [f"{'token':<{token_width}}" + " ".join(f"{h:>{w}}" for h, w in zip(headers, widths))]
+    widths = [max(len(header), *(len(cell) for cell in cells)) for header, cells in zip(headers, cells_by_module)]
+    lines = [
+        "top-1 expert per projection ('-': an expert absent from that projection, so no change there)",
+        f"{'token':<{token_width}}" + " ".join(f"{h:>{w}}" for h, w in zip(headers, widths)),
+    ]
     for position, token in enumerate(tokens):
-        cells = " ".join(f"{int(chosen.reshape(-1)[position]):>{w}}" for chosen, w in zip(choices.values(), widths))
+        cells = " ".join(f"{cells[position]:>{w}}" for cells, w in zip(cells_by_module, widths))
         lines.append(f"{token[: token_width - 2]:<{token_width}}{cells}")
     return "\n".join(lines)
 

@@ -26,19 +26,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after every option's help, except where there is no default to show (a required
+    option, or one whose absence the help text explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="lora-mixer", description=__doc__)
+    root = argparse.ArgumentParser(prog="lora-mixer", description=__doc__, formatter_class=HelpFormatter)
     commands = root.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build", help="mix existing LoRA adapters (Hub ids or folders) into a new mixer")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    build = command("build", "mix existing LoRA adapters (Hub ids or folders) into a new mixer")
     add_base_argument(build)
     build.add_argument("--experts", nargs="+", required=True, help="sources: org/name[@revision] or folders")
-    build.add_argument("--output", type=Path, required=True)
-    build.add_argument("--top-k", type=int, default=2)
-    build.add_argument("--routing", choices=ROUTING_MODES, default="hard_soft")
+    build.add_argument("--output", type=Path, required=True, help="folder to save the mixer in")
+    build.add_argument("--top-k", type=positive_int, default=2, help="experts each router keeps per token")
+    build.add_argument(
+        "--routing",
+        choices=ROUTING_MODES,
+        default="hard_soft",
+        help="how gates follow from router logits (see LoraMixerConfig.routing)",
+    )
     build.set_defaults(handler=build_command)
 
-    train = commands.add_parser("train-router", help="train a mixer's routers on a JSONL dataset with Trainer")
+    train = command("train-router", "train a mixer's routers on a JSONL dataset with Trainer")
     add_base_argument(train)
     train.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
     train.add_argument(
@@ -47,20 +65,24 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="JSONL file: a 'text' field per line (encoder-decoder bases: 'text' and 'target')",
     )
-    train.add_argument("--output", type=Path, required=True)
-    train.add_argument("--steps", type=positive_int, default=200)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=positive_int, default=8)
-    train.add_argument("--max-length", type=positive_int, default=256, help="tokens kept per sample")
+    train.add_argument("--output", type=Path, required=True, help="folder to save the trained mixer in")
+    train.add_argument(
+        "--steps",
+        type=positive_int,
+        default=200,
+        help="optimizer steps, each over --batch-size examples; the plan is printed before the first one (on a "
+        "CPU, time a few steps first: a full-size model takes seconds per step)",
+    )
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the routers")
+    train.add_argument("--batch-size", type=positive_int, default=8, help="examples per step")
+    train.add_argument("--max-length", type=positive_int, default=256, help="tokens kept per example")
     train.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the trained mixer to this repo")
     train.set_defaults(handler=train_router_command)
 
-    inspect = commands.add_parser(
-        "inspect", help="show which experts each token chose: its expert mix over the adapted projections"
-    )
+    inspect = command("inspect", "show which experts each token chose: its expert mix over the adapted projections")
     add_base_argument(inspect)
     inspect.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
-    inspect.add_argument("--text", required=True)
+    inspect.add_argument("--text", required=True, help="the text whose routing to show")
     inspect.add_argument(
         "--layers", type=int, nargs="+", metavar="N", help="count only the projections of these layers (default: all)"
     )
@@ -72,19 +94,23 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--heatmap", type=Path, metavar="PNG", help="also draw the expert mix per token to a PNG")
     inspect.set_defaults(handler=inspect_command)
 
-    evaluate = commands.add_parser("eval", help="score a mixer with lm-evaluation-harness, routing beside the scores")
+    evaluate = command("eval", "score a mixer with lm-evaluation-harness, routing beside the scores")
     add_base_argument(evaluate)
     evaluate.add_argument("--mixer", required=True, help="saved mixer folder or Hub id")
     evaluate.add_argument("--tasks", nargs="+", required=True, help="lm-eval task or group names")
     evaluate.add_argument("--include-path", type=Path, help="folder of your own lm-eval task YAML files")
-    evaluate.add_argument("--num-fewshot", type=int)
-    evaluate.add_argument("--limit", type=float, help="documents per task (below 1: a fraction), for quick runs")
-    evaluate.add_argument("--batch-size", type=int, default=1, help="above 1 the routing counts include padding")
-    evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
+    evaluate.add_argument(
+        "--limit", type=float, help="documents per task (below 1: a fraction), for quick runs (default: all)"
+    )
+    evaluate.add_argument(
+        "--batch-size", type=positive_int, default=1, help="above 1 the routing counts include padding"
+    )
+    evaluate.add_argument("--device", help="default: cuda if available, else cpu")
     evaluate.add_argument("--output", type=Path, help="also write the results as JSON here")
     evaluate.set_defaults(handler=eval_command)
 
-    export = commands.add_parser("export", help="write a mixer as a folder to serve, or as one plain PEFT LoRA")
+    export = command("export", "write a mixer as a folder to serve, or as one plain PEFT LoRA")
     form = export.add_mutually_exclusive_group(required=True)
     form.add_argument(
         "--serving", action="store_true", help="one folder with the base model, its tokenizer and the mixer"
@@ -103,7 +129,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_base_argument(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--base", required=True, help="base model: Hub id or folder (with its tokenizer)")
+    command.add_argument(
+        "--base",
+        required=True,
+        help="base model: Hub id, folder (with its tokenizer), or a .gguf file (read dequantised, with the "
+        "tokenizer it carries)",
+    )
     command.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -120,9 +151,10 @@ def positive_int(value: str) -> int:
 
 
 def build_command(args: argparse.Namespace) -> int:
+    from ..base_model import load_base_model
     from ..experts.plug_and_play import from_experts
 
-    model = from_experts(load_base(args.base, args.dtype), args.experts, top_k=args.top_k, routing=args.routing)
+    model = from_experts(load_base_model(args.base, args.dtype), args.experts, top_k=args.top_k, routing=args.routing)
     model.save_pretrained(args.output)
     print(f"mixer over {len(args.experts)} experts saved to {args.output}")
     return 0
@@ -132,19 +164,23 @@ def train_router_command(args: argparse.Namespace) -> int:
     import tempfile
 
     from peft import PeftModel
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
+    from ..base_model import is_encoder_decoder, load_base_model, load_tokenizer
     from ..integrations.trainer import RoutingCallback
-    from .data import read_records, tokenize_records, training_collator
+    from .data import read_records, tokenize_records, training_collator, training_plan
 
     encoder_decoder = is_encoder_decoder(args.base)
     records = read_records(args.data, ("text", "target") if encoder_decoder else ("text",))
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    tokenizer = load_tokenizer(args.base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # harmless: the collator masks padding by position, not by id
     samples = tokenize_records(records, tokenizer, args.max_length, encoder_decoder, args.data)
-    model = PeftModel.from_pretrained(load_base(args.base, args.dtype), args.mixer, is_trainable=True)
+    model = PeftModel.from_pretrained(load_base_model(args.base, args.dtype), args.mixer, is_trainable=True)
     model.set_trainable(routers=True, experts=False)
+    routers = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    plan = training_plan(samples, args.steps, args.batch_size, args.max_length)
+    print(f"training {routers:,} router parameters on {plan}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:  # Trainer wants a folder; nothing of it is kept
         training_args = TrainingArguments(
             output_dir=scratch,
@@ -176,37 +212,43 @@ def train_router_command(args: argparse.Namespace) -> int:
 def inspect_command(args: argparse.Namespace) -> int:
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
+    from ..base_model import load_base_model, load_tokenizer
     from ..inspection import (
+        NO_CHANGE,
+        expert_mix,
         expert_names,
         format_choices,
         format_expert_mix,
-        recorded_choices,
+        recorded_gates,
         token_texts,
         within_layers,
     )
 
     if not args.text.strip():
         raise ValueError("--text is empty; give the text whose routing to show.")
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    tokenizer = load_tokenizer(args.base)
     encoded = tokenizer(args.text, return_tensors="pt")
     if encoded["input_ids"].shape[-1] == 0:
         raise ValueError(f"--text {args.text!r} gives no tokens with this tokenizer.")
-    model = PeftModel.from_pretrained(load_base(args.base, args.dtype), args.mixer).eval()
+    model = PeftModel.from_pretrained(load_base_model(args.base, args.dtype), args.mixer).eval()
     inputs = dict(encoded)
     if model.config.is_encoder_decoder:  # the decoder reads the text too, one position behind (as in training)
         inputs["labels"] = encoded["input_ids"]
-    with torch.no_grad(), recorded_choices(model) as choices:
+    with torch.no_grad(), recorded_gates(model) as (recorded, present):
         model(**inputs)
-    choices = within_layers({name: forwards[0] for name, forwards in choices.items()}, args.layers)
+    gates = within_layers({name: forwards[0] for name, forwards in recorded.items()}, args.layers)
     tokens = token_texts(tokenizer, encoded["input_ids"][0].tolist())
     names = expert_names(model.peft_config["default"])
-    print(format_choices(tokens, choices) if args.per_module else format_expert_mix(tokens, choices, names))
+    mix = expert_mix(gates, present)
+    if args.per_module:
+        print(format_choices(tokens, gates, present, names))
+    else:
+        print(format_expert_mix(tokens, mix, names, len(gates)))
     if args.heatmap:
-        from .plot import plot_token_mix
+        from ..plot import plot_token_mix
 
-        print(f"heatmap: {plot_token_mix(tokens, choices, names, args.heatmap)}")
+        print(f"heatmap: {plot_token_mix(tokens, mix, [*names, NO_CHANGE], args.heatmap)}")
     return 0
 
 
@@ -215,15 +257,16 @@ def eval_command(args: argparse.Namespace) -> int:
 
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
+    from ..base_model import load_base_model, load_tokenizer
+    from ..inspection import expert_names
     from ..integrations.lm_evaluation import evaluate_mixer, format_report, require_lm_eval, task_manager
 
     require_lm_eval()
     manager = task_manager(args.tasks, args.include_path)  # unknown tasks fail here, before any model is loaded
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
-    model = PeftModel.from_pretrained(load_base(args.base, args.dtype), args.mixer).to(device)
+    tokenizer = load_tokenizer(args.base)
+    model = PeftModel.from_pretrained(load_base_model(args.base, args.dtype), args.mixer).to(device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate_mixer(
         model,
@@ -234,26 +277,11 @@ def eval_command(args: argparse.Namespace) -> int:
         limit=limit,
         batch_size=args.batch_size,
     )
-    print(format_report(results))
+    print(format_report(results, expert_names(model.peft_config["default"])))
     if args.output:
         args.output.write_text(json.dumps([dataclasses.asdict(result) for result in results], indent=2))
         print(f"results: {args.output}")
     return 0
-
-
-def is_encoder_decoder(name_or_path: str) -> bool:
-    from transformers import AutoConfig
-
-    return bool(getattr(AutoConfig.from_pretrained(name_or_path), "is_encoder_decoder", False))
-
-
-def load_base(name_or_path: str, dtype: str = "float32"):
-    """The base model, causal or encoder-decoder as its config says, in `dtype`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(name_or_path) else AutoModelForCausalLM
-    return auto.from_pretrained(name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
 
 
 if __name__ == "__main__":

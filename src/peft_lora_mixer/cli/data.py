@@ -71,3 +71,15 @@ def training_collator(tokenizer: PreTrainedTokenizerBase, model=None) -> DataCol
     tokenizer whose pad token is its end-of-sequence token keeps its real end-of-sequence labels). With an
     encoder-decoder `model`, it also builds the decoder inputs from the labels."""
     return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, padding=True)
+
+
+def training_plan(samples: list[dict[str, Any]], steps: int, batch_size: int, max_length: int) -> str:
+    """What `train-router` is about to do, said before its first step: its length is steps x examples x tokens, and
+    a default run of a real model on a CPU takes long enough that a user should know before it starts."""
+    mean_tokens = sum(len(sample["input_ids"]) for sample in samples) / len(samples)
+    epochs = steps * batch_size / len(samples)
+    return (
+        f"{len(samples)} examples of {mean_tokens:.0f} tokens on average (at most {max_length} kept); "
+        f"{steps} steps of {batch_size} examples, about {batch_size * mean_tokens:.0f} tokens per step "
+        f"({epochs:.1f} epochs)"
+    )

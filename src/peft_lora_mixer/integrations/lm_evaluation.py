@@ -133,17 +133,27 @@ def _task_evaluation(
     return TaskEvaluation(task, scores, routing, usage)
 
 
-def format_report(results: Sequence[TaskEvaluation]) -> str:
-    """One line per (sub)task and metric, the routing statistics of the requested task beside it."""
-    lines = [f"{'task':<28}{'metric':<22}{'value':>8}  {'tokens':>8}{'entropy':>9}{'balance':>9}  top-1 usage"]
+def format_report(results: Sequence[TaskEvaluation], names: Optional[Sequence[str]] = None) -> str:
+    """One line per (sub)task and metric, the routing statistics of the requested task beside it; the top-1 usage
+    columns are headed by the experts' `names` (default: their indices)."""
+    names = [str(name) for name in names] if names is not None else [str(i) for i in range(_num_experts(results))]
+    widths = [max(len(name), 4) for name in names]
+    usage_header = " ".join(f"{name:>{width}}" for name, width in zip(names, widths))
+    header = f"{'task':<28}{'metric':<22}{'value':>8}  {'tokens':>8}{'entropy':>9}{'balance':>9}  "
+    lines = [" " * len(header) + "top-1 usage per expert", header + usage_header]
     for result in results:
         routing = result.routing
         beside = (
             f"{int(routing['tokens']):>8}{routing.get('routing/entropy', math.nan):>9.3f}"
-            f"{routing.get('routing/balance', math.nan):>9.3f}  " + " ".join(f"{share:.2f}" for share in result.usage)
+            f"{routing.get('routing/balance', math.nan):>9.3f}  "
+            + " ".join(f"{share:>{width}.2f}" for share, width in zip(result.usage, widths))
         )
         for name, metrics in result.scores.items():
             for metric, value in metrics.items():
                 if "_stderr" not in metric:
                     lines.append(f"{name[:27]:<28}{metric[:21]:<22}{value:>8.4f}  {beside}")
     return "\n".join(lines)
+
+
+def _num_experts(results: Sequence[TaskEvaluation]) -> int:
+    return max((len(result.usage) for result in results), default=0)

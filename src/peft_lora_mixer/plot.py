@@ -8,8 +8,7 @@ from typing import Union
 
 import torch
 
-from ..inspection import expert_mix
-from ..routing_loss.stats import ModuleRoutingStats
+from .routing_loss.stats import ModuleRoutingStats
 
 
 def plot_usage_heatmap(
@@ -45,17 +44,14 @@ def plot_usage_heatmap(
     return path
 
 
-def plot_token_mix(
-    tokens: list[str], choices: Mapping[str, torch.Tensor], names: list[str], path: Union[str, Path]
-) -> Path:
-    """Draw `inspect`'s expert mix (rows: tokens, columns: experts, colour: share of projections) into a PNG."""
+def plot_token_mix(tokens: list[str], mix: torch.Tensor, columns: list[str], path: Union[str, Path]) -> Path:
+    """Draw `inspect`'s expert mix (rows: tokens, columns: the experts and "no change", colour: mean gate) to a PNG."""
     plt = _pyplot()
-    mix = expert_mix(dict(choices), len(names))
-    figure, ax = plt.subplots(figsize=(2 + 0.8 * len(names), 1 + 0.25 * len(tokens)))
+    figure, ax = plt.subplots(figsize=(2 + 0.8 * len(columns), 1 + 0.25 * len(tokens)))
     image = ax.imshow(mix.numpy(), vmin=0.0, vmax=1.0, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
+    ax.set_xticks(range(len(columns)), labels=columns, rotation=45, ha="right")
     ax.set_yticks(range(len(tokens)), labels=tokens, fontsize=7)
-    figure.colorbar(image, ax=ax, label=f"share of the {len(choices)} projections (top-1)")
+    figure.colorbar(image, ax=ax, label="mean gate over the projections")
     path = Path(path)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
