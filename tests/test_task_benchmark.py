@@ -184,7 +184,8 @@ def smoke(tmp_path, monkeypatch, tiny_base, rows: list[str] | None) -> tuple[dic
 
 
 def test_smoke_size_scores_rows_on_generated_tasks_and_a_task_file(tmp_path, monkeypatch, tiny_base):
-    summary, tasks, folder = smoke(tmp_path, monkeypatch, tiny_base, ["base", "expert", "mixer-k2-rsl-all"])
+    rows = ["base", "expert", "arrow", "mixer-arrow-init", "mixer-k2-rsl-all"]
+    summary, tasks, folder = smoke(tmp_path, monkeypatch, tiny_base, rows)
     splits = load_splits({"parity": tmp_path / "parity.jsonl"}, tasks, "smoke", seed=0)
     heldout = {task: {example.id for example in splits[task]["heldout"]} for task in tasks}
     for path in (folder / "rows").glob("*.json"):
@@ -194,6 +195,9 @@ def test_smoke_size_scores_rows_on_generated_tasks_and_a_task_file(tmp_path, mon
         summary["rows"]
     )
     assert summary["tasks"] == tasks and len(summary["expert_matrix"]) == 3
+    zero_shot = summary["arrow_init_minus_arrow"]  # the zero-shot bar's table
+    assert zero_shot["low"] <= zero_shot["difference"] <= zero_shot["high"]
+    assert "| LoRA-Mixer, Arrow init, top-2, 0 steps minus |" in (folder / "results.md").read_text()
     assert "multiple_choice" in (folder / "lm-eval-tasks" / "bigbench_local_parity.yaml").read_text()
 
     def no_scoring(*args, **kwargs):
