@@ -30,6 +30,10 @@ def test_find_collapses_names_the_dominant_and_the_unused_experts():
         ("dominated", (0, pytest.approx(0.96)), ()),
         ("dead", None, (2,)),
     ]
+    # router_init="arrow" holds each expert as two slots: one slot of a pair unused is no collapse
+    pairs = {"arrow": stats([0.3, 0.0, 0.0, 0.4, 0.3, 0.0], [0.5, 0.0, 0.0, 0.7, 0.8, 0.0])}
+    assert find_collapses(pairs, copies=2) == []
+    assert [c.unused for c in find_collapses(pairs)] == [(1, 2, 5)]
     message = collapse_message(found, modules=5)
     assert "2 of 5 routed modules" in message and "expert 0 is the first choice of 96% of tokens" in message
     assert "dead (expert 2 never chosen, over 1000 tokens)" in message and "rsl_balance_weight" in message

@@ -41,17 +41,22 @@ class Collapse:
 
 
 def find_collapses(
-    stats: Mapping[str, ModuleRoutingStats], dominant_share: float = DOMINANT_SHARE, min_tokens: int = MIN_TOKENS
+    stats: Mapping[str, ModuleRoutingStats],
+    dominant_share: float = DOMINANT_SHARE,
+    min_tokens: int = MIN_TOKENS,
+    copies: int = 1,
 ) -> list[Collapse]:
     """The modules of `stats` (from `model.routing_stats()`) whose routing has collapsed, over at least
-    `min_tokens` tokens; a module with one expert cannot collapse."""
+    `min_tokens` tokens; a module with one expert cannot collapse. `copies`: router slots per expert (2 with
+    router_init='arrow', whose pair of slots +v_e / -v_e is one expert: one slot of a pair may rightly stay unused)."""
     collapses = []
     for name, module in stats.items():
-        if module.tokens < min_tokens or module.usage.numel() < 2:
+        usage, top_k_usage = (values.reshape(-1, copies).sum(-1) for values in (module.usage, module.top_k_usage))
+        if module.tokens < min_tokens or usage.numel() < 2:
             continue
-        share, expert = module.usage.max(0)
+        share, expert = usage.max(0)
         dominant = (int(expert), float(share)) if float(share) >= dominant_share else None
-        unused = tuple(int(i) for i in (module.top_k_usage == 0).nonzero().flatten())
+        unused = tuple(int(i) for i in (top_k_usage == 0).nonzero().flatten())
         if dominant or unused:
             collapses.append(Collapse(name, module.tokens, dominant, unused))
     return collapses

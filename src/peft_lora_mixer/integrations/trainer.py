@@ -140,7 +140,8 @@ class RoutingCallback(TrainerCallback, ExportableState):
         stats = self._mixer.routing_stats(reset=True)
         if not stats:
             return {}
-        collapses = find_collapses(stats, self.collapse_share, self.collapse_min_tokens)
+        copies = self._mixer.peft_config[self._mixer.active_adapters[0]].copies_per_expert
+        collapses = find_collapses(stats, self.collapse_share, self.collapse_min_tokens, copies)
         if collapses and not self._warned:
             warnings.warn(collapse_message(collapses, len(stats)), RoutingCollapseWarning, stacklevel=2)
             self._warned = True
