@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import tiny_model
 
-from peft_lora_mixer import LoraMixerConfig, from_experts
+from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer, from_experts
 from peft_lora_mixer.experts.router_init import CALIBRATION_SHAPE, top_input_direction
 
 Q_PROJ, K_PROJ = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
@@ -182,6 +182,17 @@ def test_arrow_init_trains_as_a_router_and_saves_its_pairs(arrow_expert_dirs, tm
     assert (saved.router_init, saved.num_experts, len(saved.resolved_experts)) == ("arrow", 6, 6)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "mixer")
     assert torch.equal(loaded.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"].weight, router.weight)
+
+
+def test_arrow_init_with_fewer_target_modules_than_the_experts_adapt(arrow_expert_dirs):
+    full = from_experts(tiny_model("llama"), arrow_expert_dirs, router_init="arrow", top_k=2)
+    model = from_experts(
+        tiny_model("llama"), arrow_expert_dirs, router_init="arrow", top_k=2, target_modules=["q_proj"]
+    )
+    router = model.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"]
+    expected = full.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"]
+    assert torch.equal(router.weight, expected.weight)
+    assert not isinstance(model.base_model.model.get_submodule("model.layers.0.self_attn.v_proj"), LoraMixerLayer)
 
 
 def test_arrow_init_refuses_a_top_k_arrow_cannot_have(arrow_expert_dirs):

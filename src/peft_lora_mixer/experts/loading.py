@@ -109,16 +109,19 @@ class ExpertSet:
 
     @torch.no_grad()
     def load_into(self, model: nn.Module, adapter_name: str, frozen: bool) -> None:
-        """Write the experts' factors into the adapter's layers (every rank slot of A and B is an expert's)."""
-        for key, layer in iter_mixer_layers(model, adapter_name):
+        """Write the experts' factors into the adapter's layers (every rank slot of A and B is an expert's), and the
+        routers' starting weights where the set carries them."""
+        layers = dict(iter_mixer_layers(model, adapter_name))
+        for key, layer in layers.items():
             factors = self.factors(key)
             if factors is not None:
                 _copy_exactly(layer.loramixer_A, adapter_name, factors[0])
                 _copy_exactly(layer.loramixer_B, adapter_name, factors[1])
             if frozen:
                 layer.freeze_experts(adapter_name)
-        if self.router_weights is not None:
-            set_router_weights(model, adapter_name, self.router_weights)
+        if self.router_weights is not None:  # only the targeted modules: `target_modules` may select fewer
+            weights = {key: weight for key, weight in self.router_weights.items() if key in layers}
+            set_router_weights(model, adapter_name, weights)
 
     def check_against(self, model: nn.Module) -> None:
         for expert in self.experts:
