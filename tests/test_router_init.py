@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import tiny_model
 
-from peft_lora_mixer import LoraMixerConfig, from_experts
+from peft_lora_mixer import LoraMixerConfig, LoraMixerLayer, from_experts
 from peft_lora_mixer.experts.router_init import CALIBRATION_SHAPE, top_input_direction
 
 Q_PROJ, K_PROJ = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
@@ -106,5 +106,97 @@ def test_a_second_mixer_adapter_is_initialised_from_its_own_experts(expert_dirs)
 
 
 def test_unknown_router_init_is_refused():
-    with pytest.raises(ValueError, match="Unknown `router_init` 'svd'; choose one of random, experts"):
+    with pytest.raises(ValueError, match="Unknown `router_init` 'svd'; choose one of random, experts, arrow"):
         LoraMixerConfig(router_init="svd")
+
+
+@pytest.fixture
+def arrow_expert_dirs(tmp_path):
+    """Three rank-3 LoRAs on q/v/o (PEFT's Arrow needs one rank and one target set), each with one input direction
+    much stronger than the others, so that Arrow's 15 power iterations reach the top singular vector; the third
+    has a zero delta on o_proj (Arrow's prototype is then 0, like an expert absent there)."""
+    folders = []
+    for index in range(3):
+        config = LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "o_proj"])
+        model = get_peft_model(tiny_model("llama"), config)  # tiny_model seeds torch: draw the factors after it
+        generator = torch.Generator().manual_seed(10 + index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator))
+                if "lora_A" in name:
+                    parameter[0].mul_(6.0)
+                if "lora_B" in name and index == 2 and "o_proj" in name:
+                    parameter.zero_()
+        model.save_pretrained(tmp_path / f"arrow{index}")
+        folders.append(str(tmp_path / f"arrow{index}"))
+    return folders
+
+
+def arrow_inputs_and_choices(model, module: str, input_ids: torch.Tensor, top_k: int) -> tuple[torch.Tensor, ...]:
+    """PEFT Arrow's own per-token choice on `module`: the input it saw, its top_k experts (sorted) and coefficients."""
+    layer = model.base_model.model.get_submodule(module)
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        output = model(input_ids=input_ids).logits
+    handle.remove()
+    tokens = seen[0].reshape(-1, seen[0].shape[-1])
+    scores = (tokens @ layer.lora_arrow["arrow_router"].prototypes.t()).abs()
+    top, chosen = scores.topk(top_k, dim=-1)
+    coefficients = torch.zeros_like(scores).scatter(1, chosen, torch.softmax(top, dim=-1))
+    return tokens, chosen.sort(-1).values, coefficients, output
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_arrow_init_routes_each_token_as_peft_arrow_does(arrow_expert_dirs, top_k):
+    from peft import ArrowConfig, create_arrow_model
+
+    input_ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    arrow = create_arrow_model(tiny_model("llama"), arrow_expert_dirs, ArrowConfig(top_k=top_k, rng_seed=0)).eval()
+    mixer = from_experts(tiny_model("llama"), arrow_expert_dirs, router_init="arrow", top_k=top_k).eval()
+    assert mixer.peft_config["default"].num_experts == 6
+    with torch.no_grad():
+        mixer_output = mixer(input_ids=input_ids).logits
+    for module in (Q_PROJ, "model.layers.1.self_attn.v_proj", "model.layers.0.self_attn.o_proj"):
+        tokens, expected, coefficients, arrow_output = arrow_inputs_and_choices(arrow, module, input_ids, top_k)
+        layer = mixer.base_model.model.get_submodule(module)
+        with torch.no_grad():  # slots 2e and 2e + 1 are expert e
+            chosen = layer.router_logits(tokens, "default").topk(top_k, dim=-1).indices // 2
+            gates = layer.gates(tokens, "default").view(len(tokens), 3, 2).sum(-1)
+        assert torch.equal(chosen.sort(-1).values, expected)
+        assert torch.allclose(gates, coefficients, atol=1e-5)
+    assert torch.allclose(mixer_output, arrow_output, atol=1e-4)
+
+
+def test_arrow_init_trains_as_a_router_and_saves_its_pairs(arrow_expert_dirs, tmp_path):
+    model = from_experts(tiny_model("llama"), arrow_expert_dirs, router_init="arrow", top_k=2)
+    router = model.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"]
+    start = router.weight.detach().clone()
+    assert torch.allclose(start[0::2], -start[1::2]) and torch.allclose(start.norm(dim=-1), torch.ones(6), atol=1e-5)
+    model.train()
+    model(input_ids=torch.arange(3, 19).view(2, 8), labels=torch.arange(3, 19).view(2, 8)).loss.backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "mixer")
+    saved = LoraMixerConfig.from_pretrained(tmp_path / "mixer")
+    assert (saved.router_init, saved.num_experts, len(saved.resolved_experts)) == ("arrow", 6, 6)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "mixer")
+    assert torch.equal(loaded.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"].weight, router.weight)
+
+
+def test_arrow_init_with_fewer_target_modules_than_the_experts_adapt(arrow_expert_dirs):
+    full = from_experts(tiny_model("llama"), arrow_expert_dirs, router_init="arrow", top_k=2)
+    model = from_experts(
+        tiny_model("llama"), arrow_expert_dirs, router_init="arrow", top_k=2, target_modules=["q_proj"]
+    )
+    router = model.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"]
+    expected = full.base_model.model.get_submodule(Q_PROJ).loramixer_router["default"]
+    assert torch.equal(router.weight, expected.weight)
+    assert not isinstance(model.base_model.model.get_submodule("model.layers.0.self_attn.v_proj"), LoraMixerLayer)
+
+
+def test_arrow_init_refuses_a_top_k_arrow_cannot_have(arrow_expert_dirs):
+    with pytest.raises(ValueError, match="keeps the top_k of the 3 experts, as Arrow does; `top_k` must be at most 3"):
+        LoraMixerConfig(experts=arrow_expert_dirs, router_init="arrow", top_k=4)
+    with pytest.raises(ValueError, match=r"held twice each by router_init=arrow"):
+        LoraMixerConfig(experts=arrow_expert_dirs, router_init="arrow", num_experts=3)

@@ -141,7 +141,12 @@ def load_task(root: Path, name: str, seed: int) -> tuple[list[Example], int]:
     path = resolve(root, name)
     if path is None:
         raise ValueError(f"No task.json for {name!r} under {root}.")
-    task = json.loads(path.read_text())
+    return task_examples(json.loads(path.read_text()), seed)
+
+
+def task_examples(task: dict, seed: int) -> tuple[list[Example], int]:
+    """The examples of a task in BIG-bench's `task.json` layout (a dict), as `load_task` returns them; other
+    task sources (generated tasks, a user's JSONL file) produce this layout so that one reader makes every prompt."""
     seen: set[str] = set()
     examples = []
     for raw in task["examples"]:

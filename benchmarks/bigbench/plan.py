@@ -12,6 +12,10 @@ import torch
 from . import methods
 from .methods import Context
 
+ROUTER_INIT_NAMES = {"arrow": "Arrow", "experts": "experts"}
+ARROW = "PEFT Arrow, top-2, zero-shot"
+ARROW_INIT = "LoRA-Mixer, Arrow init, top-2, 0 steps"  # the same routing as ARROW, through LoRA-Mixer's router
+
 
 @dataclass(frozen=True)
 class Row:
@@ -30,14 +34,18 @@ def _examples(count: Optional[int]) -> str:
     return "all" if count is None else str(count)
 
 
-def _mixer_row(ctx: Context, top_k: int, rsl: bool, count: Optional[int], seed: int) -> Row:
+def _mixer_row(
+    ctx: Context, top_k: int, rsl: bool, count: Optional[int], seed: int, router_init: str = "random"
+) -> Row:
     method = f"LoRA-Mixer top-{top_k} {'RSL' if rsl else 'no RSL'}"
+    method += "" if router_init == "random" else f", {ROUTER_INIT_NAMES[router_init]} init"
     n = _examples(count)
+    init = "" if router_init == "random" else f"{router_init}-"  # the random rows keep the keys of their caches
     return Row(
-        f"mixer-k{top_k}-{'rsl' if rsl else 'norsl'}-{n}-s{seed}",
+        f"mixer-{init}k{top_k}-{'rsl' if rsl else 'norsl'}-{n}-s{seed}",
         f"{method}, {n} router examples",
         method,
-        partial(methods.mixer, ctx, top_k, rsl, "random", count, seed, ctx.size.router_steps),
+        partial(methods.mixer, ctx, top_k, rsl, router_init, count, seed, ctx.size.router_steps),
         count,
         seed,
     )
@@ -58,7 +66,15 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
             partial(methods.uniform_merge, ctx),
         )
     )
-    rows.append(Row("arrow-k2", "PEFT Arrow, top-2, zero-shot", "Arrow", partial(methods.arrow, ctx, 2)))
+    rows.append(Row("arrow-k2", ARROW, "Arrow", partial(methods.arrow, ctx, 2)))
+    rows.append(
+        Row(
+            "mixer-arrow-init-k2-0steps",
+            ARROW_INIT,
+            "LoRA-Mixer 0 steps",
+            partial(methods.mixer, ctx, 2, False, "arrow", None, 0, 0),
+        )
+    )
     for k in (1, 2):
         build = partial(methods.mixer, ctx, k, False, "experts", None, 0, 0)
         rows.append(
@@ -94,6 +110,7 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
                     )
                 )
             rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((1, True), (2, False), (1, False))]
+        rows.append(_mixer_row(ctx, 2, True, None, seed, router_init="arrow"))  # Arrow's routing, then trained
     for per_task, scope in ((False, "one LoRA for all tasks"), (True, "one LoRA per task")):
         rows.append(
             Row(

@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 
 from ..tables import markdown_row, markdown_table
+from .plan import ARROW, ARROW_INIT
 from .stats import Scores, interval, macro, paired_difference, seed_mean
 
 EXPERT_MARGIN = 0.10  # each expert must beat the base model on its own task by this much (absolute accuracy)
@@ -57,6 +58,8 @@ def summarize(results: dict, tasks: list[str], size: str, folder: Path, router_t
             "oracle_gain_share": _share(macro(scores), base_macro, oracle_macro),
         }
     summary["paired_vs_best_mixer"] = _paired(pooled, meta)
+    if ARROW in pooled and ARROW_INIT in pooled:  # the zero-shot bar: LoRA-Mixer's Arrow init not below Arrow
+        summary["arrow_init_minus_arrow"] = paired_difference(pooled[ARROW_INIT], pooled[ARROW])
     summary["plot"] = plot(summary, folder / "macro_by_router_examples.png")
     print(markdown(summary, aligned=True))
     return summary
@@ -117,6 +120,10 @@ def _tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
             for peer, diff in paired["against"].items()
         ]
         tables.append(([f"{paired['best']} minus", "difference in macro", "paired 95% CI"], differences))
+    zero_shot = summary.get("arrow_init_minus_arrow")
+    if zero_shot:
+        cells = [ARROW, f"{zero_shot['difference']:+.3f}", f"[{zero_shot['low']:+.3f}, {zero_shot['high']:+.3f}]"]
+        tables.append(([f"{ARROW_INIT} minus", "difference in macro", "paired 95% CI"], [cells]))
     return tables
 
 

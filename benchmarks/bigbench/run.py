@@ -24,14 +24,16 @@ from .plan import plan
 from .report import markdown, summarize
 from .scoring import score
 from .sizes import SIZES
+from .source import TaskSource
 from .splits import read_manifest, split_task
 
 BENCH_CACHE = CACHE / "bench"
 
 
-def run_folder(size: str, tasks: list[str]) -> Path:
-    digest = hashlib.sha256("\n".join(tasks).encode()).hexdigest()[:8]
-    return BENCH_CACHE / f"{size}-{digest}"
+def run_folder(size: str, tasks: list[str], source: TaskSource | None = None) -> Path:
+    source = source or BIGBENCH
+    digest = hashlib.sha256(("\n".join(tasks) + source.cache_key(tasks)).encode()).hexdigest()[:8]
+    return BENCH_CACHE / f"{source.prefix}{size}-{digest}"
 
 
 def load_splits(tasks: list[str], size_name: str, seed: int) -> dict:
@@ -40,6 +42,9 @@ def load_splits(tasks: list[str], size_name: str, seed: int) -> dict:
     root = SLICE if size.data == "slice" else task_files(tasks)
     manifest = read_manifest() if size.data == "bigbench" else None
     return {task: split_task(task, load_task(root, task, seed)[0], size.splits, seed, manifest) for task in tasks}
+
+
+BIGBENCH = TaskSource(SIZES, load_splits)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -70,13 +75,20 @@ def _grouped(models: dict) -> dict:
     return groups
 
 
-def run(tasks: list[str], size_name: str, seed: int = 0, rows: list[str] | None = None, log=print) -> dict:
-    """Run (or resume) the benchmark; return and write the summary of every row in the cache, computed now or
-    before. `rows`: compute only the rows whose key starts with one of these prefixes."""
+def run(
+    tasks: list[str],
+    size_name: str,
+    seed: int = 0,
+    rows: list[str] | None = None,
+    log=print,
+    source: TaskSource = BIGBENCH,
+) -> dict:
+    """Run (or resume) the benchmark on `source`'s tasks; return and write the summary of every row in the cache,
+    computed now or before. `rows`: compute only the rows whose key starts with one of these prefixes."""
     started = time.perf_counter()
-    size = SIZES[size_name]
-    splits = load_splits(tasks, size_name, seed)  # first: bad data stops the run before the cache is touched
-    folder = run_folder(size_name, tasks)
+    size = source.sizes[size_name]
+    splits = source.splits(tasks, size_name, seed)  # first: bad data stops the run before the cache is touched
+    folder = run_folder(size_name, tasks, source)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tasks.json").write_text(json.dumps(tasks))
     base_dir = BENCH_CACHE / f"base-{size.model}"

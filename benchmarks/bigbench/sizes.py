@@ -13,7 +13,8 @@ class BenchSize:
     """Budgets of one run.
 
     `model`: `smollm2` (SmolLM2-135M-Instruct) or `tiny` (a 2-layer Llama with SmolLM2's tokenizer, for the smoke
-    run). `data`: `bigbench` (BIG-bench's task files, split as the manifest says) or `slice` (the committed few examples).
+    run). `data`: `bigbench` (BIG-bench's task files, split as the manifest says), `slice` (the committed few examples)
+    or `generated` (`benchmarks.tasks`, whose source splits them).
     `router_examples`: how many router-train examples (mixed over tasks; None: all) each trained-router row sees;
     every such row trains `router_steps` steps whatever its data, so smaller sets are seen more often.
     `lorahub_examples` and `lorahub_evaluations`: the router examples whose loss the LoRAHub-style weights are fitted

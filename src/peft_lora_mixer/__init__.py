@@ -8,6 +8,7 @@ from .config import LoraMixerConfig, LoraMixerPeftType
 from .experts.plug_and_play import from_experts
 from .experts.sources import ExpertError, hub_options
 from .export import export_static_lora, export_static_lora_per_group, mean_gates
+from .integrations.collapse import RoutingCollapseWarning
 from .integrations.lm_evaluation import evaluate_mixer
 from .integrations.trainer import ExpertIdsCollator, RoutingCallback, RoutingLossMixin
 from .layer import ExpertSpec, LoraMixerLayer
@@ -32,6 +33,7 @@ __all__ = [
     "LoraMixerPeftType",
     "ModuleRoutingStats",
     "RoutingCallback",
+    "RoutingCollapseWarning",
     "RoutingLoss",
     "RoutingLossMixin",
     "evaluate_mixer",

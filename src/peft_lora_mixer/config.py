@@ -14,7 +14,7 @@ from .experts.sources import ExpertSource, ExpertSourceLike
 from .model_card import CardSummary, card_folder, write_section
 from .routing import ROUTING_MODES
 
-ROUTER_INITS = ("random", "experts")
+ROUTER_INITS = ("random", "experts", "arrow")
 _CARD_ROUTER_FIELDS = ("routing", "top_k", "router_temperature")
 RSL_BALANCE_SCOPES = ("micro_batch", "global_batch")
 
@@ -212,12 +212,14 @@ class LoraMixerConfig(PeftConfig):
         default="random",
         metadata={
             "help": (
-                "How the routers of a new mixer over `experts` start: `'random'` (nn.Linear's initialisation) or "
-                "`'experts'` (each row along its expert's top input direction, the top right singular vector of "
-                "`B_e A_e`, signed by the projection's mean input over one forward pass on random token ids, so the "
-                "tokens an expert changes most go to it before any training). A mixer of new experts and a loaded "
-                "mixer ignore it. `'experts'` did not measure better than `'random'` on the demos, hence not the "
-                "default (docs/plug_and_play.md)."
+                "How the routers of a new mixer over `experts` start. 'random': nn.Linear's initialisation. "
+                "'experts': each router row points along its expert's top input direction (top right singular "
+                "vector of B_e A_e, signed by the projection's mean input on one forward pass over random token "
+                "ids), so the tokens an expert changes most go to it before any training; it did not measure better "
+                "than 'random' on the demos (docs/plug_and_play.md), hence not the default. 'arrow': routes as "
+                "PEFT's Arrow (top-k of |<v_e, x>|) at 0 steps, then trains as any router; each expert is held "
+                "twice, with router rows +v_e and -v_e, since a linear router cannot take |.| (num_experts = 2 x "
+                "the experts). A mixer of new experts (no `experts`) and a loaded mixer ignore it."
             )
         },
     )
@@ -302,17 +304,23 @@ class LoraMixerConfig(PeftConfig):
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
         if self.num_experts is None:
-            self.num_experts = len(self.experts) if self.experts else 4
+            self.num_experts = len(self.experts) * self.copies_per_expert if self.experts else 4
         self._validate()
+
+    @property
+    def copies_per_expert(self) -> int:
+        """How many router slots each of `experts` takes: 2 with router_init='arrow' (a +v_e and a -v_e row)."""
+        return 2 if self.router_init == "arrow" and self.experts else 1
 
     def _validate(self) -> None:
         """Refuse values that cannot work, before any model is touched."""
         if self.experts is not None:
             if not isinstance(self.experts, (list, tuple)) or not self.experts:
                 raise ValueError(f"`experts` must be a non-empty list of adapter sources, got {self.experts!r}.")
-            if self.num_experts != len(self.experts):
+            if self.num_experts != len(self.experts) * self.copies_per_expert:
                 raise ValueError(
-                    f"`num_experts`={self.num_experts} but {len(self.experts)} `experts` were given; leave "
+                    f"`num_experts`={self.num_experts} but {len(self.experts)} `experts` were given"
+                    f"{' (held twice each by router_init=arrow)' if self.copies_per_expert == 2 else ''}; leave "
                     "`num_experts` unset, it follows the list."
                 )
             for source in self.experts:
@@ -332,6 +340,11 @@ class LoraMixerConfig(PeftConfig):
             )
         if self.router_init not in ROUTER_INITS:
             raise ValueError(f"Unknown `router_init` {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}.")
+        if self.copies_per_expert == 2 and self.top_k > len(self.experts):
+            raise ValueError(
+                f"router_init='arrow' keeps the top_k of the {len(self.experts)} experts, as Arrow does; `top_k` must "
+                f"be at most {len(self.experts)}, got {self.top_k}."
+            )
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"Unknown `routing` {self.routing!r}; choose one of {', '.join(ROUTING_MODES)}.")
         # written as `not 0 < value < inf` so that NaN, which fails every comparison, is refused too

@@ -8,18 +8,28 @@ mean comes from one forward pass of the base model over random token ids (no tra
 are scaled by one factor so that its logits have unit root-mean-square on those tokens; `router_temperature` then
 sets how sharp the gates are. An expert absent from a projection (or with a zero delta there) gets a zero row: its
 logit stays 0, the score of a change of nothing.
+
+`router_init="arrow"` routes exactly as PEFT's Arrow at 0 steps instead, with the same linear router: each expert
+is held twice, with router rows `+v_e` and `-v_e` (unit norm, as Arrow's prototypes, zero bias). Of each pair one
+logit is `|<v_e, x>|` and the other `-|<v_e, x>|`, so for any top_k <= E the top_k logits are Arrow's top_k scores,
+one slot of each chosen expert, and their softmax is Arrow's coefficients. An expert absent from a projection has
+two zero rows, as Arrow's zero prototype scores it 0. The price is twice the rank slots (each expert's A and B are
+computed twice per token); the gain is Arrow's routing exactly, then a router that trains from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..layer import LoraMixerLayer, in_out_features
-from .loading import ExpertSet
+
+if TYPE_CHECKING:  # loading.py builds Arrow's pairs with this module: no import at run time either way round
+    from .loading import ExpertSet
 
 CALIBRATION_SHAPE = (4, 64)  # random token ids: batch x length
 _ZERO_DELTA = 1e-12  # a singular value at or below this (relative to the largest) means the expert changes nothing
@@ -48,6 +58,17 @@ def expert_directions(experts: ExpertSet, module_name: str, in_features: int) ->
         if direction is not None:
             directions[index] = direction
     return directions
+
+
+def arrow_router_weights(experts: ExpertSet) -> dict[str, torch.Tensor]:
+    """Per module the experts adapt: the (2E x in_features) router weight of Arrow's pairs, rows `2e` and `2e + 1`
+    being `+v_e` and `-v_e` of expert e (zero where it changes nothing there)."""
+    weights = {}
+    for name in experts.module_names:
+        in_features = next(expert.blocks[name].lora_A.shape[1] for expert in experts.experts if name in expert.blocks)
+        directions = expert_directions(experts, name, in_features)
+        weights[name] = torch.stack([directions, -directions], dim=1).reshape(-1, in_features)
+    return weights
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..routing import as_expert_ids
 from ..routing_loss.stats import summarize
+from .collapse import DOMINANT_SHARE, MIN_TOKENS, RoutingCollapseWarning, collapse_message, find_collapses
 
 
 class ExpertIdsCollator:
@@ -71,14 +72,23 @@ class RoutingCallback(TrainerCallback, ExportableState):
 
     Logged keys: `rsl/total`, `rsl/balance`, `rsl/entropy`, `rsl/preservation`, `rsl/entropy_weight` (means over
     the optimizer steps since the last log, each step contributing its last micro-batch), `routing/entropy` and
-    `routing/balance` (see `stats.summarize`) over every training token since the last log (this process only;
-    evaluation forwards are left out).
+    `routing/balance` (see `stats.summarize`) and `routing/collapsed_modules` over every training token since the
+    last log (this process only; evaluation forwards are left out).
+    Collapse: at each log and at the end of training, a module whose top-1 choice is one expert for at least
+    `collapse_share` of its tokens, or with an expert in no token's top-k, over at least `collapse_min_tokens`
+    tokens, counts as collapsed (`integrations.collapse`); the first time any does, a `RoutingCollapseWarning`
+    names them and says what to try. Needs `record_stats`.
     The lambdas go to `trainer_state.json` with each checkpoint and come back on resume. Callbacks run after the
     Trainer's reporting integrations, so these keys reach `trainer.state.log_history` and the callbacks after it.
     """
 
-    def __init__(self, record_stats: bool = True) -> None:
+    def __init__(
+        self, record_stats: bool = True, collapse_share: float = DOMINANT_SHARE, collapse_min_tokens: int = MIN_TOKENS
+    ) -> None:
         self.record_stats = record_stats
+        self.collapse_share = collapse_share
+        self.collapse_min_tokens = collapse_min_tokens
+        self._warned = False
         self._mixer = None
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
@@ -88,7 +98,12 @@ class RoutingCallback(TrainerCallback, ExportableState):
         if self._mixer is not None:
             weights = self._mixer.routing_loss_state()["entropy_weights"]
             self._state = {"entropy_weights": {name: float(value) for name, value in weights.items()}}
-        return {"args": {"record_stats": self.record_stats}, "attributes": {"_state": self._state}}
+        args = {
+            "record_stats": self.record_stats,
+            "collapse_share": self.collapse_share,
+            "collapse_min_tokens": self.collapse_min_tokens,
+        }
+        return {"args": args, "attributes": {"_state": self._state}}
 
     def on_train_begin(self, args, state, control, model: Optional[torch.nn.Module] = None, **kwargs):
         self._mixer = find_mixer(model)
@@ -114,13 +129,26 @@ class RoutingCallback(TrainerCallback, ExportableState):
         if self._mixer is None or logs is None or "loss" not in logs:
             return
         extra = {key: (value / self._steps).item() for key, value in self._sums.items()} if self._steps else {}
-        extra.update(summarize(self._mixer.routing_stats(reset=True)))
+        extra.update(self._routing_figures())
         self._sums, self._steps = {}, 0
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
+    def _routing_figures(self) -> dict[str, float]:
+        """The statistics since the last call, summarised, with the count of collapsed modules (warned once)."""
+        stats = self._mixer.routing_stats(reset=True)
+        if not stats:
+            return {}
+        copies = self._mixer.peft_config[self._mixer.active_adapters[0]].copies_per_expert
+        collapses = find_collapses(stats, self.collapse_share, self.collapse_min_tokens, copies)
+        if collapses and not self._warned:
+            warnings.warn(collapse_message(collapses, len(stats)), RoutingCollapseWarning, stacklevel=2)
+            self._warned = True
+        return {**summarize(stats), "routing/collapsed_modules": len(collapses)}
+
     def on_train_end(self, args, state, control, **kwargs):
         if self._mixer is not None:
+            self._routing_figures()  # the steps after the last log (a run shorter than `logging_steps` has no log)
             self._mixer.record_routing_stats(False)
             self._mixer.routing_loss_accumulation_steps = 1

@@ -1,0 +1,1 @@
+"""Plug-and-play benchmark on tasks generated from the Python standard library, or given as JSONL files."""
