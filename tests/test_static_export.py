@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from lora_experts import save_lora
-from mixers import batch, make_layer, reference_gates
+from mixers import batch, reference_gates
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
-from peft_lora_mixer import ExpertSpec, export_static_lora, export_static_lora_per_group, from_experts, mean_gates
+from peft_lora_mixer import export_static_lora, export_static_lora_per_group, from_experts, mean_gates
 from peft_lora_mixer.cli.commands import main
-from peft_lora_mixer.export import applied_gates
 from peft_lora_mixer.layer import iter_mixer_layers
 
 TEMPERATURE = 0.7
@@ -220,17 +219,34 @@ def test_a_folder_holding_files_is_refused(expert_folders, tmp_path):
     export_static_lora(make_mixer(expert_folders), calibration(), tmp_path / "empty")  # a new folder is fine
 
 
-def test_layers_route_as_the_mean_gates_assume():
-    """`applied_gates` is what the layer's forward applies: the mixer's delta with those gates, written out."""
-    layer = make_layer([ExpertSpec(2, 0.5), ExpertSpec(0, 1.0), ExpertSpec(3, 2.0)], "hard_soft", 2)
-    x = torch.randn(7, layer.in_features)
-    gates = applied_gates(layer, x, "default")
-    A, B = layer.loramixer_A["default"], layer.loramixer_B["default"]
-    slot = layer.loramixer_slot_expert["default"]
-    scaling = layer.loramixer_expert_scaling["default"]
-    expected = layer.base_layer(x) + ((x @ A.T) * (gates * scaling)[:, slot]) @ B.T
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+@pytest.mark.parametrize(("routing", "top_k"), [("hard_soft", 2), ("topk", 1), ("soft", 2)])
+def test_recorded_gates_are_what_the_layers_apply(expert_folders, routing, top_k):
+    """The forward's record of each router (what `mean_gates` and `inspect` read) is what its layer applied: the
+    layer's output is its base output plus the experts' deltas weighted by the recorded gates, written out."""
+    model = make_mixer(expert_folders, routing, top_k)
+    seen = {}
+
+    def keep(name, args, output):
+        seen[name] = (args[0], output)  # returning None leaves the output as it is
+
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out, n=name: keep(n, args, out))
+        for name, layer in iter_mixer_layers(model.get_base_model())
+    ]
+    with torch.no_grad(), model.base_model.recording_gates() as records:
+        model(input_ids=calibration()[0]["input_ids"])
+    for hook in hooks:
+        hook.remove()
+    assert records.keys() == seen.keys()
+    for name, layer in iter_mixer_layers(model.get_base_model()):
+        (record,) = records[name]
+        x, output = seen[name]
+        x = x.reshape(-1, layer.in_features)
+        A, B = layer.loramixer_A["default"], layer.loramixer_B["default"]
+        slot = layer.loramixer_slot_expert["default"]
+        scaling = layer.loramixer_expert_scaling["default"]
+        expected = layer.base_layer(x) + ((x @ A.T) * (record.gates * scaling)[:, slot]) @ B.T
+        torch.testing.assert_close(output.reshape(expected.shape), expected, rtol=0, atol=1e-6)
 
 
 def test_export_command_writes_what_the_function_writes(expert_folders, tmp_path):

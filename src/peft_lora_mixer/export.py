@@ -30,8 +30,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from .export_card import gate_summary, write_static_card
-from .inspection import applied_gates
-from .layer import LoraMixerLayer, iter_mixer_layers
+from .inspection import mixer_adapter
+from .layer import iter_mixer_layers
 from .model import LoraMixerModel
 
 Batch = Mapping[str, torch.Tensor]
@@ -95,49 +95,34 @@ def mean_gates(
     The gates applied are those of the adapter's routing, after top-k and renormalisation: the softmax for `soft`;
     for `topk` and `hard_soft` the kept experts' renormalised weights and zero for the others (for `topk` with
     `top_k=1`, the kept expert's probability, so they sum to less than 1). An expert absent from a projection keeps
-    its share, which changes nothing there. Tokens whose `attention_mask` is 0 are left out (projections fed tokens
-    of another shape than the mask's, such as an encoder-decoder's decoder, count all of theirs). The model runs in
-    eval mode, without gradients; the adapter must be the only active one.
+    its share, which changes nothing there. They are read from the forward's own record of each router
+    (`LoraMixerModel.recording_gates`), and padding is left out as the routing loss leaves it out (the
+    `attention_mask`; an encoder-decoder's decoder, its `decoder_attention_mask` or labelled positions). The model
+    runs in eval mode, without gradients; the adapter must be the only active one.
     """
     tuner, name = mixer_adapter(model, adapter_name)
-    layers = dict(iter_mixer_layers(tuner.model, name))
-    sums = {
-        module: torch.zeros(layer.routing[name].num_experts, dtype=torch.float64) for module, layer in layers.items()
-    }
-    counts = dict.fromkeys(layers, 0)
-    mask: Optional[torch.Tensor] = None
-
-    def add_gates(module: str, layer: LoraMixerLayer, args: tuple) -> None:
-        tokens = args[0]
-        gates = applied_gates(layer, tokens, name).view(*tokens.shape[:-1], -1)
-        if mask is not None and mask.shape == gates.shape[:-1]:
-            gates = gates[mask.to(device=gates.device, dtype=torch.bool)]
-        gates = gates.reshape(-1, gates.shape[-1])
-        sums[module] += gates.sum(0).double().cpu()
-        counts[module] += gates.shape[0]
-
-    hooks = [
-        layer.register_forward_pre_hook(lambda layer, args, module=module: add_gates(module, layer, args))
-        for module, layer in layers.items()
-    ]
+    modules = [module for module, _ in iter_mixer_layers(tuner.model, name)]
     training = model.training
     device = next(model.parameters()).device
     try:
         model.eval()
-        for batch in calibration:
-            mask = batch.get("attention_mask")
-            model(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+        with tuner.recording_gates(name) as records:
+            for batch in calibration:
+                model(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(training)
-    unseen = sorted(module for module in layers if counts[module] == 0)
+    sums, counts = {}, {}
+    for module in modules:
+        forwards = records.get(module, [])
+        sums[module] = sum(((r.gates * r.weights.unsqueeze(-1)).sum(0).double().cpu() for r in forwards), 0.0)
+        counts[module] = sum((r.weights.sum().item() for r in forwards), 0.0)
+    unseen = sorted(module for module in modules if counts[module] == 0)
     if unseen:
         raise ValueError(
-            f"The calibration text gave no tokens to {len(unseen)} of {len(layers)} adapted projections (e.g. "
+            f"The calibration text gave no tokens to {len(unseen)} of {len(modules)} adapted projections (e.g. "
             f"{unseen[0]!r}): give at least one batch with non-padding tokens (`attention_mask` 1) that reaches them."
         )
-    return {module: (sums[module] / counts[module]).float() for module in layers}
+    return {module: (sums[module] / counts[module]).float() for module in modules}
 
 
 def static_lora(
@@ -181,24 +166,6 @@ def minimal_target_modules(model: nn.Module, targets: Iterable[str]) -> set[str]
     inside = tuple(f"{name}." for name in targets)
     others = [name for name, _ in model.named_modules() if name and name not in targets and not name.startswith(inside)]
     return _find_minimal_target_modules(targets, others)
-
-
-def mixer_adapter(model: nn.Module, adapter_name: Optional[str]) -> tuple[LoraMixerModel, str]:
-    """The LoRA-Mixer tuner of `model` and the name of the adapter to export: `adapter_name`, by default the active
-    one. It must be the only active adapter: the gates of one adapter depend on what the others add before it."""
-    tuner = model.base_model if isinstance(model, PeftModel) else model
-    if not isinstance(tuner, LoraMixerModel):
-        raise TypeError(f"Expected a model with a LoRA-Mixer adapter (a PeftModel of one), got {type(model).__name__}.")
-    active = list(tuner.active_adapters)
-    name = adapter_name if adapter_name is not None else active[0]
-    if name not in tuner.peft_config:
-        raise ValueError(f"No adapter named {name!r}; the model's adapters: {sorted(tuner.peft_config)}.")
-    if active != [name]:
-        raise ValueError(
-            f"Adapter {name!r} must be the only active adapter to export it (active: {active}); call "
-            f"`model.set_adapter({name!r})` first."
-        )
-    return tuner, name
 
 
 def _write_static_lora(

@@ -13,20 +13,14 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from .layer import LoraMixerLayer, iter_mixer_layers
-from .routing import gates_from_logits
+from .model import LoraMixerModel
+from .routing_loss.collector import GateRecord
 
 NO_CHANGE = "no change"
-
-
-def applied_gates(layer: LoraMixerLayer, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
-    """The gates `layer` applies to `tokens` (..., in_features) in the forward, (tokens x E) float32, computed without
-    telling the routing observer (this is a second look, not a forward)."""
-    settings = layer.routing[adapter_name]
-    logits = layer.router_logits(tokens.reshape(-1, layer.in_features), adapter_name)
-    return gates_from_logits(logits, None, settings.mode, settings.top_k)
 
 
 def experts_present(layer: LoraMixerLayer, adapter_name: str) -> torch.Tensor:
@@ -37,29 +31,36 @@ def experts_present(layer: LoraMixerLayer, adapter_name: str) -> torch.Tensor:
 
 @contextmanager
 def recorded_gates(
-    model: nn.Module, adapter_name: str = "default"
-) -> Iterator[tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]]:
-    """Record, for every forward inside the block, the gates each mixer layer applies to each token.
+    model: nn.Module, adapter_name: Optional[str] = None
+) -> Iterator[tuple[dict[str, list[GateRecord]], dict[str, torch.Tensor]]]:
+    """Record, for every forward inside the block, the gates each mixer layer of the adapter (default: the active
+    one) applies to each token, from the forward's own record of its router (`LoraMixerModel.recording_gates`).
 
-    Yields `(gates, present)`: `gates[module]` is a list with one (tokens x E) float32 tensor per forward, `present`
-    the module's `experts_present`.
+    Yields `(records, present)`: `records[module]` is a list with one `GateRecord` ((tokens x E) float32 gates, and
+    which tokens count) per forward, `present[module]` the module's `experts_present`.
     """
-    gates: dict[str, list[torch.Tensor]] = {}
-    present: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in iter_mixer_layers(model, adapter_name):
-        present[name] = experts_present(module, adapter_name)
+    tuner, name = mixer_adapter(model, adapter_name)
+    present = {module: experts_present(layer, name) for module, layer in iter_mixer_layers(tuner.model, name)}
+    with tuner.recording_gates(name) as records:
+        yield records, present
 
-        def record(layer: LoraMixerLayer, args: tuple, output, name: str = name) -> None:
-            with torch.no_grad():
-                gates.setdefault(name, []).append(applied_gates(layer, args[0], adapter_name).cpu())
 
-        handles.append(module.register_forward_hook(record))
-    try:
-        yield gates, present
-    finally:
-        for handle in handles:
-            handle.remove()
+def mixer_adapter(model: nn.Module, adapter_name: Optional[str]) -> tuple[LoraMixerModel, str]:
+    """The LoRA-Mixer tuner of `model` and the name of the adapter to read: `adapter_name`, by default the active
+    one. It must be the only active adapter: the gates of one adapter depend on what the others add before it."""
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    if not isinstance(tuner, LoraMixerModel):
+        raise TypeError(f"Expected a model with a LoRA-Mixer adapter (a PeftModel of one), got {type(model).__name__}.")
+    active = list(tuner.active_adapters)
+    name = adapter_name if adapter_name is not None else active[0]
+    if name not in tuner.peft_config:
+        raise ValueError(f"No adapter named {name!r}; the model's adapters: {sorted(tuner.peft_config)}.")
+    if active != [name]:
+        raise ValueError(
+            f"Adapter {name!r} must be the only active adapter to read its gates (active: {active}); call "
+            f"`model.set_adapter({name!r})` first."
+        )
+    return tuner, name
 
 
 def layer_index(module_name: str) -> Optional[int]:

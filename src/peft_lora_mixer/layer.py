@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .routing import ROUTING, Routes, forced_gates, gates_from_logits, top_k_routes
+from .routing import ROUTING, RouterSettings, Routes, forced_gates, gates_from_logits, top_k_routes
 from .routing_loss.observation import RouterObservation, RoutingObserver
 from .selected_experts import (
     add_selected_experts,
@@ -22,15 +22,6 @@ from .selected_experts import (
     prefer_selected_experts,
     straight_through_router_gradient,
 )
-
-
-class RouterSettings(NamedTuple):
-    """How one adapter routes on one projection (a tuple: read on every forward, so cheap to read)."""
-
-    mode: str
-    top_k: int
-    temperature: float
-    num_experts: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,7 +191,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             logits=logits,
             probs=torch.softmax(logits, dim=-1),
             token_shape=token_shape,
-            top_k=self.routing[adapter_name].top_k,
+            settings=self.routing[adapter_name],
             experts=(self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]),
         )
         return self.routing_observer.observe(router)

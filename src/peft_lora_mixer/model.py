@@ -23,7 +23,7 @@ from torch import nn
 from .config import LoraMixerConfig
 from .experts.checkpoint import pinned_expert_weights, warn_about_absent_modules, without_expert_weights
 from .experts.loading import ExpertSet, load_experts
-from .experts.router_init import router_weights_from_experts, set_router_weights
+from .experts.router_init import initial_router_weights, set_router_weights
 from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features, iter_mixer_layers
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .model_card import keep_card_on_push
@@ -31,7 +31,7 @@ from .quantization import check_supported_quantization
 from .routing import as_expert_ids
 from .routing_loss.adaptive import AdaptiveEntropyWeights
 from .routing_loss.batch import loss_scale, token_masks
-from .routing_loss.collector import RoutingCollector, RoutingStep
+from .routing_loss.collector import GateRecord, RoutingCollector, RoutingStep
 from .routing_loss.loss import RouterLossSettings, RoutingLoss
 from .routing_loss.stats import ModuleRoutingStats
 from .targets import DEFAULT_TARGET_MODULES
@@ -93,8 +93,8 @@ class LoraMixerModel(BaseTuner):
             checked.target_modules = targets
             matched = self._check_targets(model, checked)
             experts.check_covers(matched)
-            if config.router_init == "experts" and not config.resolved_experts:  # a new mixer, not a saved one
-                router_weights = router_weights_from_experts(model, experts, matched)
+            if not config.resolved_experts:  # a new mixer, not a saved one
+                router_weights = initial_router_weights(config.router_init, model, experts, matched)
             config.target_modules, config.resolved_experts = targets, experts.references()
         self._experts = experts
         try:
@@ -239,7 +239,7 @@ class LoraMixerModel(BaseTuner):
         collector = self.routing_collector
         settings = self._loss_settings() if self.training and torch.is_grad_enabled() else {}
         record_stats = collector.record_stats and (self.training or not collector.stats_training_only)
-        if not settings and not record_stats:
+        if not settings and not record_stats and collector.record_gates_of is None:
             return None
         is_encoder_decoder = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
         return RoutingStep(
@@ -249,6 +249,7 @@ class LoraMixerModel(BaseTuner):
             num_routers=max(1, sum(name in layer.routing for layer in self._mixer_layers() for name in settings)),
             anchors=self.trainable.anchors_for(self.model, self.peft_config, settings),
             record_stats=record_stats,
+            record_gates=collector.record_gates_of,
         )
 
     def _loss_settings(self) -> dict[str, RouterLossSettings]:
@@ -394,6 +395,22 @@ class LoraMixerModel(BaseTuner):
             yield
         finally:
             self.record_routing_stats(*previous)
+
+    @contextmanager
+    def recording_gates(self, adapter_name: Optional[str] = None) -> Iterator[dict[str, list[GateRecord]]]:
+        """Record the gates every router of the adapter (default: the active one) applies in the forwards inside the
+        block: yields {module name: one `GateRecord` per forward}, filled as the forwards run. The routing loss and
+        the statistics record from the same observation of each router, so what this shows is what they count."""
+        name = adapter_name if adapter_name is not None else self.active_adapters[0]
+        if name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {name!r}; adapters: {sorted(self.peft_config)}.")
+        collector = self.routing_collector
+        previous = collector.record_gates_of
+        collector.record_gates_of, collector.gates = name, {}
+        try:
+            yield collector.gates
+        finally:
+            collector.record_gates_of = previous
 
     def record_routing_stats(self, enabled: bool, training_only: bool = False) -> None:
         """Switch statistics recording on or off for the forwards to come (the counts are kept);

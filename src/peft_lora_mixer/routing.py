@@ -69,6 +69,15 @@ def switch_route(logits: torch.Tensor, probs: Optional[torch.Tensor]) -> tuple[t
     return index, probs.gather(-1, index)
 
 
+class RouterSettings(NamedTuple):
+    """How one adapter routes on one projection (a tuple: read on every forward, so cheap to read)."""
+
+    mode: str
+    top_k: int
+    temperature: float
+    num_experts: int
+
+
 class Routes(NamedTuple):
     """The experts each token uses (index, (..., k)) and their gates (weight, (..., k)); under a straight-through
     mode in training, the router's probabilities over all experts (..., E), whose gradient the router gets as if

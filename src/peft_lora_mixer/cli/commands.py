@@ -237,7 +237,7 @@ def inspect_command(args: argparse.Namespace) -> int:
         inputs["labels"] = encoded["input_ids"]
     with torch.no_grad(), recorded_gates(model) as (recorded, present):
         model(**inputs)
-    gates = within_layers({name: forwards[0] for name, forwards in recorded.items()}, args.layers)
+    gates = within_layers({name: forwards[0].gates for name, forwards in recorded.items()}, args.layers)
     tokens = token_texts(tokenizer, encoded["input_ids"][0].tolist())
     names = expert_names(model.peft_config["default"])
     mix = expert_mix(gates, present)

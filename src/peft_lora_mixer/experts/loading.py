@@ -23,7 +23,6 @@ from torch import nn
 
 from ..config import LoraMixerConfig
 from ..layer import ExpertSpec, in_out_features, iter_mixer_layers
-from .router_init import arrow_router_weights, set_router_weights
 from .sources import ExpertError, ExpertSource, FetchedExpert, HubOptions, current_hub_options, fetch
 
 PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel's state dict and saved adapters name the base model
@@ -74,9 +73,8 @@ class Expert:
 class ExpertSet:
     """The experts of one mixer adapter, in router order."""
 
-    def __init__(self, experts: Sequence[Expert], router_weights: Optional[dict[str, torch.Tensor]] = None):
+    def __init__(self, experts: Sequence[Expert]):
         self.experts = list(experts)
-        self.router_weights = router_weights  # the routers' start, written with the experts (router_init="arrow")
 
     @property
     def module_names(self) -> list[str]:
@@ -109,8 +107,7 @@ class ExpertSet:
 
     @torch.no_grad()
     def load_into(self, model: nn.Module, adapter_name: str, frozen: bool) -> None:
-        """Write the experts' factors into the adapter's layers (every rank slot of A and B is an expert's), and the
-        routers' starting weights where the set carries them."""
+        """Write the experts' factors into the adapter's layers (every rank slot of A and B is an expert's)."""
         layers = dict(iter_mixer_layers(model, adapter_name))
         for key, layer in layers.items():
             factors = self.factors(key)
@@ -119,9 +116,6 @@ class ExpertSet:
                 _copy_exactly(layer.loramixer_B, adapter_name, factors[1])
             if frozen:
                 layer.freeze_experts(adapter_name)
-        if self.router_weights is not None:  # only the targeted modules: `target_modules` may select fewer
-            weights = {key: weight for key, weight in self.router_weights.items() if key in layers}
-            set_router_weights(model, adapter_name, weights)
 
     def check_against(self, model: nn.Module) -> None:
         for expert in self.experts:
@@ -180,10 +174,8 @@ def read_experts(config: LoraMixerConfig, hub: Optional[HubOptions] = None) -> O
             config.resolved_experts, fetch_weights=not config.stores_expert_weights, **options
         )
     experts = ExpertSet.read(config.expert_sources, **options)
-    if config.copies_per_expert == 1:
-        return experts
-    # router_init="arrow": each expert twice, routed by +v_e and -v_e (see router_init.py)
-    return ExpertSet([e for e in experts.experts for _ in range(2)], router_weights=arrow_router_weights(experts))
+    # router_init="arrow" holds each expert twice, routed by +v_e and -v_e (see router_init.py)
+    return ExpertSet([expert for expert in experts.experts for _ in range(config.copies_per_expert)])
 
 
 def load_experts(config: LoraMixerConfig, model: nn.Module, hub: Optional[HubOptions] = None) -> Optional[ExpertSet]:

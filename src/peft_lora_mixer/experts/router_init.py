@@ -20,7 +20,7 @@ computed twice per token); the gain is Arrow's routing exactly, then a router th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -60,14 +60,16 @@ def expert_directions(experts: ExpertSet, module_name: str, in_features: int) ->
     return directions
 
 
-def arrow_router_weights(experts: ExpertSet) -> dict[str, torch.Tensor]:
-    """Per module the experts adapt: the (2E x in_features) router weight of Arrow's pairs, rows `2e` and `2e + 1`
-    being `+v_e` and `-v_e` of expert e (zero where it changes nothing there)."""
+def arrow_router_weights(experts: ExpertSet, module_names: list[str]) -> dict[str, torch.Tensor]:
+    """Per module in `module_names`: the router weight of Arrow's pairs over `experts`, which holds each expert
+    twice in a row (`router_init="arrow"`): rows `2e` and `2e + 1` are `+v_e` and `-v_e` of expert e (zero where it
+    changes nothing there)."""
     weights = {}
-    for name in experts.module_names:
+    for name in module_names:
         in_features = next(expert.blocks[name].lora_A.shape[1] for expert in experts.experts if name in expert.blocks)
-        directions = expert_directions(experts, name, in_features)
-        weights[name] = torch.stack([directions, -directions], dim=1).reshape(-1, in_features)
+        directions = expert_directions(experts, name, in_features)  # the copies of a pair share their v_e
+        signs = torch.tensor([1.0, -1.0]).repeat(len(experts.experts) // 2)
+        weights[name] = directions * signs.unsqueeze(-1)
     return weights
 
 
@@ -111,6 +113,18 @@ def projected_input_moments(
         for handle in handles:
             handle.remove()
     return moments
+
+
+def initial_router_weights(
+    router_init: str, model: nn.Module, experts: ExpertSet, module_names: list[str]
+) -> Optional[dict[str, torch.Tensor]]:
+    """The starting router weight of each module in `module_names` for `LoraMixerConfig.router_init` (None:
+    nn.Linear's own, `"random"`), computed on the base model before the adapter is injected."""
+    if router_init == "experts":
+        return router_weights_from_experts(model, experts, module_names)
+    if router_init == "arrow":
+        return arrow_router_weights(experts, module_names)
+    return None
 
 
 def router_weights_from_experts(

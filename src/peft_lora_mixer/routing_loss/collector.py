@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from ..routing import gates_from_logits
 from ..trainable import Anchor
 from .batch import TokenMasks
 from .loss import (
@@ -72,6 +73,7 @@ class RoutingStep:
     num_routers: int = 1
     anchors: dict[tuple[int, str], Anchor] = field(default_factory=dict)
     record_stats: bool = False
+    record_gates: Optional[str] = None  # the adapter whose applied gates are recorded (`RoutingCollector.gates`)
     parts: list[RouterLossPart] = field(default_factory=list)
     anchored: set[tuple[int, str]] = field(default_factory=set)  # the anchors already given to a node
     recomputed_routers: dict[tuple[int, str], list[tuple[RouterUsage, Optional[Anchor]]]] = field(default_factory=dict)
@@ -136,6 +138,13 @@ class _AddRoutingLossGradient(torch.autograd.Function):
         return grad_probs, grad_A, grad_B, None
 
 
+class GateRecord(NamedTuple):
+    """The gates one router applied in one forward (no gradient), and which of its tokens count."""
+
+    gates: torch.Tensor  # (tokens, E) float32: the routing mode's gates (top-k renormalised, or the softmax)
+    weights: torch.Tensor  # (tokens,): 1 for a token that counts, 0 for padding
+
+
 class RoutingCollector:
     """Shared by the mixer layers of one model while the RSL or the statistics are wanted (a plain object, never a
     module, so nothing of it is saved)."""
@@ -150,6 +159,8 @@ class RoutingCollector:
         self.record_stats = False
         self.stats_training_only = False  # leave out the forwards in eval mode
         self.stats = RoutingStatsAccumulator()
+        self.record_gates_of: Optional[str] = None  # the adapter whose gates `gates` records
+        self.gates: dict[str, list[GateRecord]] = {}  # by module, one record per forward, while recorded
         self.awaiting_recomputation: list[RoutingStep] = []
 
     def begin(self, step: RoutingStep) -> None:
@@ -174,9 +185,11 @@ class RoutingCollector:
         if step is None:  # perhaps a reentrant checkpoint's recomputation during backward
             return self._attach_to_recomputed(router)
         token_mask = step.masks.for_router(module_name, router.token_shape)
-        usage = RouterUsage.of(probs, router.top_k, router.logits, token_mask)
+        usage = RouterUsage.of(probs, router.settings.top_k, router.logits, token_mask)
         if step.record_stats:
             self.stats.add(module_name or str(layer_id), probs, usage)
+        if step.record_gates == adapter_name:
+            self._record_gates(module_name or str(layer_id), router, usage)
         settings = step.settings.get(adapter_name)
         if settings is None:
             return probs
@@ -193,6 +206,13 @@ class RoutingCollector:
             return _attach(router, usage, settings, step, anchor)
         step.recomputed_routers.setdefault((layer_id, adapter_name), []).append((usage, anchor))
         return probs
+
+    def _record_gates(self, module_name: str, router: RouterObservation, usage: RouterUsage) -> None:
+        """Keep the gates the router's layer applies, from the logits it routed with (never a second run of the
+        router)."""
+        logits = router.logits.detach()
+        gates = gates_from_logits(logits, None, router.settings.mode, router.settings.top_k)
+        self.gates.setdefault(module_name, []).append(GateRecord(gates.reshape(-1, logits.shape[-1]), usage.weights))
 
     def _attach_to_recomputed(self, router: RouterObservation) -> torch.Tensor:
         """In the recomputation of a reentrant-checkpointed router, the node that adds its RSL gradient."""

@@ -69,17 +69,6 @@ def token_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
 
 
-def top_k_choices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """(tokens, E) one-hot rows of the experts each token's top-k holds (`top_k` ones per row), as float32.
-
-    `scores` are the router logits, as routing picks its experts from them (the probabilities can tie where
-    float32's softmax underflows, logits [0, -200, -150]: routing picks {0, 2}); probabilities only where no logits
-    are at hand (they order alike while nothing underflows).
-    """
-    scores = scores.detach()
-    return torch.zeros_like(scores, dtype=torch.float32).scatter(-1, top_k_indices(scores, top_k), 1.0)
-
-
 class RouterUsage(NamedTuple):
     """The constants of one router's RSL in one forward, from its tokens (no gradient).
 
@@ -88,6 +77,10 @@ class RouterUsage(NamedTuple):
     """
 
     weights: torch.Tensor  # (tokens,): 1 for a token that counts, 0 for padding
+    # (tokens, k): each token's top-k experts, best first, picked as routing picks them: by logit, ties to the lower
+    # index (the probabilities can tie where float32's softmax underflows, logits [0, -200, -150]: routing picks
+    # {0, 2}). Picked once per router and forward; fbar and the statistics' top-1 both read it.
+    choices: torch.Tensor
     fraction: torch.Tensor  # fbar, (E,); zeros without tokens
     num_experts: torch.Tensor  # E of the balance term: every expert counts, with weights on this projection or not
     num_tokens: torch.Tensor  # this forward's valid tokens (at least 1): the entropy's mean is over them
@@ -103,15 +96,17 @@ class RouterUsage(NamedTuple):
         logits: Optional[torch.Tensor] = None,
         token_mask: Optional[torch.Tensor] = None,
     ) -> RouterUsage:
-        """From a router's probabilities ((..., E) over its tokens), for fbar its logits (see `top_k_choices`), and
-        the tokens' padding mask (the tokens' shape; None: every token counts)."""
+        """From a router's probabilities ((..., E) over its tokens), its logits (which `choices` are picked from;
+        the probabilities where none are given), and the tokens' padding mask (the tokens' shape; None: every
+        token counts)."""
         flat = probs.detach().reshape(-1, probs.shape[-1])
         weights = token_weights(token_mask, flat.shape[0], flat)
         num_tokens = weights.sum().clamp_min(1.0)  # no tokens: every sum below is 0, and so is the RSL
-        scores = flat if logits is None else logits.reshape(flat.shape)
-        chosen = top_k_choices(scores, top_k).to(flat.dtype)
+        scores = flat if logits is None else logits.detach().reshape(flat.shape)
+        choices = top_k_indices(scores, top_k)
+        chosen = torch.zeros_like(flat).scatter(-1, choices, 1.0)
         fraction = (chosen * weights.unsqueeze(-1)).sum(0) / num_tokens
-        return cls(weights, fraction, flat.new_tensor(flat.shape[-1]), num_tokens, num_tokens)
+        return cls(weights, choices, fraction, flat.new_tensor(flat.shape[-1]), num_tokens, num_tokens)
 
     def over_global_batch(self, group: Optional[dist.ProcessGroup] = None) -> RouterUsage:
         """This usage with fbar (and pbar's token count) taken over the tokens of every process in `group`.

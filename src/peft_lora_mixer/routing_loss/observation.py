@@ -8,6 +8,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from ..routing import RouterSettings
+
 
 class RouterObservation(NamedTuple):
     """One router's output in one forward, and all of its layer that the RSL and the statistics need.
@@ -20,7 +22,7 @@ class RouterObservation(NamedTuple):
     logits: torch.Tensor  # (..., E) float32, temperature applied: the top-k is picked from them, as routing does
     probs: torch.Tensor  # (..., E) softmax of `logits`, with autograd: the RSL's gradient node goes on it
     token_shape: torch.Size  # the shape the tokens had (batch first), matched with the padding masks
-    top_k: int  # experts kept per token (fbar counts them)
+    settings: RouterSettings  # how the layer routes this adapter (mode, top_k: fbar counts the top-k)
     experts: tuple[torch.Tensor, torch.Tensor]  # the adapter's A_cat (sum r_e, in) and B_cat (out, sum r_e) here
 
 

@@ -13,7 +13,7 @@ from .loss import RouterUsage, flat_probs, token_entropy
 class ModuleRoutingStats:
     """Routing of one module over the tokens seen since the statistics were last reset (padding excluded).
 
-    `usage[i]`: fraction of tokens whose top-1 expert is i (sums to 1). `top_k_usage[i]`: fraction whose top-k
+    `usage[i]`: fraction of tokens whose top-1 expert is i (sums to 1), picked as routing picks it (by logit). `top_k_usage[i]`: fraction whose top-k
     holds i. `probability[i]`: mean router probability of i. `entropy`: mean per-token entropy in nats.
     """
 
@@ -36,7 +36,7 @@ class RoutingStatsAccumulator:
         flat = flat_probs(probs).detach()
         weights = usage.weights.unsqueeze(-1)
         count = usage.weights.sum()
-        top1 = (torch.zeros_like(flat).scatter(-1, flat.argmax(-1, keepdim=True), 1.0) * weights).sum(0)
+        top1 = (torch.zeros_like(flat).scatter(-1, usage.choices[:, :1], 1.0) * weights).sum(0)
         new = [
             count,
             top1,
