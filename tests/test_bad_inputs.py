@@ -200,7 +200,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
 def routing_state(mixer: Any) -> tuple:
     """What a failed call must not change besides the weights: the configs and every layer's routing settings."""
     configs = {name: config.to_dict() for name, config in mixer.peft_config.items()}
-    layers = [dict(module.routing) for module in mixer.modules() if isinstance(module, LoraMixerLayer)]
+    layers = [dict(module.router_settings) for module in mixer.modules() if isinstance(module, LoraMixerLayer)]
     return configs, layers, [p.requires_grad for p in mixer.parameters()]
 
 

@@ -111,22 +111,25 @@ def test_dropout_applies_to_experts_only_in_training():
 
 
 def test_set_routing_changes_only_the_routing_and_is_saved(tmp_path):
-    """Trained `soft`, used `topk` top-2: the config and every layer's mode and top_k change, nothing else; the
+    """Trained `soft`, used `topk` top-2: the config and the layers' shared routing table change, nothing else; the
     model then computes what a model built `topk` with the same weights computes, also after a reload."""
     model = mixer(routing="soft", top_k=1)
     model.add_adapter("other", LoraMixerConfig(num_experts=3, r=2, routing="soft", top_k=1, init_weights=False))
     state = {key: value.clone() for key, value in model.state_dict().items()}
     config_before = model.peft_config["default"].to_dict()
     layers = [m for m in model.modules() if isinstance(m, LoraMixerLayer)]
-    settings_before = [dict(layer.routing) for layer in layers]
+    settings_before = [dict(layer.router_settings) for layer in layers]
+
+    table = model.base_model.router_settings
+    assert all(layer.router_settings is table for layer in layers)  # one home, however many layers
 
     model.set_routing(routing="topk", top_k=2, adapter_name="default")
 
     assert model.peft_config["default"].to_dict() == {**config_before, "routing": "topk", "top_k": 2}
     assert model.peft_config["other"].routing == "soft" and model.peft_config["other"].top_k == 1
     for layer, before in zip(layers, settings_before):
-        assert layer.routing["default"] == before["default"]._replace(mode="topk", top_k=2)
-        assert layer.routing["other"] == before["other"]
+        assert layer.router_settings["default"] == before["default"]._replace(mode="topk", top_k=2)
+        assert layer.router_settings["other"] == before["other"]
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
     reference = mixer(routing="topk", top_k=2)
@@ -140,4 +143,4 @@ def test_set_routing_changes_only_the_routing_and_is_saved(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids()).logits, want, rtol=0, atol=0)
 
     model.set_routing(top_k=1)  # the active adapter, its routing kept
-    assert model.peft_config["default"].routing == "topk" and layers[0].routing["default"].top_k == 1
+    assert model.peft_config["default"].routing == "topk" and layers[0].router_settings["default"].top_k == 1

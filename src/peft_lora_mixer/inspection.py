@@ -26,7 +26,7 @@ NO_CHANGE = "no change"
 def experts_present(layer: LoraMixerLayer, adapter_name: str) -> torch.Tensor:
     """(E,) bool: which experts have weights (at least one rank slot) on this projection."""
     slots = layer.loramixer_slot_expert[adapter_name]
-    return torch.bincount(slots.cpu(), minlength=layer.routing[adapter_name].num_experts) > 0
+    return torch.bincount(slots.cpu(), minlength=layer.router_settings[adapter_name].num_experts) > 0
 
 
 @contextmanager

@@ -68,12 +68,19 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         "loramixer_slot_expert",
         "loramixer_expert_scaling",
         "loramixer_dropout",
-        "routing",
+        "router_settings",
         "expert_rank",
         "common_scaling",
     )
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, experts: Sequence[ExpertSpec], **update_kwargs):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        experts: Sequence[ExpertSpec],
+        router_settings: Optional[dict[str, RouterSettings]] = None,
+        **update_kwargs,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = in_out_features(base_layer)
@@ -84,7 +91,9 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         # derived from the experts' specs at construction, so they are not saved (persistent=False)
         self.loramixer_slot_expert = BufferDict(persistent=False)
         self.loramixer_expert_scaling = BufferDict(persistent=False)
-        self.routing: dict[str, RouterSettings] = {}
+        # how each adapter routes; in a model, one table shared by all its layers and kept by the tuner from the
+        # adapters' configs (`LoraMixerModel.set_routing` changes it once for all)
+        self.router_settings: dict[str, RouterSettings] = {} if router_settings is None else router_settings
         self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
         self.common_scaling: dict[str, Optional[float]] = {}  # the present experts' common scale, None if they differ
         self.forced_expert_ids: Optional[torch.Tensor] = None
@@ -122,7 +131,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.loramixer_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.loramixer_slot_expert[adapter_name] = slot_expert
         self.loramixer_expert_scaling[adapter_name] = expert_scaling
-        self.routing[adapter_name] = RouterSettings(routing, top_k, router_temperature, len(experts))
+        self.router_settings[adapter_name] = RouterSettings(routing, top_k, router_temperature, len(experts))
         self.expert_rank[adapter_name] = ranks[0] if len(set(ranks)) == 1 else None
         scalings = {expert.scaling for expert in experts if expert.r}
         self.common_scaling[adapter_name] = scalings.pop() if len(scalings) == 1 else None
@@ -167,7 +176,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             with torch.autocast(device_type=device_type, enabled=False):
                 return self.router_logits(x, adapter_name)
         router = self.loramixer_router[adapter_name]
-        temperature = self.routing[adapter_name].temperature
+        temperature = self.router_settings[adapter_name].temperature
         float32 = torch.float32
         logits = F.linear(_as_dtype(x, float32), _as_dtype(router.weight, float32), _as_dtype(router.bias, float32))
         return logits if temperature == 1.0 else logits / temperature
@@ -191,7 +200,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
             logits=logits,
             probs=torch.softmax(logits, dim=-1),
             token_shape=token_shape,
-            settings=self.routing[adapter_name],
+            settings=self.router_settings[adapter_name],
             experts=(self.loramixer_A[adapter_name], self.loramixer_B[adapter_name]),
         )
         return self.routing_observer.observe(router)
@@ -203,7 +212,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         per-sample ids and the observer's padding mask refer to; by default `x.shape[:-1]`.
         """
         token_shape = x.shape[:-1] if token_shape is None else token_shape
-        settings = self.routing[adapter_name]
+        settings = self.router_settings[adapter_name]
         if self.forced_expert_ids is not None:
             one_hot = forced_gates(self.forced_expert_ids, settings.num_experts, token_shape, x.device)
             return one_hot.expand(*token_shape, settings.num_experts).reshape(*x.shape[:-1], settings.num_experts)
@@ -223,7 +232,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         weights. `token_shape` as for `gates`.
         """
         token_shape = x.shape[:-1] if token_shape is None else token_shape
-        routing, top_k, _, num_experts = self.routing[adapter_name]
+        routing, top_k, _, num_experts = self.router_settings[adapter_name]
         mode = ROUTING[routing]
         forced = self.forced_expert_ids is not None
         if forced:
@@ -314,7 +323,7 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         tokens = x.reshape(-1, self.in_features)
         result = self.base_layer(tokens, *args, **kwargs)
         for adapter_name in self.active_adapters:
-            if adapter_name in self.routing:  # a plain dict: cheaper to ask than the ParameterDict
+            if adapter_name in self.expert_rank:  # this layer's own plain dict: cheaper to ask than the ParameterDict
                 result = self.add_mixture(result, tokens, token_shape, adapter_name)
         return result.reshape(*token_shape, self.out_features)
 

@@ -28,7 +28,7 @@ from .layer import MERGE_ERROR, ExpertSpec, LoraMixerLayer, in_out_features, ite
 from .mamba import check_supported_ssm_target, guard_fused_mixer, needs_guard, unguard_fused_mixers
 from .model_card import keep_card_on_push
 from .quantization import check_supported_quantization
-from .routing import as_expert_ids
+from .routing import RouterSettings, as_expert_ids
 from .routing_loss.adaptive import AdaptiveEntropyWeights
 from .routing_loss.batch import loss_scale, token_masks
 from .routing_loss.collector import GateRecord, RoutingCollector, RoutingStep
@@ -59,6 +59,7 @@ class LoraMixerModel(BaseTuner):
     def __init__(self, model: nn.Module, config, adapter_name: str, **kwargs) -> None:
         # plain objects, set before BaseTuner injects (the hooks go on at each injection); PEFT saves none of them
         self.routing_collector = RoutingCollector()
+        self.router_settings: dict[str, RouterSettings] = {}  # every layer's routing table (`LoraMixerLayer`)
         self.entropy_weights = AdaptiveEntropyWeights()
         self.trainable = TrainableParts()
         self.last_routing_loss: Optional[RoutingLoss] = None
@@ -159,7 +160,7 @@ class LoraMixerModel(BaseTuner):
         if isinstance(target, LoraMixerLayer):
             target.update_layer(adapter_name, experts, **layer_kwargs)
         else:
-            new_module = LoraMixerLayer(target, adapter_name, experts, **layer_kwargs)
+            new_module = LoraMixerLayer(target, adapter_name, experts, self.router_settings, **layer_kwargs)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
@@ -246,7 +247,7 @@ class LoraMixerModel(BaseTuner):
             masks=token_masks(kwargs, is_encoder_decoder),
             settings=settings,
             scale=loss_scale(kwargs, is_encoder_decoder, self.routing_loss_accumulation_steps) if settings else 1.0,
-            num_routers=max(1, sum(name in layer.routing for layer in self._mixer_layers() for name in settings)),
+            num_routers=max(1, sum(name in layer.expert_rank for layer in self._mixer_layers() for name in settings)),
             anchors=self.trainable.anchors_for(self.model, self.peft_config, settings),
             record_stats=record_stats,
             record_gates=collector.record_gates_of,
@@ -287,8 +288,8 @@ class LoraMixerModel(BaseTuner):
     ) -> None:
         """Change how a trained adapter routes, e.g. trained `soft`, used `topk` with `top_k=2` for inference.
 
-        Updates the adapter's config (so `save_pretrained` keeps the new routing) and every one of its layers; the
-        weights are untouched. Unset arguments keep their value; `adapter_name=None` changes the active adapters.
+        Updates the adapter's config (so `save_pretrained` keeps the new routing) and the routing table its layers
+        share; the weights are untouched. Unset arguments keep their value; `adapter_name=None` changes the active adapters.
         The values are checked as the config checks them, for every adapter, before anything changes.
         """
         names = [adapter_name] if adapter_name is not None else list(self.active_adapters)
@@ -304,8 +305,7 @@ class LoraMixerModel(BaseTuner):
             updated[name] = config
         for name, config in updated.items():
             self.peft_config[name].routing, self.peft_config[name].top_k = config.routing, config.top_k
-            for _, layer in iter_mixer_layers(self.model, name):
-                layer.routing[name] = layer.routing[name]._replace(mode=config.routing, top_k=config.top_k)
+            self.router_settings[name] = self.router_settings[name]._replace(mode=config.routing, top_k=config.top_k)
 
     @classmethod
     def _get_adapter_state_dict(
