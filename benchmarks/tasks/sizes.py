@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from benchmarks.bigbench.sizes import SIZES as BIGBENCH_SIZES
 from benchmarks.bigbench.sizes import BenchSize
 from benchmarks.bigbench.splits import SplitSizes
 
@@ -16,17 +19,6 @@ SIZES = {
         batch_size=8,
         router_examples=(100, None),
     ),
-    "smoke": BenchSize(
-        model="tiny",
-        data="generated",
-        splits=SplitSizes(heldout=4, router=4, expert=4),
-        expert_steps=2,
-        router_steps=2,
-        batch_size=2,
-        router_examples=(None,),
-        seeds=(0,),
-        lorahub_examples=6,
-        lorahub_evaluations=8,
-        eval_batch_size=4,
-    ),
+    # BIG-bench's smoke size on the generated tasks, every example a router example
+    "smoke": replace(BIGBENCH_SIZES["smoke"], data="generated", router_examples=(None,)),
 }
