@@ -84,3 +84,16 @@ def test_gpu_check_runs_in_miniature_on_cpu(tmp_path, monkeypatch):
     rows = {row["row"]: row for row in report["benchmark"]}
     assert set(gpu_check.DEFAULT_ROWS) | {"lora-r8"} == set(rows)
     assert all(row["train_ratio"] > 0 and row["gen_ratio"] > 0 for row in rows.values())
+
+
+def test_host_sync_check_runs_its_steps_on_cpu(monkeypatch):
+    """The GPU check's training and decoding steps run (here without CUDA's sync detection, which a CPU lacks): the
+    code a GPU run depends on, down to transformers' cache keywords."""
+    import contextlib
+
+    from benchmarks import gpu_check
+
+    workload = miniature(WORKLOADS["llama-1b-gpu"])
+    monkeypatch.setattr(gpu_check, "_sync_debug_mode", lambda mode: contextlib.nullcontext())
+    model = gpu_check._mixer(workload, workload.dtype)
+    assert gpu_check._host_syncs(model, workload) == {"train_step": "none", "decode_step": "none"}
