@@ -97,9 +97,8 @@ class LoraMixerLayer(nn.Module, BaseTunerLayer):
         self.expert_rank: dict[str, Optional[int]] = {}  # the experts' common rank, None if they differ
         self.common_scaling: dict[str, Optional[float]] = {}  # the present experts' common scale, None if they differ
         self.forced_expert_ids: Optional[torch.Tensor] = None
-        self.routing_observer: Optional[RoutingObserver] = (
-            None  # set by the tuner while the RSL or statistics are wanted
-        )
+        # set by the tuner while the RSL, the statistics or the gates are watched
+        self.routing_observer: Optional[RoutingObserver] = None
         self._disable_adapters = False
         self.cast_input_dtype_enabled = True  # toggled by `peft.helpers.disable_input_dtype_casting`
         self.merged_adapters = []

@@ -191,7 +191,7 @@ class LoraMixerModel(BaseTuner):
                 f"route_to() takes one expert id per sample (or one int for all), got {ids.tolist()} of shape "
                 f"{tuple(ids.shape)}."
             )
-        previous = [(layer, layer.forced_expert_ids) for _, layer in iter_mixer_layers(self.model)]
+        previous = [(layer, layer.forced_expert_ids) for layer in self._mixer_layers()]
         for layer, _ in previous:
             layer.forced_expert_ids = ids
         return previous
