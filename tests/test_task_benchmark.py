@@ -6,16 +6,20 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from collections import Counter
 from decimal import Decimal
 
 import pytest
 
 from benchmarks.bigbench import run
 from benchmarks.bigbench.data import task_examples
-from benchmarks.bigbench.models import prepare_base
+from benchmarks.bigbench.methods import Context
+from benchmarks.bigbench.models import load_tokenizer, prepare_base
+from benchmarks.bigbench.plan import plan
 from benchmarks.bigbench.splits import SPLITS
 from benchmarks.tasks.__main__ import main
 from benchmarks.tasks.generators import METRIC, MONTHS, TASKS, clock_words, generate, number_words, roman_numeral
+from benchmarks.tasks.sizes import SIZES
 from benchmarks.tasks.source import DATA_SEED, MANIFEST, POOL, load_splits, task_source
 from benchmarks.tasks.task_file import TaskFileError, parse_task_file_option, read_task_file
 
@@ -215,3 +219,20 @@ def test_smoke_size_runs_every_row(tmp_path, monkeypatch, tiny_base):
     assert {"base", "expert", "uniform merge", "Arrow", "X-LoRA", "LoRAHub", "joint", "multi-task LoRA"} <= methods
     assert {"static export, one LoRA for all tasks", "static export, one LoRA per task", "oracle"} <= methods
     assert {"LoRA-Mixer top-2 RSL", "LoRA-Mixer top-1 no RSL", "LoRA-Mixer 0 steps"} <= methods
+
+
+def test_full_size_counts_router_examples_per_task(tiny_base):
+    """The few-shot rows see 5 and 20 examples of every task (LoRAHub's protocol), the ablations only all of them."""
+    tasks = list(TASKS)
+    splits = load_splits({}, tasks, "full", seed=0)
+    ctx = Context(tiny_base, [tiny_base] * len(tasks), load_tokenizer(tiny_base), SIZES["full"], splits, tiny_base)
+    for count in (5, 20):
+        drawn = Counter(sample["expert_id"] for sample in ctx.samples("router", count, seed=1))
+        assert drawn == dict.fromkeys(range(len(tasks)), count)
+    assert len(ctx.samples("router", None, seed=1)) == 100 * len(tasks)
+    rows = plan(ctx, tasks)
+    few_shot = {row.group for row in rows if row.router_examples in (5, 20)}
+    assert "LoRA-Mixer top-2 RSL, Arrow init, 5 router examples per task" in few_shot
+    assert {"PEFT X-LoRA, 20 router examples per task", "LoRAHub-style weights, 5 router examples per task"} <= few_shot
+    assert not any("top-1" in group or "no RSL" in group for group in few_shot)
+    assert "LoRA-Mixer top-1 no RSL, all router examples" in {row.group for row in rows}

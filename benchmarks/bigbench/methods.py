@@ -50,8 +50,11 @@ class Context:
         return load_base(self.base_dir)
 
     def samples(self, split: str, count: Optional[int], seed: int) -> list[dict]:
-        """`count` examples of `split` (None: all), mixed over the tasks, each with its task's `expert_id`."""
+        """`count` examples of `split` (None: all; per task when the size says so), mixed over the tasks, each with
+        its task's `expert_id`."""
         examples = {task: splits[split] for task, splits in self.splits.items()}
+        if count is not None and self.size.router_examples_per_task:
+            count *= len(examples)
         return mixed(examples, self.tokenizer, self.size.max_length, count, seed)
 
     def train(self, model, samples: list[dict], steps: int, lr: float, seed: int, **kwargs) -> None:

@@ -34,6 +34,12 @@ def _examples(count: Optional[int]) -> str:
     return "all" if count is None else str(count)
 
 
+def _examples_label(ctx: Context, count: Optional[int]) -> str:
+    """How a row's group names its router examples: "all router examples", "20 router examples (per task)"."""
+    per_task = " per task" if ctx.size.router_examples_per_task and count is not None else ""
+    return f"{_examples(count)} router examples{per_task}"
+
+
 def _mixer_row(
     ctx: Context, top_k: int, rsl: bool, count: Optional[int], seed: int, router_init: str = "random"
 ) -> Row:
@@ -43,7 +49,7 @@ def _mixer_row(
     init = "" if router_init == "random" else f"{router_init}-"  # the random rows keep the keys of their caches
     return Row(
         f"mixer-{init}k{top_k}-{'rsl' if rsl else 'norsl'}-{n}-s{seed}",
-        f"{method}, {n} router examples",
+        f"{method}, {_examples_label(ctx, count)}",
         method,
         partial(methods.mixer, ctx, top_k, rsl, router_init, count, seed, ctx.size.router_steps),
         count,
@@ -89,10 +95,11 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
         for count in size.router_examples[::-1]:  # all router examples first
             n = _examples(count)
             rows.append(_mixer_row(ctx, 2, True, count, seed))
+            rows.append(_mixer_row(ctx, 2, True, count, seed, router_init="arrow"))  # Arrow's routing, then trained
             rows.append(
                 Row(
                     f"xlora-{n}-s{seed}",
-                    f"PEFT X-LoRA, {n} router examples",
+                    f"PEFT X-LoRA, {_examples_label(ctx, count)}",
                     "X-LoRA",
                     partial(methods.xlora, ctx, count, seed),
                     count,
@@ -103,14 +110,14 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
                 rows.append(
                     Row(
                         f"lorahub-{n}",
-                        f"LoRAHub-style weights, {n} router examples",
+                        f"LoRAHub-style weights, {_examples_label(ctx, count)}",
                         "LoRAHub",
                         partial(methods.lorahub, ctx, count, seed),
                         count,
                     )
                 )
-            rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((1, True), (2, False), (1, False))]
-        rows.append(_mixer_row(ctx, 2, True, None, seed, router_init="arrow"))  # Arrow's routing, then trained
+            if size.ablation_router_examples is None or count in size.ablation_router_examples:
+                rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((1, True), (2, False), (1, False))]
     for per_task, scope in ((False, "one LoRA for all tasks"), (True, "one LoRA per task")):
         rows.append(
             Row(

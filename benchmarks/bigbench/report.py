@@ -20,8 +20,11 @@ BEST_EXPERT = "best expert per example"
 DERIVED = {ORACLE: "oracle", BEST_EXPERT: "best expert per example"}  # rows computed from the experts' rows
 
 
-def summarize(results: dict, tasks: list[str], size: str, folder: Path, router_total: int) -> dict:
-    """Pool each row's seeds, compute the figures, print the tables, draw the plot; return the summary."""
+def summarize(
+    results: dict, tasks: list[str], size: str, folder: Path, router_all: int, per_task: bool = False
+) -> dict:
+    """Pool each row's seeds, compute the figures, print the tables, draw the plot; return the summary.
+    `router_all`: how many router examples "all" is (per task when `per_task`, as the rows count them)."""
     runs: dict[str, list[Scores]] = defaultdict(list)
     meta = {}
     for row, result in results.items():
@@ -29,7 +32,13 @@ def summarize(results: dict, tasks: list[str], size: str, folder: Path, router_t
         meta[row.group] = row
     pooled = {group: seed_mean(scores) for group, scores in runs.items()}
     experts = [group for group in pooled if meta[group].method == "expert"]
-    summary: dict = {"size": size, "tasks": tasks, "router_examples_all": router_total, "rows": {}}
+    summary: dict = {
+        "size": size,
+        "tasks": tasks,
+        "router_examples_all": router_all,
+        "router_examples_per_task": per_task,
+        "rows": {},
+    }
     if "base model" in pooled and len(experts) == len(tasks):
         pooled[ORACLE] = {task: pooled[experts[i]][task] for i, task in enumerate(tasks)}
         pooled[BEST_EXPERT] = {
@@ -150,7 +159,7 @@ def plot(summary: dict, path: Path) -> Optional[str]:
     for index, (group, value) in enumerate(levels.items()):
         axis.axhline(value, linestyle=":", color=f"C{(index + len(lines)) % 10}", label=group)
     axis.set_xscale("log")
-    axis.set_xlabel("router-train examples")
+    axis.set_xlabel("router-train examples" + (" per task" if summary.get("router_examples_per_task") else ""))
     axis.set_ylabel("macro accuracy, held-out")
     axis.legend(fontsize=7)
     figure.tight_layout()

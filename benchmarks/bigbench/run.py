@@ -110,7 +110,9 @@ def run(
             scores, routing = _score_row(row.build(), tokenizer, tasks, folder / "lm-eval-tasks", size.eval_batch_size)
             _write_atomically(row_path[row], json.dumps({"row": row.key, "scores": scores, "routing": routing}))
     results = {row: json.loads(path.read_text()) for row, path in row_path.items() if path.is_file()}
-    summary = summarize(results, tasks, size_name, folder, size.splits.router * len(tasks))
+    per_task = size.router_examples_per_task
+    router_all = size.splits.router * (1 if per_task else len(tasks))
+    summary = summarize(results, tasks, size_name, folder, router_all, per_task)
     summary["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     (folder / "results.json").write_text(json.dumps(summary, indent=2))
     (folder / "results.md").write_text(markdown(summary))

@@ -17,6 +17,8 @@ class BenchSize:
     or `generated` (`benchmarks.tasks`, whose source splits them).
     `router_examples`: how many router-train examples (mixed over tasks; None: all) each trained-router row sees;
     every such row trains `router_steps` steps whatever its data, so smaller sets are seen more often.
+    `router_examples_per_task`: the counts are per task (the few-shot protocol: LoRAHub fits on 5 per task), not in
+    all. `ablation_router_examples`: the counts at which the top-1 and no-RSL rows run (None: every count).
     `lorahub_examples` and `lorahub_evaluations`: the router examples whose loss the LoRAHub-style weights are fitted
     to, and the optimizer's budget of loss evaluations (LoRAHub's own default is 40; COBYLA needs at least the
     number of experts + 2).
@@ -31,6 +33,8 @@ class BenchSize:
     expert_lr: float = 1e-3
     router_lr: float = 1e-2
     router_examples: tuple[Optional[int], ...] = (100, 500, None)
+    router_examples_per_task: bool = False
+    ablation_router_examples: Optional[tuple[Optional[int], ...]] = None
     seeds: tuple[int, ...] = (0, 1, 2)
     lorahub_examples: int = 120
     lorahub_evaluations: int = 40

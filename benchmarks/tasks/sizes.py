@@ -17,7 +17,9 @@ SIZES = {
         expert_steps=200,
         router_steps=100,
         batch_size=8,
-        router_examples=(100, None),
+        router_examples=(5, 20, None),  # per task: LoRAHub's 5, then 20, then all 100
+        router_examples_per_task=True,
+        ablation_router_examples=(None,),
     ),
     # BIG-bench's smoke size on the generated tasks, every example a router example
     "smoke": replace(BIGBENCH_SIZES["smoke"], data="generated", router_examples=(None,)),
