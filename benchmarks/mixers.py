@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from peft import PeftModel
 from transformers import PreTrainedModel
@@ -15,8 +16,10 @@ RSL_WEIGHTS = {"rsl_balance_weight": 0.1, "rsl_entropy_weight": 0.1}
 
 
 def plug_and_play(
-    base: PreTrainedModel, expert_dirs: Sequence[Path], top_k: int, rsl: bool, router_init: str
+    base: PreTrainedModel, expert_dirs: Sequence[Path], top_k: int, rsl: bool, router_init: str, **config: Any
 ) -> PeftModel:
-    """The frozen experts with new routers (`from_experts`), trained with the RSL at `RSL_WEIGHTS` or without it."""
+    """The frozen experts with new routers (`from_experts`), trained with the RSL at `RSL_WEIGHTS` or without it;
+    `config`: further `LoraMixerConfig` fields (a study's variant)."""
     weights = RSL_WEIGHTS if rsl else {"add_routing_loss": False}
-    return from_experts(base, [str(folder) for folder in expert_dirs], top_k=top_k, router_init=router_init, **weights)
+    experts = [str(folder) for folder in expert_dirs]
+    return from_experts(base, experts, top_k=top_k, router_init=router_init, **weights, **config)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from demo import router_seeds
 from demo.__main__ import main
 from demo.run import format_table
 
@@ -118,3 +119,20 @@ def test_help_and_readme_give_the_real_model_demo_the_same_time(capsys):
     section = readme.split("## Real-model demo", 1)[1].split("\n## ", 1)[0]
     documented = re.search(r"about (\d+)\s+minutes", section)
     assert helped and documented and helped[1] == documented[1]
+
+
+def test_router_seed_study_scores_each_row_variant_and_seed(tmp_path, capsys):
+    """`python -m demo.router_seeds` at the smoke size: a share per (variant, row, seed), zero-init routers only
+    for the random-init rows (zero weights replace the initialisation), and the table it prints."""
+    assert (
+        router_seeds.main(
+            ["--size", "smoke", "--seeds", "0", "1", "--variants", "default", "zero-init", "--output", str(tmp_path)]
+        )
+        == 0
+    )
+    shares = json.loads((tmp_path / "results.json").read_text())["shares"]
+    assert len(shares["default"]) == 4 and len(shares["zero-init"]) == 2
+    assert all("random init" in row for row in shares["zero-init"])
+    values = [share for rows in shares.values() for seeds in rows.values() for share in seeds.values()]
+    assert len(values) == 12 and all(0.0 <= value <= 1.0 for value in values)
+    assert re.search(r"\| zero-init +\| LoRA-Mixer plug-and-play, random init, RSL +\|", capsys.readouterr().out)

@@ -1,0 +1,117 @@
+"""`python -m demo.router_seeds`: the tiny demo's plug-and-play rows over seeds and router variants, to see how
+often training the routers stalls (a domain left on the wrong experts) and whether a variant changes that.
+
+Each seed gets its own base model and experts (as `python -m demo --seed N` makes them, cached under the output
+folder), then every (row, variant) trains its routers and is scored as the demo scores it: mean exact match over
+the domains as a share of the oracle's. What it found is in docs/plug_and_play.md#when-router-training-stalls.
+
+    python -m demo.router_seeds --seeds 0 1 2 3 4                     # the default routers, every row
+    python -m demo.router_seeds --seeds 2 --variants default zero-init temperature-0.5 topk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.mixers import plug_and_play
+from benchmarks.tables import markdown_table
+
+from .run import SIZES, Demo, DemoSize, oracle_share, plug_and_play_rows
+from .tiny import TinyWorkload
+
+
+@dataclass(frozen=True)
+class RouterVariant:
+    """A change to the demo's router training: config fields, the learning rate's factor, the steps' factor, and
+    whether the routers start from zero weights (every logit equal: no random preference at step 0)."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    lr_factor: float = 1.0
+    steps_factor: float = 1.0
+    zero_init: bool = False
+
+
+VARIANTS = {
+    "default": RouterVariant(),
+    "zero-init": RouterVariant(zero_init=True),
+    "temperature-0.5": RouterVariant({"router_temperature": 0.5}),
+    "temperature-2": RouterVariant({"router_temperature": 2.0}),
+    "topk": RouterVariant({"routing": "topk"}),
+    "lr-x3": RouterVariant(lr_factor=3.0),
+    "lr-x0.1": RouterVariant(lr_factor=0.1),
+    "steps-x3": RouterVariant(steps_factor=3.0),
+}
+
+
+def train_row(demo: Demo, rsl: bool, router_init: str, variant: RouterVariant) -> torch.nn.Module:
+    """The demo's plug-and-play row with `variant` applied."""
+    size = demo.size
+    model = plug_and_play(demo.base(), demo.expert_dirs, size.top_k, rsl, router_init, **variant.config)
+    if variant.zero_init:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "loramixer_router" in name:
+                    parameter.zero_()
+    steps = round(size.router_steps * variant.steps_factor)
+    demo.train(model, demo.mixed_samples(demo.seed + 17, steps), steps, lr=size.router_lr * variant.lr_factor)
+    return model
+
+
+def run(output_dir: Path, size: DemoSize, seeds: list[int], variants: list[str]) -> dict:
+    """{variant: {row: {seed: oracle share}}}, written to `output_dir / results.json` after every row."""
+    torch.set_num_threads(1)  # as the demo: tiny matrices, reproducible
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    path = output_dir / "results.json"
+    for seed in seeds:
+        folder = output_dir / f"seed-{seed}"
+        workload = TinyWorkload(folder / "base", size, seed, log=lambda message: None)
+        demo = Demo(workload, folder, size, seed)
+        if not all((expert / "adapter_model.safetensors").is_file() for expert in demo.expert_dirs):
+            torch.manual_seed(seed)
+            workload.prepare()
+            demo.train_experts()
+        oracle = {d: workload.evaluate(demo.expert_alone(i))[d] for i, d in enumerate(workload.domains)}
+        base = workload.evaluate(demo.base())
+        for variant in variants:
+            for row, (rsl, router_init) in plug_and_play_rows().items():
+                if VARIANTS[variant].zero_init and router_init != "random":
+                    continue  # zero weights replace the initialisation: the other rows would repeat these
+                torch.manual_seed(seed)
+                model = train_row(demo, rsl, router_init, VARIANTS[variant])
+                share = oracle_share(workload.evaluate(model), oracle, base, higher_is_better=True)
+                results.setdefault(variant, {}).setdefault(row, {})[str(seed)] = round(share, 4)
+                path.write_text(json.dumps({"size": vars(size), "seeds": seeds, "shares": results}, indent=1))
+    return results
+
+
+def table(results: dict) -> str:
+    """One line per (variant, row): the oracle share of each seed, the worst and the mean."""
+    lines = []
+    for variant, rows in results.items():
+        for row, shares in rows.items():
+            values = list(shares.values())
+            cells = [f"{value:.2f}" for value in values]
+            lines.append([variant, row, " / ".join(cells), f"{min(values):.2f}", f"{sum(values) / len(values):.2f}"])
+    return markdown_table(["variant", "row", "share of the oracle, per seed", "worst", "mean"], lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo.router_seeds", description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["default"])
+    parser.add_argument("--size", choices=("full", "smoke"), default="full")
+    parser.add_argument("--output", type=Path, default=Path("outputs/router-seeds"))
+    args = parser.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    print(table(run(args.output, SIZES["tiny"][args.size], args.seeds, args.variants)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
