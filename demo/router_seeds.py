@@ -15,7 +15,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -28,10 +28,12 @@ from .tiny import TinyWorkload
 
 @dataclass(frozen=True)
 class RouterVariant:
-    """A change to the demo's router training: config fields, the learning rate's factor, the steps' factor, and
-    whether the routers start from zero weights (every logit equal: no random preference at step 0)."""
+    """A change to the demo's router training: config fields, `top_k` (None: the demo's), the learning rate's
+    factor, the steps' factor, and whether the routers start from zero weights (every logit equal: no random
+    preference at step 0)."""
 
     config: dict[str, Any] = field(default_factory=dict)
+    top_k: Optional[int] = None
     lr_factor: float = 1.0
     steps_factor: float = 1.0
     zero_init: bool = False
@@ -43,6 +45,7 @@ VARIANTS = {
     "temperature-0.5": RouterVariant({"router_temperature": 0.5}),
     "temperature-2": RouterVariant({"router_temperature": 2.0}),
     "topk": RouterVariant({"routing": "topk"}),
+    "top-1": RouterVariant(top_k=1),
     "lr-x3": RouterVariant(lr_factor=3.0),
     "lr-x0.1": RouterVariant(lr_factor=0.1),
     "steps-x3": RouterVariant(steps_factor=3.0),
@@ -52,7 +55,8 @@ VARIANTS = {
 def train_row(demo: Demo, rsl: bool, router_init: str, variant: RouterVariant) -> torch.nn.Module:
     """The demo's plug-and-play row with `variant` applied."""
     size = demo.size
-    model = plug_and_play(demo.base(), demo.expert_dirs, size.top_k, rsl, router_init, **variant.config)
+    top_k = variant.top_k or size.top_k
+    model = plug_and_play(demo.base(), demo.expert_dirs, top_k, rsl, router_init, **variant.config)
     if variant.zero_init:
         with torch.no_grad():
             for name, parameter in model.named_parameters():
