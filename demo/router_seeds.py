@@ -6,7 +6,7 @@ folder), then every (row, variant) trains its routers and is scored as the demo 
 the domains as a share of the oracle's. What it found is in docs/plug_and_play.md#when-router-training-stalls.
 
     python -m demo.router_seeds --seeds 0 1 2 3 4                     # the default routers, every row
-    python -m demo.router_seeds --seeds 2 --variants default zero-init temperature-0.5 topk
+    python -m demo.router_seeds --seeds 2 --variants default zero-init arrow-init temperature-0.5 topk
 """
 
 from __future__ import annotations
@@ -29,19 +29,26 @@ from .tiny import TinyWorkload
 @dataclass(frozen=True)
 class RouterVariant:
     """A change to the demo's router training: config fields, `top_k` (None: the demo's), the learning rate's
-    factor, the steps' factor, and whether the routers start from zero weights (every logit equal: no random
-    preference at step 0)."""
+    factor, the steps' factor, and where the routers start: `router_init` (None: the row's) or zero weights
+    (every logit equal: no random preference at step 0)."""
 
     config: dict[str, Any] = field(default_factory=dict)
     top_k: Optional[int] = None
     lr_factor: float = 1.0
     steps_factor: float = 1.0
+    router_init: Optional[str] = None
     zero_init: bool = False
+
+    @property
+    def replaces_init(self) -> bool:
+        """Whether the variant sets the routers' start itself, so only the rows of random routers run."""
+        return self.zero_init or self.router_init is not None
 
 
 VARIANTS = {
     "default": RouterVariant(),
     "zero-init": RouterVariant(zero_init=True),
+    "arrow-init": RouterVariant(router_init="arrow"),
     "temperature-0.5": RouterVariant({"router_temperature": 0.5}),
     "temperature-2": RouterVariant({"router_temperature": 2.0}),
     "topk": RouterVariant({"routing": "topk"}),
@@ -56,6 +63,7 @@ def train_row(demo: Demo, rsl: bool, router_init: str, variant: RouterVariant) -
     """The demo's plug-and-play row with `variant` applied."""
     size = demo.size
     top_k = variant.top_k or size.top_k
+    router_init = variant.router_init or router_init
     model = plug_and_play(demo.base(), demo.expert_dirs, top_k, rsl, router_init, **variant.config)
     if variant.zero_init:
         with torch.no_grad():
@@ -84,8 +92,8 @@ def run(output_dir: Path, size: DemoSize, seeds: list[int], variants: list[str])
         base = workload.evaluate(demo.base())
         for variant in variants:
             for row, (rsl, router_init) in plug_and_play_rows().items():
-                if VARIANTS[variant].zero_init and router_init != "random":
-                    continue  # zero weights replace the initialisation: the other rows would repeat these
+                if VARIANTS[variant].replaces_init and router_init != "random":
+                    continue  # the variant's start replaces the row's: the other rows would repeat these
                 torch.manual_seed(seed)
                 model = train_row(demo, rsl, router_init, VARIANTS[variant])
                 share = oracle_share(workload.evaluate(model), oracle, base, higher_is_better=True)
