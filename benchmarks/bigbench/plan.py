@@ -35,7 +35,7 @@ def _examples(count: Optional[int]) -> str:
 
 
 def _examples_label(ctx: Context, count: Optional[int]) -> str:
-    """How a row's group names its router examples: "all router examples", "20 router examples (per task)"."""
+    """How a row's group names its router examples: "all router examples", "20 router examples per task"."""
     per_task = " per task" if ctx.size.router_examples_per_task and count is not None else ""
     return f"{_examples(count)} router examples{per_task}"
 
