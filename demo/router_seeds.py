@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from transformers import TrainerCallback
 
 from benchmarks.mixers import plug_and_play
 from benchmarks.tables import markdown_table
@@ -29,8 +30,9 @@ from .tiny import TinyWorkload
 @dataclass(frozen=True)
 class RouterVariant:
     """A change to the demo's router training: config fields, `top_k` (None: the demo's), the learning rate's
-    factor, the steps' factor, and where the routers start: `router_init` (None: the row's) or zero weights
-    (every logit equal: no random preference at step 0)."""
+    factor, the steps' factor, where the routers start: `router_init` (None: the row's) or zero weights (every
+    logit equal: no random preference at step 0), and the share of the steps trained `soft` (the exact gradient of a
+    dense mixture) before the config's routing takes over; the routers are scored with the config's routing."""
 
     config: dict[str, Any] = field(default_factory=dict)
     top_k: Optional[int] = None
@@ -38,6 +40,7 @@ class RouterVariant:
     steps_factor: float = 1.0
     router_init: Optional[str] = None
     zero_init: bool = False
+    soft_share: float = 0.0
 
     @property
     def replaces_init(self) -> bool:
@@ -56,7 +59,26 @@ VARIANTS = {
     "lr-x3": RouterVariant(lr_factor=3.0),
     "lr-x0.1": RouterVariant(lr_factor=0.1),
     "steps-x3": RouterVariant(steps_factor=3.0),
+    "soft-warmup": RouterVariant(soft_share=0.2),
+    "soft": RouterVariant(soft_share=1.0),
 }
+
+
+class SoftUntil(TrainerCallback):
+    """Routes `soft` for the first `steps` optimizer steps, then as `routing` (`set_routing` keeps the weights)."""
+
+    def __init__(self, steps: int, routing: str) -> None:
+        self.steps, self.routing = steps, routing
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.set_routing("soft")
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.steps:
+            model.set_routing(self.routing)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.set_routing(self.routing)
 
 
 def train_row(demo: Demo, rsl: bool, router_init: str, variant: RouterVariant) -> torch.nn.Module:
@@ -71,7 +93,14 @@ def train_row(demo: Demo, rsl: bool, router_init: str, variant: RouterVariant) -
                 if "loramixer_router" in name:
                     parameter.zero_()
     steps = round(size.router_steps * variant.steps_factor)
-    demo.train(model, demo.mixed_samples(demo.seed + 17, steps), steps, lr=size.router_lr * variant.lr_factor)
+    soft = [SoftUntil(round(steps * variant.soft_share), model.peft_config[model.active_adapter].routing)]
+    demo.train(
+        model,
+        demo.mixed_samples(demo.seed + 17, steps),
+        steps,
+        lr=size.router_lr * variant.lr_factor,
+        callbacks=soft if variant.soft_share else (),
+    )
     return model
 
 

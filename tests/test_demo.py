@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from demo import router_seeds
 from demo.__main__ import main
@@ -126,13 +127,49 @@ def test_router_seed_study_scores_each_row_variant_and_seed(tmp_path, capsys):
     for the random-init rows (zero weights replace the initialisation), and the table it prints."""
     assert (
         router_seeds.main(
-            ["--size", "smoke", "--seeds", "0", "1", "--variants", "default", "zero-init", "--output", str(tmp_path)]
+            [
+                "--size",
+                "smoke",
+                "--seeds",
+                "0",
+                "1",
+                "--variants",
+                "default",
+                "zero-init",
+                "soft-warmup",
+                "--output",
+                str(tmp_path),
+            ]
         )
         == 0
     )
     shares = json.loads((tmp_path / "results.json").read_text())["shares"]
-    assert len(shares["default"]) == 4 and len(shares["zero-init"]) == 2
+    assert len(shares["default"]) == 4 and len(shares["zero-init"]) == 2 and len(shares["soft-warmup"]) == 4
     assert all("random init" in row for row in shares["zero-init"])
     values = [share for rows in shares.values() for seeds in rows.values() for share in seeds.values()]
-    assert len(values) == 12 and all(0.0 <= value <= 1.0 for value in values)
+    assert len(values) == 20 and all(0.0 <= value <= 1.0 for value in values)
     assert re.search(r"\| zero-init +\| LoRA-Mixer plug-and-play, random init, RSL +\|", capsys.readouterr().out)
+
+
+def test_soft_warmup_routes_soft_first_then_as_configured():
+    """The `soft-warmup` variant's callback: `soft` for its steps, then the config's routing, which the trained
+    model keeps (the routers are scored as configured)."""
+    from transformers import TrainerCallback
+
+    from benchmarks.training import fit
+    from peft_lora_mixer import LoraMixerConfig
+    from peft import get_peft_model
+    from tiny_models import tiny_model
+
+    model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, top_k=2, target_modules=["q_proj"]))
+    seen = []
+
+    class RoutingSeen(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model.peft_config["default"].routing)
+
+    ids = torch.randint(0, 64, (8, 6))
+    samples = [{"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    fit(model, samples, 4, 1e-2, 0, batch_size=2, callbacks=[router_seeds.SoftUntil(2, "hard_soft"), RoutingSeen()])
+    assert seen == ["soft", "soft", "hard_soft", "hard_soft"]
+    assert model.peft_config["default"].routing == "hard_soft"

@@ -296,6 +296,21 @@ class LoraMixerConfig(PeftConfig):
         },
     )
 
+    router_label_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Weight of the router label loss, a finite number >= 0 (0: off). When a training batch carries "
+                "`router_labels` (each sample's expert index, -100 for none; `ExpertIdsCollator(key='router_labels')` "
+                "makes them from a column), every router adds the cross-entropy from its probabilities to the "
+                "sample's expert, averaged over the labelled tokens and the routers, to the loss its gradient comes "
+                "from; with `add_routing_loss=False` only this term. For router data labelled by task (plug-and-play "
+                "over task LoRAs): routers trained from the task loss alone can stall on wrong experts "
+                "(docs/plug_and_play.md#routers-from-task-labels)."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LoraMixerPeftType.LORAMIXER
@@ -364,8 +379,14 @@ class LoraMixerConfig(PeftConfig):
         self._validate_routing_loss()
 
     def _validate_routing_loss(self) -> None:
-        """The RSL weights are non-negative finite numbers; the sign picks the direction instead."""
-        for name in ("rsl_balance_weight", "rsl_entropy_weight", "rsl_entropy_adapt_rate", "rsl_preservation_weight"):
+        """The RSL and label-loss weights are non-negative finite numbers; the sign picks the direction instead."""
+        for name in (
+            "rsl_balance_weight",
+            "rsl_entropy_weight",
+            "rsl_entropy_adapt_rate",
+            "rsl_preservation_weight",
+            "router_label_weight",
+        ):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value < math.inf:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")

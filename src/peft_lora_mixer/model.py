@@ -213,9 +213,10 @@ class LoraMixerModel(BaseTuner):
         if not self._zero3_registered and hasattr(self.model, "ds_id"):
             self._zero3_registered = register_partitioned_weights(layer for _, layer in iter_mixer_layers(self.model))
         expert_ids = kwargs.pop("expert_ids", None)
+        router_labels = kwargs.pop("router_labels", None)
         # plain calls, no context manager: `torch.compile(fullgraph=True)` traces this hook with the forward
         self._forced_routing.append(self._force_routing(expert_ids) if expert_ids is not None else None)
-        collector, step = self.routing_collector, self._routing_step(kwargs)
+        collector, step = self.routing_collector, self._routing_step(kwargs, router_labels)
         if not self.training:  # a reentrant-checkpointed forward not backpropagated before evaluation never will be
             collector.awaiting_recomputation.clear()
         # kept on while checkpointed routers wait for their recomputation (a no-grad forward may come first)
@@ -234,11 +235,15 @@ class LoraMixerModel(BaseTuner):
             self.entropy_weights.update(step, self.peft_config)
         return outputs
 
-    def _routing_step(self, kwargs: dict[str, Any]) -> Optional[RoutingStep]:
-        """What this forward's routers are watched for (the RSL in a training forward with autograd on, the
-        statistics while recorded), or None when neither is wanted."""
+    def _routing_step(self, kwargs: dict[str, Any], router_labels: Any = None) -> Optional[RoutingStep]:
+        """What this forward's routers are watched for (the RSL and the label loss in a training forward with
+        autograd on, the statistics while recorded), or None when neither is wanted. `router_labels` count in a
+        training forward only: an evaluation may run on the same batches."""
         collector = self.routing_collector
         settings = self._loss_settings() if self.training and torch.is_grad_enabled() else {}
+        labels = (
+            self._checked_router_labels(router_labels, settings) if settings and router_labels is not None else None
+        )
         record_stats = collector.record_stats and (self.training or not collector.stats_training_only)
         if not settings and not record_stats and collector.record_gates_of is None:
             return None
@@ -248,23 +253,69 @@ class LoraMixerModel(BaseTuner):
             settings=settings,
             scale=loss_scale(kwargs, is_encoder_decoder, self.routing_loss_accumulation_steps) if settings else 1.0,
             num_routers=max(1, sum(name in layer.expert_rank for layer in self._mixer_layers() for name in settings)),
-            anchors=self.trainable.anchors_for(self.model, self.peft_config, settings),
+            anchors=self.trainable.anchors_for(self.model, self.peft_config, self._rsl_adapters(settings)),
             record_stats=record_stats,
             record_gates=collector.record_gates_of,
+            router_labels=labels,
         )
 
     def _loss_settings(self) -> dict[str, RouterLossSettings]:
+        """The router loss of each active adapter that has one: its RSL (weights 0 without `add_routing_loss`) and
+        its label-loss weight."""
         settings = {}
         for name in self.active_adapters:  # a loop: Dynamo cannot trace a comprehension's walrus (a cell variable)
             config = self.peft_config[name]
-            if config.add_routing_loss:
+            if config.add_routing_loss or config.router_label_weight:
+                rsl = config.add_routing_loss
                 settings[name] = RouterLossSettings(
-                    config.rsl_balance_weight,
-                    self.entropy_weights.current(name, self.peft_config),
+                    config.rsl_balance_weight if rsl else 0.0,
+                    self.entropy_weights.current(name, self.peft_config) if rsl else 0.0,
                     config.rsl_entropy_sign,
-                    global_balance=config.rsl_balance_scope == "global_batch",
+                    global_balance=rsl and config.rsl_balance_scope == "global_batch",
+                    label_weight=config.router_label_weight,
+                    label_copies=config.copies_per_expert,
                 )
         return settings
+
+    def _rsl_adapters(self, settings: dict[str, RouterLossSettings]) -> list[str]:
+        """The adapters of `settings` that build the RSL (and so its preservation term), not the label loss alone."""
+        return [name for name in settings if self.peft_config[name].add_routing_loss]
+
+    def _checked_router_labels(self, labels: Any, settings: dict[str, RouterLossSettings]) -> torch.Tensor:
+        """`router_labels` as a long tensor, refused where no active adapter would use them (they would be dropped
+        silently) or where a label is not an expert of an adapter that does."""
+        users = [name for name, adapter in settings.items() if adapter.label_weight]
+        if not users:
+            raise ValueError(
+                "A training batch holds `router_labels`, but no active adapter has `router_label_weight` > 0, so they "
+                "would be ignored. Set `router_label_weight` in the adapter's config, or drop the column."
+            )
+        try:
+            ids = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
+        if (
+            ids is None
+            or ids.dtype.is_floating_point
+            or ids.dtype.is_complex
+            or ids.dtype == torch.bool
+            or ids.dim() != 1
+        ):
+            raise ValueError(
+                "`router_labels` must be one whole-number expert index per sample (a list of ints or an integer "
+                f"tensor of shape (batch,)), -100 for a sample without a label; got {labels!r}."
+            )
+        labels = ids
+        if not torch.compiler.is_compiling():  # a data-dependent check: left out of a compiled graph
+            for name in users:
+                experts = self.peft_config[name].num_experts // settings[name].label_copies
+                wrong = labels[(labels != -100) & ((labels < 0) | (labels >= experts))]
+                if wrong.numel():
+                    raise ValueError(
+                        f"`router_labels` must be expert indices in [0, {experts}) of adapter {name!r}, or -100 for "
+                        f"a sample without a label; got {wrong.tolist()}."
+                    )
+        return labels
 
     def _observe_layers(self, collector: Optional[RoutingCollector]) -> None:
         """Point every mixer layer at `collector` (None: stop watching), when that changes."""

@@ -23,13 +23,26 @@ from .collapse import DOMINANT_SHARE, MIN_TOKENS, RoutingCollapseWarning, collap
 
 
 class ExpertIdsCollator:
-    """Collate with `base_collator`, after moving each sample's `column` (its domain / expert id) to `expert_ids`."""
+    """Collate with `base_collator`, after moving each sample's `column` (its domain / expert id) to `key`.
+
+    `key="expert_ids"` (stage 1): every token of the sample is routed to that expert. `key="router_labels"` (router
+    training with `router_label_weight`): the routers are taught that expert; a sample whose column is None or -100
+    has no label.
+    """
+
+    KEYS = ("expert_ids", "router_labels")
 
     def __init__(
-        self, base_collator: Callable[[list[dict]], dict] = default_data_collator, column: str = "expert_id"
+        self,
+        base_collator: Callable[[list[dict]], dict] = default_data_collator,
+        column: str = "expert_id",
+        key: str = "expert_ids",
     ) -> None:
+        if key not in self.KEYS:
+            raise ValueError(f"`key` must be one of {self.KEYS}, got {key!r}.")
         self.base_collator = base_collator
         self.column = column
+        self.key = key
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         missing = [index for index, feature in enumerate(features) if self.column not in feature]
@@ -38,9 +51,15 @@ class ExpertIdsCollator:
                 f"Samples {missing} have no {self.column!r} column. Keep it with "
                 "`TrainingArguments(remove_unused_columns=False)` and name it in `ExpertIdsCollator(column=...)`."
             )
-        expert_ids = as_expert_ids([feature[self.column] for feature in features])
+        values = [feature[self.column] for feature in features]
+        if self.key == "router_labels":
+            labelled = [value for value in values if value is not None and value != -100]
+            as_expert_ids(labelled)  # whole numbers >= 0, checked before the batch is built
+            ids = torch.tensor([-100 if value is None else int(value) for value in values], dtype=torch.long)
+        else:
+            ids = as_expert_ids(values)
         batch = self.base_collator([{k: v for k, v in feature.items() if k != self.column} for feature in features])
-        batch["expert_ids"] = expert_ids
+        batch[self.key] = ids
         return batch
 
 
@@ -70,7 +89,7 @@ class RoutingCallback(TrainerCallback, ExportableState):
     tell the model the gradient accumulation steps (the RSL's weight in a forward not given `num_items_in_batch`,
     as in TRL's default loss: see `routing_loss.batch.loss_scale`).
 
-    Logged keys: `rsl/total`, `rsl/balance`, `rsl/entropy`, `rsl/preservation`, `rsl/entropy_weight` (means over
+    Logged keys: `rsl/total`, `rsl/balance`, `rsl/entropy`, `rsl/label`, `rsl/preservation`, `rsl/entropy_weight` (means over
     the optimizer steps since the last log, each step contributing its last micro-batch), `routing/entropy` and
     `routing/balance` (see `stats.summarize`) and `routing/collapsed_modules` over every training token since the
     last log (this process only; evaluation forwards are left out).

@@ -29,7 +29,7 @@ class AdaptiveEntropyWeights:
         """One controller step for every adapter of `step` that has a target (on the device: no synchronisation)."""
         for name, settings in step.settings.items():
             config = configs[name]
-            if config.rsl_entropy_target is None:
+            if config.rsl_entropy_target is None or not config.add_routing_loss:  # the label loss alone has no lambda
                 continue
             entropies = [part.entropy for part in step.parts if part.adapter_name == name]
             if not entropies:

@@ -29,6 +29,7 @@ from ..routing import gates_from_logits
 from ..trainable import Anchor
 from .batch import TokenMasks
 from .loss import (
+    RouterLabels,
     RouterLossSettings,
     RouterUsage,
     RoutingLoss,
@@ -42,13 +43,15 @@ from .stats import RoutingStatsAccumulator
 
 
 class RouterLossPart(NamedTuple):
-    """One router's RSL in one forward, detached: the weighted term and its unweighted parts, and its layer's
-    preservation sum unweighted and times beta (None but for the first run of an anchored layer)."""
+    """One router's RSL in one forward, detached: the weighted term and its unweighted parts (the label loss
+    included), and its layer's preservation sum unweighted and times beta (None but for the first run of an anchored
+    layer)."""
 
     adapter_name: str
     term: torch.Tensor
     balance: torch.Tensor
     entropy: torch.Tensor
+    label: torch.Tensor
     preservation: Optional[torch.Tensor]
     weighted_preservation: Optional[torch.Tensor]
 
@@ -74,6 +77,7 @@ class RoutingStep:
     anchors: dict[tuple[int, str], Anchor] = field(default_factory=dict)
     record_stats: bool = False
     record_gates: Optional[str] = None  # the adapter whose applied gates are recorded (`RoutingCollector.gates`)
+    router_labels: Optional[torch.Tensor] = None  # (batch,) each sample's expert, -100 for none (a training forward)
     parts: list[RouterLossPart] = field(default_factory=list)
     anchored: set[tuple[int, str]] = field(default_factory=set)  # the anchors already given to a node
     recomputed_routers: dict[tuple[int, str], list[tuple[RouterUsage, Optional[Anchor]]]] = field(default_factory=dict)
@@ -92,12 +96,13 @@ class RoutingStep:
             return torch.stack(present) if present else torch.zeros(1, device=device)
 
         columns = zip(*(part[1:] for part in self.parts))  # all but the adapter name
-        terms, balances, entropies, preservations, weighted = (column(values) for values in columns)
+        terms, balances, entropies, labels, preservations, weighted = (column(values) for values in columns)
         first = next(iter(self.settings.values()))
         return RoutingLoss(
             total=terms.sum() / self.num_routers + weighted.sum(),
             balance=balances.mean(),
             entropy=entropies.mean(),
+            label=labels.mean(),
             preservation=preservations.sum(),
             entropy_weight=torch.as_tensor(first.entropy_weight).detach().clone(),
             scale=torch.as_tensor(self.scale).detach(),
@@ -195,6 +200,15 @@ class RoutingCollector:
             return probs
         if settings.global_balance:
             usage = usage.over_global_batch()
+        if step.router_labels is not None and settings.label_weight:
+            labels = RouterLabels.of(
+                step.router_labels,
+                router.token_shape,
+                router.settings.num_experts,
+                settings.label_copies,
+                usage.weights,
+            )
+            usage = usage._replace(labels=labels)
         parts = specialization_loss(probs, usage, settings)
         anchor = step.anchors.get((layer_id, adapter_name))
         if (layer_id, adapter_name) in step.anchored:  # a layer run twice in one forward: its anchor counts once

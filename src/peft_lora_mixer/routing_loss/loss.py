@@ -8,6 +8,10 @@ For one router with probabilities `p` (tokens x E) over its valid tokens:
 differentiable: the balance gradient flows through `pbar`, as in Switch Transformers). With perfectly even
 routing the balance term equals `alpha * top_k`. `E` counts all the router's experts, also those without weights
 on its projection (routing to one of them means "no change here"). The model averages the RSL over its routers.
+
+With task labels (`router_label_weight`, a batch's `router_labels`), a router's loss also holds
+`label_weight * mean_t -log(sum_{e in slots(y_t)} p_te)` over its labelled tokens: the cross-entropy from its
+probabilities to the expert of the token's sample (its two slots under `router_init="arrow"`).
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ class RoutingLoss:
 
     `balance` and `entropy` are the unweighted terms averaged over the routers, `preservation` the unweighted
     sum of squared distances. The routers received the gradient of `scale * total`, where (one adapter)
-    `total = alpha * balance + sign * entropy_weight * entropy + beta * preservation`; `scale` is the micro-batch's
+    `total = alpha * balance + sign * entropy_weight * entropy + label_weight * label + beta * preservation`;
+    `label` is the routers' mean label loss (0 in a forward without `router_labels`). `scale` is the micro-batch's
     weight in its optimizer step (see `routing_loss.batch.loss_scale`). `outputs.loss` holds the task loss only.
     """
 
     total: torch.Tensor
     balance: torch.Tensor
     entropy: torch.Tensor
+    label: torch.Tensor
     preservation: torch.Tensor
     entropy_weight: torch.Tensor
     scale: torch.Tensor
@@ -44,6 +50,7 @@ class RoutingLoss:
             f"{prefix}total": self.total,
             f"{prefix}balance": self.balance,
             f"{prefix}entropy": self.entropy,
+            f"{prefix}label": self.label,
             f"{prefix}preservation": self.preservation,
             f"{prefix}entropy_weight": self.entropy_weight,
         }
@@ -87,6 +94,7 @@ class RouterUsage(NamedTuple):
     # pbar is `sum of these tokens' probabilities / balance_tokens`: `num_tokens`, or with statistics over the global
     # batch its token count divided by the number of processes (whose gradients the data-parallel wrapper averages)
     balance_tokens: torch.Tensor
+    labels: Optional[RouterLabels] = None  # the tokens' labelled experts, in a forward given `router_labels`
 
     @classmethod
     def of(
@@ -124,23 +132,72 @@ class RouterUsage(NamedTuple):
         return self._replace(fraction=counts[:-1] / total, balance_tokens=total / dist.get_world_size(group))
 
 
+class RouterLabels(NamedTuple):
+    """Each token's labelled expert as a target over a router's E slots, and how many tokens are labelled."""
+
+    targets: torch.Tensor  # (tokens, E): 1 on the slots of the token's expert; a row of 0 for no label or padding
+    count: torch.Tensor  # labelled tokens, at least 1 (none: every target row is 0, and so is the loss)
+
+    @classmethod
+    def of(
+        cls, labels: torch.Tensor, token_shape: torch.Size, num_experts: int, copies: int, weights: torch.Tensor
+    ) -> RouterLabels:
+        """From each sample's expert index (`labels`, (batch,), -100 for none) over the router's tokens
+        (`token_shape`, batch first; `weights`: 1 for a token that counts, 0 for padding). An expert takes `copies`
+        adjacent slots (2 under `router_init="arrow"`)."""
+        if len(token_shape) == 0 or token_shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"`router_labels` holds {labels.shape[0]} labels but a router received tokens of shape "
+                f"{tuple(token_shape)}; pass one label per sample of the batch (batch dimension first)."
+            )
+        per_token = labels.to(weights.device).view(-1, *([1] * (len(token_shape) - 1))).expand(token_shape)
+        per_token = per_token.reshape(-1)
+        labelled = per_token.ne(-100).to(weights.dtype) * weights
+        experts = torch.nn.functional.one_hot(per_token.clamp_min(0), num_experts // copies).to(weights.dtype)
+        targets = experts.repeat_interleave(copies, dim=-1) * labelled.unsqueeze(-1)
+        return cls(targets, labelled.sum().clamp_min(1.0))
+
+    def target_probability(self, probs: torch.Tensor) -> torch.Tensor:
+        """Per token, the probability the router gives the labelled expert's slots ((tokens,); 0 unlabelled)."""
+        return (flat_probs(probs) * self.targets).sum(-1)
+
+
+def label_loss(probs: torch.Tensor, labels: RouterLabels) -> torch.Tensor:
+    """Mean over the labelled tokens of `-log p(labelled expert)` (its slots summed)."""
+    tiny = torch.finfo(probs.dtype).tiny
+    labelled = labels.targets.amax(-1)  # 1 for a labelled token, else 0
+    return -(labels.target_probability(probs).clamp_min(tiny).log() * labelled).sum() / labels.count
+
+
+def label_loss_gradient(probs: torch.Tensor, labels: RouterLabels) -> torch.Tensor:
+    """The gradient of `label_loss` with respect to `probs` ((..., E)): `-1 / (count * p(labelled expert))` on the
+    labelled expert's slots, 0 elsewhere (a probability below float32's smallest normal counts as that)."""
+    tiny = torch.finfo(probs.dtype).tiny
+    scale = -1.0 / (labels.target_probability(probs).clamp_min(tiny) * labels.count)
+    return (labels.targets * scale.unsqueeze(-1)).reshape(probs.shape)
+
+
 @dataclass(frozen=True)
 class RouterLossSettings:
-    """alpha, lambda and the entropy sign of one adapter for one forward, and whether its balance statistics are
-    taken over the global batch (`rsl_balance_scope`)."""
+    """alpha, lambda and the entropy sign of one adapter for one forward, whether its balance statistics are taken
+    over the global batch (`rsl_balance_scope`), the weight of its label loss (`router_label_weight`) and the router
+    slots each of its experts takes (2 under `router_init="arrow"`)."""
 
     balance_weight: float
     entropy_weight: Union[float, torch.Tensor]
     entropy_sign: int
     global_balance: bool = False
+    label_weight: float = 0.0
+    label_copies: int = 1
 
 
 class RouterLossParts(NamedTuple):
-    """One router's RSL in one forward: the weighted term and its unweighted parts."""
+    """One router's loss in one forward: the weighted term and its unweighted parts (`label`: 0 without labels)."""
 
     term: torch.Tensor
     balance: torch.Tensor
     entropy: torch.Tensor
+    label: torch.Tensor
 
 
 def flat_probs(probs: torch.Tensor) -> torch.Tensor:
@@ -161,12 +218,15 @@ def router_loss_parts(probs: torch.Tensor, usage: RouterUsage) -> tuple[torch.Te
 
 
 def specialization_loss(probs: torch.Tensor, usage: RouterUsage, settings: RouterLossSettings) -> RouterLossParts:
-    """One router's RSL, `alpha * balance + sign * lambda * entropy`, of its probabilities ((..., E)), as detached
-    figures: its gradient reaches the router in closed form (`specialization_loss_gradient`)."""
+    """One router's RSL, `alpha * balance + sign * lambda * entropy`, plus `label_weight * label` with labels, of
+    its probabilities ((..., E)), as detached figures: its gradient reaches the router in closed form
+    (`specialization_loss_gradient`)."""
     with torch.no_grad():
         balance, entropy = router_loss_parts(probs, usage)
         term = settings.balance_weight * balance + settings.entropy_sign * settings.entropy_weight * entropy
-    return RouterLossParts(term, balance, entropy)
+        label = label_loss(probs, usage.labels) if usage.labels is not None else torch.zeros_like(balance)
+        term = term + settings.label_weight * label
+    return RouterLossParts(term, balance, entropy, label)
 
 
 def specialization_loss_gradient(probs: torch.Tensor, usage: RouterUsage, settings: RouterLossSettings) -> torch.Tensor:
@@ -183,7 +243,10 @@ def specialization_loss_gradient(probs: torch.Tensor, usage: RouterUsage, settin
     gradient = settings.balance_weight * balance_gradient + settings.entropy_sign * settings.entropy_weight * (
         entropy_gradient
     )
-    return gradient * usage.weights.reshape(*probs.shape[:-1], 1)
+    gradient = gradient * usage.weights.reshape(*probs.shape[:-1], 1)
+    if usage.labels is not None:  # padding and unlabelled tokens have target rows of 0
+        gradient = gradient + settings.label_weight * label_loss_gradient(probs, usage.labels)
+    return gradient
 
 
 def preservation_term(current: torch.Tensor, anchor: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
