@@ -7,6 +7,7 @@ the domains as a share of the oracle's. What it found is in docs/plug_and_play.m
 
     python -m demo.router_seeds --seeds 0 1 2 3 4                     # the default routers, every row
     python -m demo.router_seeds --seeds 2 --variants default zero-init arrow-init temperature-0.5 topk
+    python -m demo.router_seeds --variants labels labels-top-1     # routers taught each sample's domain
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers import TrainerCallback
 
 from benchmarks.mixers import plug_and_play
 from benchmarks.tables import markdown_table
+from peft_lora_mixer import ExpertIdsCollator
 
 from .run import SIZES, Demo, DemoSize, oracle_share, plug_and_play_rows
 from .tiny import TinyWorkload
@@ -61,6 +63,8 @@ VARIANTS = {
     "steps-x3": RouterVariant(steps_factor=3.0),
     "soft-warmup": RouterVariant(soft_share=0.2),
     "soft": RouterVariant(soft_share=1.0),
+    "labels": RouterVariant({"router_label_weight": 1.0}),
+    "labels-top-1": RouterVariant({"router_label_weight": 1.0}, top_k=1),
 }
 
 
@@ -94,12 +98,15 @@ def train_row(demo: Demo, rsl: bool, router_init: str, variant: RouterVariant) -
                     parameter.zero_()
     steps = round(size.router_steps * variant.steps_factor)
     soft = [SoftUntil(round(steps * variant.soft_share), model.peft_config[model.active_adapter].routing)]
+    # with a label weight, each sample's domain (its `expert_id`) is its router label
+    labels = dict(keep_columns=True, data_collator=ExpertIdsCollator(key="router_labels"))
     demo.train(
         model,
         demo.mixed_samples(demo.seed + 17, steps),
         steps,
         lr=size.router_lr * variant.lr_factor,
         callbacks=soft if variant.soft_share else (),
+        **(labels if variant.config.get("router_label_weight") else {}),
     )
     return model
 

@@ -124,7 +124,8 @@ def test_help_and_readme_give_the_real_model_demo_the_same_time(capsys):
 
 def test_router_seed_study_scores_each_row_variant_and_seed(tmp_path, capsys):
     """`python -m demo.router_seeds` at the smoke size: a share per (variant, row, seed), zero-init routers only
-    for the random-init rows (zero weights replace the initialisation), and the table it prints."""
+    for the random-init rows (zero weights replace the initialisation), the label variant's collator path, and the
+    table it prints."""
     assert (
         router_seeds.main(
             [
@@ -137,6 +138,7 @@ def test_router_seed_study_scores_each_row_variant_and_seed(tmp_path, capsys):
                 "default",
                 "zero-init",
                 "soft-warmup",
+                "labels",
                 "--output",
                 str(tmp_path),
             ]
@@ -144,22 +146,23 @@ def test_router_seed_study_scores_each_row_variant_and_seed(tmp_path, capsys):
         == 0
     )
     shares = json.loads((tmp_path / "results.json").read_text())["shares"]
-    assert len(shares["default"]) == 4 and len(shares["zero-init"]) == 2 and len(shares["soft-warmup"]) == 4
+    assert len(shares["default"]) == 4 and len(shares["zero-init"]) == 2
+    assert len(shares["soft-warmup"]) == len(shares["labels"]) == 4
     assert all("random init" in row for row in shares["zero-init"])
     values = [share for rows in shares.values() for seeds in rows.values() for share in seeds.values()]
-    assert len(values) == 20 and all(0.0 <= value <= 1.0 for value in values)
+    assert len(values) == 28 and all(0.0 <= value <= 1.0 for value in values)
     assert re.search(r"\| zero-init +\| LoRA-Mixer plug-and-play, random init, RSL +\|", capsys.readouterr().out)
 
 
 def test_soft_warmup_routes_soft_first_then_as_configured():
     """The `soft-warmup` variant's callback: `soft` for its steps, then the config's routing, which the trained
     model keeps (the routers are scored as configured)."""
+    from peft import get_peft_model
+    from tiny_models import tiny_model
     from transformers import TrainerCallback
 
     from benchmarks.training import fit
     from peft_lora_mixer import LoraMixerConfig
-    from peft import get_peft_model
-    from tiny_models import tiny_model
 
     model = get_peft_model(tiny_model("llama"), LoraMixerConfig(num_experts=3, top_k=2, target_modules=["q_proj"]))
     seen = []
