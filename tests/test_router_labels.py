@@ -68,6 +68,15 @@ def test_arrow_slots_share_their_expert_label():
     torch.testing.assert_close(label_loss_gradient(probs.detach(), labels), probs.grad)
 
 
+def test_without_labels_a_mixer_without_the_rsl_builds_no_router_loss():
+    """The label weight (1 by default) costs nothing until a batch brings labels: no router is watched."""
+    model = rsl_mixer(add_routing_loss=False)
+    model(**batch()).loss.backward()
+    assert model.routing_loss() is None
+    model(**batch(), router_labels=LABELS).loss.backward()
+    assert model.routing_loss().label > 0 and model.routing_loss().balance >= 0
+
+
 def test_labels_count_in_training_only_and_change_nothing_else():
     model, inputs = rsl_mixer(router_label_weight=1.0), batch()
     model.eval()
@@ -82,7 +91,7 @@ def test_labels_count_in_training_only_and_change_nothing_else():
 @pytest.mark.parametrize(
     "config, labels, message",
     [
-        (dict(), LABELS, "no active adapter has `router_label_weight`"),
+        (dict(router_label_weight=0.0), LABELS, "no active adapter has `router_label_weight`"),
         (dict(router_label_weight=1.0), torch.tensor([4, 0]), r"in \[0, 4\)"),
         (dict(router_label_weight=1.0), torch.tensor([-1, 0]), "or -100"),
         (dict(router_label_weight=1.0), torch.tensor([1.0, 0.0]), "whole-number"),

@@ -297,16 +297,16 @@ class LoraMixerConfig(PeftConfig):
     )
 
     router_label_weight: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
             "help": (
-                "Weight of the router label loss, a finite number >= 0 (0: off). When a training batch carries "
+                "Weight of the router label loss, a finite number >= 0; used only when a training batch carries "
                 "`router_labels` (each sample's expert index, -100 for none; `ExpertIdsCollator(key='router_labels')` "
-                "makes them from a column), every router adds the cross-entropy from its probabilities to the "
-                "sample's expert, averaged over the labelled tokens and the routers, to the loss its gradient comes "
-                "from; with `add_routing_loss=False` only this term. For router data labelled by task (plug-and-play "
-                "over task LoRAs): routers trained from the task loss alone can stall on wrong experts "
-                "(docs/plug_and_play.md#routers-from-task-labels)."
+                "makes them from a column), and 0 refuses them. Every router then adds the cross-entropy from its "
+                "probabilities to the sample's expert, averaged over the labelled tokens and the routers, to the loss "
+                "its gradient comes from (with `add_routing_loss=False`, this term alone). For router data labelled "
+                "by task (plug-and-play over task LoRAs): routers trained from the task loss alone can stall on wrong "
+                "experts (docs/plug_and_play.md#routers-from-task-labels)."
             )
         },
     )

@@ -240,10 +240,10 @@ class LoraMixerModel(BaseTuner):
         autograd on, the statistics while recorded), or None when neither is wanted. `router_labels` count in a
         training forward only: an evaluation may run on the same batches."""
         collector = self.routing_collector
-        settings = self._loss_settings() if self.training and torch.is_grad_enabled() else {}
-        labels = (
-            self._checked_router_labels(router_labels, settings) if settings and router_labels is not None else None
-        )
+        training = self.training and torch.is_grad_enabled()
+        labelled = training and router_labels is not None
+        settings = self._loss_settings(labelled) if training else {}
+        labels = self._checked_router_labels(router_labels, settings) if labelled else None
         record_stats = collector.record_stats and (self.training or not collector.stats_training_only)
         if not settings and not record_stats and collector.record_gates_of is None:
             return None
@@ -259,13 +259,13 @@ class LoraMixerModel(BaseTuner):
             router_labels=labels,
         )
 
-    def _loss_settings(self) -> dict[str, RouterLossSettings]:
-        """The router loss of each active adapter that has one: its RSL (weights 0 without `add_routing_loss`) and
-        its label-loss weight."""
+    def _loss_settings(self, labelled: bool = False) -> dict[str, RouterLossSettings]:
+        """The router loss of each active adapter that has one in this forward: its RSL (weights 0 without
+        `add_routing_loss`) and, in a forward given `router_labels` (`labelled`), its label-loss weight."""
         settings = {}
         for name in self.active_adapters:  # a loop: Dynamo cannot trace a comprehension's walrus (a cell variable)
             config = self.peft_config[name]
-            if config.add_routing_loss or config.router_label_weight:
+            if config.add_routing_loss or (labelled and config.router_label_weight):
                 rsl = config.add_routing_loss
                 settings[name] = RouterLossSettings(
                     config.rsl_balance_weight if rsl else 0.0,
