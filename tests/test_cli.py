@@ -273,6 +273,52 @@ def test_train_router_refuses_bad_data_before_writing(tmp_path, base_dir, mixer_
     assert not output.exists()
 
 
+def test_train_router_with_label_field_teaches_the_labelled_experts(tmp_path, base_dir, mixer_dir):
+    """`--label-field`: each line's expert index reaches the routers as `router_labels` (null: no label); the
+    same run without it trains other routers."""
+    records = [
+        {"text": " ".join(f"w{(i * 7 + j) % 120 + 2}" for j in range(12)), "task": i % 2 if i % 4 else None}
+        for i in range(16)
+    ]
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    options = ("--steps", "3", "--batch-size", "4", "--lr", "0.05")
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "plain", *options) == 0
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "labelled", *options, "--label-field", "task") == 0
+    changed = changed_parameters(
+        router_weights(tmp_path / "plain", base_dir), router_weights(tmp_path / "labelled", base_dir)
+    )
+    assert changed and all("loramixer_router" in name for name in changed)
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([{"text": "w3 w4", "task": 0}, {"text": "w5"}], "data.jsonl:2 has no 'task' field"),
+        ([{"text": "w3 w4", "task": "0"}], "data.jsonl:1 has 'task' = '0'"),
+        ([{"text": "w3 w4", "task": -1}], "data.jsonl:1 has 'task' = -1"),
+        (
+            [{"text": "w3 w4", "task": 1}, {"text": "w5", "task": 2}],
+            "data.jsonl:2 labels expert 2, but the mixer has 2",
+        ),
+    ],
+)
+def test_bad_router_labels_are_refused_before_writing(tmp_path, base_dir, mixer_dir, capsys, records, message):
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    output = tmp_path / "trained"
+    assert train_router(base_dir, mixer_dir, data, output, "--label-field", "task") == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_label_field_needs_a_label_weight(tmp_path, base_dir, mixer_dir, capsys):
+    config = json.loads((mixer_dir / "adapter_config.json").read_text())
+    (mixer_dir / "adapter_config.json").write_text(json.dumps({**config, "router_label_weight": 0.0}))
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "w3 w4", "task": 0}])
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "trained", "--label-field", "task") == 2
+    assert "`router_label_weight` is 0" in capsys.readouterr().err
+    assert not (tmp_path / "trained").exists()
+
+
 def test_bad_lengths_and_empty_text_are_refused(tmp_path, base_dir, mixer_dir, capsys):
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": "w3 w4"}])
     output = tmp_path / "trained"

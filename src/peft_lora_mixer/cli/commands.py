@@ -76,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the routers")
     train.add_argument("--batch-size", type=positive_int, default=8, help="examples per step")
     train.add_argument("--max-length", type=positive_int, default=256, help="tokens kept per example")
+    train.add_argument(
+        "--label-field",
+        metavar="FIELD",
+        help="JSONL field holding each line's expert index (0-based, in the mixer's expert order; null: no label): "
+        "the routers are also taught that expert (router label loss, the mixer's `router_label_weight`)",
+    )
     train.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the trained mixer to this repo")
     train.set_defaults(handler=train_router_command)
 
@@ -167,17 +173,32 @@ def train_router_command(args: argparse.Namespace) -> int:
     from transformers import Trainer, TrainingArguments
 
     from ..base_model import is_encoder_decoder, load_base_model, load_tokenizer
-    from ..integrations.trainer import RoutingCallback
-    from .data import read_records, tokenize_records, training_collator, training_plan
+    from ..integrations.trainer import ExpertIdsCollator, RoutingCallback
+    from .data import (
+        ROUTER_LABEL,
+        check_router_labels,
+        read_records,
+        tokenize_records,
+        training_collator,
+        training_plan,
+    )
 
     encoder_decoder = is_encoder_decoder(args.base)
-    records = read_records(args.data, ("text", "target") if encoder_decoder else ("text",))
+    records = read_records(args.data, ("text", "target") if encoder_decoder else ("text",), args.label_field)
     tokenizer = load_tokenizer(args.base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # harmless: the collator masks padding by position, not by id
     samples = tokenize_records(records, tokenizer, args.max_length, encoder_decoder, args.data)
     model = PeftModel.from_pretrained(load_base_model(args.base, args.dtype), args.mixer, is_trainable=True)
     model.set_trainable(routers=True, experts=False)
+    if args.label_field:
+        config = model.peft_config[model.active_adapter]
+        if not config.router_label_weight:
+            raise ValueError(
+                f"--label-field was given, but the mixer's `router_label_weight` is 0; set it in {args.mixer}'s "
+                "adapter_config.json (1 is the default) or leave the labels out."
+            )
+        check_router_labels(records, config.num_experts // config.copies_per_expert, args.data)
     routers = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     plan = training_plan(samples, args.steps, args.batch_size, args.max_length)
     print(f"training {routers:,} router parameters on {plan}", flush=True)
@@ -193,6 +214,8 @@ def train_router_command(args: argparse.Namespace) -> int:
             remove_unused_columns=False,
         )
         collator = training_collator(tokenizer, model if encoder_decoder else None)
+        if args.label_field:
+            collator = ExpertIdsCollator(collator, column=ROUTER_LABEL, key="router_labels")
         trainer = Trainer(
             model=model,
             args=training_args,

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+ROUTER_LABEL = "router_label"  # a sample's expert index under `--label-field`, moved to `router_labels` by the collator
 
 
-def read_records(path: Path, fields: tuple[str, ...] = ("text",)) -> list[tuple[int, dict[str, str]]]:
+def read_records(
+    path: Path, fields: tuple[str, ...] = ("text",), label_field: Optional[str] = None
+) -> list[tuple[int, dict[str, Any]]]:
     """`(line number, {field: value})` for every non-blank line of a JSONL file; every field a non-empty string.
+    With `label_field`, each record also holds `router_label`: that field's expert index (an integer >= 0), or
+    -100 where it is null.
 
     Errors name the file and the line (also for bytes that are not UTF-8), before anything is loaded or written.
     """
@@ -37,14 +42,41 @@ def read_records(path: Path, fields: tuple[str, ...] = ("text",)) -> list[tuple[
                 raise ValueError(f"{path}:{number} has no string field {field!r}.")
             if not value.strip():
                 raise ValueError(f"{path}:{number} has an empty {field!r}; remove the line or give it text.")
-        records.append((number, {field: record[field] for field in fields}))
+        kept = {field: record[field] for field in fields}
+        if label_field is not None:
+            kept[ROUTER_LABEL] = _router_label(record, label_field, path, number)
+        records.append((number, kept))
     if not records:
         raise ValueError(f"{path} holds no samples.")
     return records
 
 
+def _router_label(record: dict[str, Any], field: str, path: Path, number: int) -> int:
+    if field not in record:
+        raise ValueError(f"{path}:{number} has no {field!r} field (the --label-field); give null for no label.")
+    value = record[field]
+    if value is None:
+        return IGNORE_INDEX
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(
+            f"{path}:{number} has {field!r} = {value!r}; it must be an expert's index (0, 1, ... in the mixer's "
+            "expert order) or null."
+        )
+    return value
+
+
+def check_router_labels(records: list[tuple[int, dict[str, Any]]], num_experts: int, path: Path) -> None:
+    """Refuse a label that is not one of the mixer's `num_experts` experts, naming its line."""
+    for number, record in records:
+        if record[ROUTER_LABEL] >= num_experts:
+            raise ValueError(
+                f"{path}:{number} labels expert {record[ROUTER_LABEL]}, but the mixer has {num_experts} experts "
+                f"(indices 0 to {num_experts - 1})."
+            )
+
+
 def tokenize_records(
-    records: list[tuple[int, dict[str, str]]],
+    records: list[tuple[int, dict[str, Any]]],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     encoder_decoder: bool,
@@ -62,6 +94,8 @@ def tokenize_records(
             sample["labels"] = list(sample["input_ids"])
         if not sample["input_ids"] or not sample["labels"]:
             raise ValueError(f"{path}:{number} gives no tokens with this tokenizer.")
+        if ROUTER_LABEL in record:
+            sample[ROUTER_LABEL] = record[ROUTER_LABEL]
         samples.append(dict(sample))
     return samples
 
