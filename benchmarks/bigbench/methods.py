@@ -191,18 +191,29 @@ def xlora(ctx: Context, count: Optional[int], seed: int) -> PeftModel:
 
 
 def mixer(
-    ctx: Context, top_k: int, rsl: bool, router_init: str, count: Optional[int], seed: int, steps: int
+    ctx: Context,
+    top_k: int,
+    rsl: bool,
+    router_init: str,
+    count: Optional[int],
+    seed: int,
+    steps: int,
+    labels: bool = False,
 ) -> PeftModel:
-    """LoRA-Mixer plug-and-play: the frozen experts, routers trained `steps` steps on `count` router examples.
-    A trained mixer is saved as the PEFT adapter a user would save, and loaded from there when asked again (the
-    static-export rows read it)."""
-    folder = ctx.cache / "mixers" / f"k{top_k}-{'rsl' if rsl else 'norsl'}-{router_init}-{count or 'all'}-s{seed}"
+    """LoRA-Mixer plug-and-play: the frozen experts, routers trained `steps` steps on `count` router examples
+    (`labels`: each example's task expert is also its router label). A trained mixer is saved as the PEFT adapter a
+    user would save, and loaded from there when asked again (the static-export rows read it)."""
+    name = f"k{top_k}-{'rsl' if rsl else 'norsl'}-{router_init}{'-labels' if labels else ''}-{count or 'all'}-s{seed}"
+    folder = ctx.cache / "mixers" / name
     if steps and (folder / "adapter_config.json").is_file():
         return PeftModel.from_pretrained(ctx.base(), folder)
     torch.manual_seed(seed)
     model = plug_and_play(ctx.base(), ctx.expert_dirs, top_k, rsl, router_init)
     if steps:
-        ctx.train(model, ctx.samples("router", count, seed), steps, ctx.size.router_lr, seed)
+        taught = dict(keep_columns=True, data_collator=ExpertIdsCollator(collator(ctx.tokenizer), key="router_labels"))
+        ctx.train(
+            model, ctx.samples("router", count, seed), steps, ctx.size.router_lr, seed, **(taught if labels else {})
+        )
         model.save_pretrained(folder)
     return model
 

@@ -41,17 +41,26 @@ def _examples_label(ctx: Context, count: Optional[int]) -> str:
 
 
 def _mixer_row(
-    ctx: Context, top_k: int, rsl: bool, count: Optional[int], seed: int, router_init: str = "random"
+    ctx: Context,
+    top_k: int,
+    rsl: bool,
+    count: Optional[int],
+    seed: int,
+    router_init: str = "random",
+    labels: bool = False,
 ) -> Row:
+    """A trained LoRA-Mixer row; `labels`: its routers are also taught each example's task expert
+    (`router_label_weight`)."""
     method = f"LoRA-Mixer top-{top_k} {'RSL' if rsl else 'no RSL'}"
     method += "" if router_init == "random" else f", {ROUTER_INIT_NAMES[router_init]} init"
+    method += ", task labels" if labels else ""
     n = _examples(count)
     init = "" if router_init == "random" else f"{router_init}-"  # the random rows keep the keys of their caches
     return Row(
-        f"mixer-{init}k{top_k}-{'rsl' if rsl else 'norsl'}-{n}-s{seed}",
+        f"mixer-{init}k{top_k}-{'rsl' if rsl else 'norsl'}{'-labels' if labels else ''}-{n}-s{seed}",
         f"{method}, {_examples_label(ctx, count)}",
         method,
-        partial(methods.mixer, ctx, top_k, rsl, router_init, count, seed, ctx.size.router_steps),
+        partial(methods.mixer, ctx, top_k, rsl, router_init, count, seed, ctx.size.router_steps, labels),
         count,
         seed,
     )
@@ -96,6 +105,7 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
             n = _examples(count)
             rows.append(_mixer_row(ctx, 2, True, count, seed))
             rows.append(_mixer_row(ctx, 2, True, count, seed, router_init="arrow"))  # Arrow's routing, then trained
+            rows.append(_mixer_row(ctx, 2, True, count, seed, labels=True))  # the examples' tasks as router labels
             rows.append(
                 Row(
                     f"xlora-{n}-s{seed}",
