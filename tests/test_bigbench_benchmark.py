@@ -270,3 +270,37 @@ def test_lorahub_fit_moves_every_weight_and_lowers_the_loss(monkeypatch):
 
     assert len(weights) == len(best) and np.all(np.abs(weights) > 0.05)
     assert objective(weights) < 0.25 * objective(np.zeros(len(best)))
+
+
+def test_few_shot_pairs_each_mixer_row_with_the_peers_of_its_own_count(tmp_path):
+    """The few-shot bars: a trained LoRA-Mixer row is paired with LoRAHub and X-LoRA fitted on as many router
+    examples as it saw, and with Arrow; never with a peer of another count."""
+    from benchmarks.bigbench.plan import ARROW, Row
+    from benchmarks.bigbench.report import markdown, summarize
+
+    rng = np.random.default_rng(0)
+
+    def scores(accuracy: float) -> dict:
+        return {task: {f"{task}-{i}": float(rng.random() < accuracy) for i in range(40)} for task in ("a", "b")}
+
+    rows = {
+        Row("m5", "LoRA-Mixer top-2 RSL, 5", "LoRA-Mixer top-2 RSL", None, 5, 0): scores(0.7),
+        Row("mall", "LoRA-Mixer top-2 RSL, all", "LoRA-Mixer top-2 RSL", None, None, 0): scores(0.8),
+        Row("h5", "LoRAHub, 5", "LoRAHub", None, 5): scores(0.5),
+        Row("x5", "X-LoRA, 5", "X-LoRA", None, 5, 0): scores(0.4),
+        Row("xall", "X-LoRA, all", "X-LoRA", None, None, 0): scores(0.6),
+        Row("arrow", ARROW, "Arrow", None): scores(0.3),
+    }
+    results = {row: {"scores": value} for row, value in rows.items()}
+    summary = summarize(results, ["a", "b"], "test", tmp_path, 100)
+    few_shot = summary["few_shot"]
+    assert set(few_shot) == {"5", "all"}
+    assert set(few_shot["5"]["LoRA-Mixer top-2 RSL, 5"]) == {"LoRAHub, 5", "X-LoRA, 5", ARROW}
+    assert set(few_shot["all"]["LoRA-Mixer top-2 RSL, all"]) == {"X-LoRA, all", ARROW}
+    by_group = {row.group: value for row, value in rows.items()}
+    expected = paired_difference(by_group["LoRA-Mixer top-2 RSL, 5"], by_group["LoRAHub, 5"])
+    assert few_shot["5"]["LoRA-Mixer top-2 RSL, 5"]["LoRAHub, 5"] == expected
+    assert expected["difference"] == pytest.approx(
+        macro(by_group["LoRA-Mixer top-2 RSL, 5"]) - macro(by_group["LoRAHub, 5"])
+    )
+    assert "| LoRA-Mixer top-2 RSL, 5 | LoRAHub, 5 |" in markdown(summary)

@@ -17,6 +17,7 @@ EXPERT_MARGIN = 0.10  # each expert must beat the base model on its own task by 
 ORACLE = "oracle (each task's own expert)"
 # right wherever any single expert is: the most that picking one expert per prompt can reach
 BEST_EXPERT = "best expert per example"
+FEW_SHOT_PEERS = ("LoRAHub", "X-LoRA")  # the methods the few-shot rows are paired against at their own count
 DERIVED = {ORACLE: "oracle", BEST_EXPERT: "best expert per example"}  # rows computed from the experts' rows
 
 
@@ -67,6 +68,7 @@ def summarize(
             "oracle_gain_share": _share(macro(scores), base_macro, oracle_macro),
         }
     summary["paired_vs_best_mixer"] = _paired(pooled, meta)
+    summary["few_shot"] = _few_shot(pooled, meta)
     if ARROW in pooled and ARROW_INIT in pooled:  # the zero-shot bar: LoRA-Mixer's Arrow init not below Arrow
         summary["arrow_init_minus_arrow"] = paired_difference(pooled[ARROW_INIT], pooled[ARROW])
     summary["plot"] = plot(summary, folder / "macro_by_router_examples.png")
@@ -92,6 +94,29 @@ def _paired(pooled: dict[str, Scores], meta: dict) -> dict:
     best = max(mixers, key=lambda g: macro(pooled[g]))
     peers = [g for g in pooled if not g.startswith("LoRA-Mixer") and (g not in meta or meta[g].method != "expert")]
     return {"best": best, "against": {peer: paired_difference(pooled[best], pooled[peer]) for peer in peers}}
+
+
+def _few_shot(pooled: dict[str, Scores], meta: dict) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """The few-shot bars: at each router-example count ("5", "20", "all"), every trained LoRA-Mixer row minus each
+    peer fitted on the same examples (LoRAHub-style weights, X-LoRA) and minus Arrow (which needs none), paired."""
+    result: dict = {}
+    for group in pooled:
+        row = meta.get(group)
+        if row is None or not row.method.startswith("LoRA-Mixer top") or row.router_examples == -1:
+            continue
+        peers = [
+            peer
+            for peer in pooled
+            if peer == ARROW
+            or (
+                peer in meta
+                and meta[peer].method in FEW_SHOT_PEERS
+                and meta[peer].router_examples == row.router_examples
+            )
+        ]
+        count = "all" if row.router_examples is None else str(row.router_examples)
+        result.setdefault(count, {})[group] = {peer: paired_difference(pooled[group], pooled[peer]) for peer in peers}
+    return result
 
 
 def markdown(summary: dict, aligned: bool = False) -> str:
@@ -129,6 +154,16 @@ def _tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
             for peer, diff in paired["against"].items()
         ]
         tables.append(([f"{paired['best']} minus", "difference in macro", "paired 95% CI"], differences))
+    few_shot = [
+        [group, peer, f"{diff['difference']:+.3f}", f"[{diff['low']:+.3f}, {diff['high']:+.3f}]"]
+        for rows_at_count in summary.get("few_shot", {}).values()
+        for group, peers in rows_at_count.items()
+        for peer, diff in peers.items()
+    ]
+    if few_shot:
+        tables.append(
+            (["LoRA-Mixer row", "minus (same router examples)", "difference in macro", "paired 95% CI"], few_shot)
+        )
     zero_shot = summary.get("arrow_init_minus_arrow")
     if zero_shot:
         cells = [ARROW, f"{zero_shot['difference']:+.3f}", f"[{zero_shot['low']:+.3f}, {zero_shot['high']:+.3f}]"]
