@@ -164,3 +164,20 @@ def test_trainer_with_labels_teaches_the_routers_the_labelled_expert(tmp_path):
             model(input_ids=probe_inputs)
         share = torch.stack([(p.argmax(-1) == expert).float().mean() for p in probe.probs]).mean()
         assert share > 0.9, (expert, share)
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart", "mamba"])
+def test_labels_reach_encoder_decoder_and_ssm_routers(model_type):
+    """Every router of an encoder-decoder (encoder, decoder, cross-attention) and of Mamba gets the sample's label
+    over its own tokens: each router's gradient changes with the labels."""
+    model = rsl_mixer(model_type, add_routing_loss=False)
+    model.set_trainable(routers=True, experts=False)
+    source = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    inputs = dict(input_ids=source, labels=source)
+    model(**inputs).loss.backward()
+    plain = gradients(model)
+    model.zero_grad()
+    model(**inputs, router_labels=torch.tensor([1, 3])).loss.backward()
+    taught = gradients(model)
+    assert model.routing_loss().label > 0 and plain.keys() == taught.keys()
+    assert all(not torch.allclose(plain[name], taught[name]) for name in plain), model_type
