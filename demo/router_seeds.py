@@ -8,6 +8,7 @@ the domains as a share of the oracle's. What it found is in docs/plug_and_play.m
     python -m demo.router_seeds --seeds 0 1 2 3 4                     # the default routers, every row
     python -m demo.router_seeds --seeds 2 --variants default zero-init arrow-init temperature-0.5 topk
     python -m demo.router_seeds --variants labels labels-top-1     # routers taught each sample's domain
+    python -m demo.router_seeds --variants best-expert-labels       # ... or the expert that fits it best
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import TrainerCallback
 
 from benchmarks.mixers import plug_and_play
 from benchmarks.tables import markdown_table
-from peft_lora_mixer import ExpertIdsCollator
+from peft_lora_mixer import ExpertIdsCollator, best_expert_labels
 
 from .run import SIZES, Demo, DemoSize, oracle_share, plug_and_play_rows
 from .tiny import TinyWorkload
@@ -33,8 +34,10 @@ from .tiny import TinyWorkload
 class RouterVariant:
     """A change to the demo's router training: config fields, `top_k` (None: the demo's), the learning rate's
     factor, the steps' factor, where the routers start: `router_init` (None: the row's) or zero weights (every
-    logit equal: no random preference at step 0), and the share of the steps trained `soft` (the exact gradient of a
-    dense mixture) before the config's routing takes over; the routers are scored with the config's routing."""
+    logit equal: no random preference at step 0), the share of the steps trained `soft` (the exact gradient of a
+    dense mixture) before the config's routing takes over, and the router labels taught (`router_label_weight`):
+    each sample's `domain`, or its `best-expert` (`best_expert_labels`, for data without task labels); the routers
+    are scored with the config's routing."""
 
     config: dict[str, Any] = field(default_factory=dict)
     top_k: Optional[int] = None
@@ -43,6 +46,7 @@ class RouterVariant:
     router_init: Optional[str] = None
     zero_init: bool = False
     soft_share: float = 0.0
+    labels: Optional[str] = None
 
     @property
     def replaces_init(self) -> bool:
@@ -63,8 +67,10 @@ VARIANTS = {
     "steps-x3": RouterVariant(steps_factor=3.0),
     "soft-warmup": RouterVariant(soft_share=0.2),
     "soft": RouterVariant(soft_share=1.0),
-    "labels": RouterVariant({"router_label_weight": 1.0}),
-    "labels-top-1": RouterVariant({"router_label_weight": 1.0}, top_k=1),
+    "labels": RouterVariant(labels="domain"),
+    "labels-top-1": RouterVariant(top_k=1, labels="domain"),
+    "best-expert-labels": RouterVariant(labels="best-expert"),
+    "best-expert-labels-top-1": RouterVariant(top_k=1, labels="best-expert"),
 }
 
 
@@ -98,15 +104,23 @@ def train_row(demo: Demo, rsl: bool, router_init: str, variant: RouterVariant) -
                     parameter.zero_()
     steps = round(size.router_steps * variant.steps_factor)
     soft = [SoftUntil(round(steps * variant.soft_share), model.peft_config[model.active_adapter].routing)]
-    # with a label weight, each sample's domain (its `expert_id`) is its router label
+    samples = demo.mixed_samples(demo.seed + 17, steps)
+    if variant.labels == "best-expert":  # each sample's `expert_id` (its router label) becomes its best expert's
+        inputs = [{key: sample[key] for key in ("input_ids", "attention_mask", "labels")} for sample in samples]
+        found = best_expert_labels(model, inputs, batch_size=256)
+        print(
+            f"best-expert labels equal the domain on {sum(f == s['expert_id'] for f, s in zip(found, samples))}"
+            f" of {len(samples)} samples"
+        )
+        samples = [{**sample, "expert_id": label} for sample, label in zip(samples, found)]
     labels = dict(keep_columns=True, data_collator=ExpertIdsCollator(key="router_labels"))
     demo.train(
         model,
-        demo.mixed_samples(demo.seed + 17, steps),
+        samples,
         steps,
         lr=size.router_lr * variant.lr_factor,
         callbacks=soft if variant.soft_share else (),
-        **(labels if variant.config.get("router_label_weight") else {}),
+        **(labels if variant.labels else {}),
     )
     return model
 

@@ -124,8 +124,8 @@ def test_help_and_readme_give_the_real_model_demo_the_same_time(capsys):
 
 def test_router_seed_study_scores_each_row_variant_and_seed(tmp_path, capsys):
     """`python -m demo.router_seeds` at the smoke size: a share per (variant, row, seed), zero-init routers only
-    for the random-init rows (zero weights replace the initialisation), the label variant's collator path, and the
-    table it prints."""
+    for the random-init rows (zero weights replace the initialisation), the label variants' collator path (the
+    domains, and the best expert of each sample), and the table it prints."""
     assert (
         router_seeds.main(
             [
@@ -139,6 +139,7 @@ def test_router_seed_study_scores_each_row_variant_and_seed(tmp_path, capsys):
                 "zero-init",
                 "soft-warmup",
                 "labels",
+                "best-expert-labels",
                 "--output",
                 str(tmp_path),
             ]
@@ -147,11 +148,13 @@ def test_router_seed_study_scores_each_row_variant_and_seed(tmp_path, capsys):
     )
     shares = json.loads((tmp_path / "results.json").read_text())["shares"]
     assert len(shares["default"]) == 4 and len(shares["zero-init"]) == 2
-    assert len(shares["soft-warmup"]) == len(shares["labels"]) == 4
+    assert len(shares["soft-warmup"]) == len(shares["labels"]) == len(shares["best-expert-labels"]) == 4
     assert all("random init" in row for row in shares["zero-init"])
     values = [share for rows in shares.values() for seeds in rows.values() for share in seeds.values()]
-    assert len(values) == 28 and all(0.0 <= value <= 1.0 for value in values)
-    assert re.search(r"\| zero-init +\| LoRA-Mixer plug-and-play, random init, RSL +\|", capsys.readouterr().out)
+    assert len(values) == 36 and all(0.0 <= value <= 1.0 for value in values)
+    out = capsys.readouterr().out
+    assert re.search(r"\| zero-init +\| LoRA-Mixer plug-and-play, random init, RSL +\|", out)
+    assert re.search(r"best-expert labels equal the domain on \d+ of \d+ samples", out)
 
 
 def test_soft_warmup_routes_soft_first_then_as_configured():

@@ -20,7 +20,7 @@ def gradients(model) -> dict[str, torch.Tensor]:
 
 
 def reference_gradients(model, inputs, labels, weight: float, rsl: bool) -> dict[str, torch.Tensor]:
-    """The task loss plus `weight` times the routers' mean cross-entropy to each sample's expert over its unpadded
+    """The task loss plus `weight` times each router's cross-entropy to each sample's expert over its unpadded
     tokens (and the RSL, written out, with `rsl`), differentiated by autograd through the probed probabilities."""
     model.peft_config["default"].add_routing_loss = False
     model.peft_config["default"].router_label_weight = 0.0
@@ -32,7 +32,7 @@ def reference_gradients(model, inputs, labels, weight: float, rsl: bool) -> dict
     cross_entropy = [
         torch.nn.functional.nll_loss(valid_tokens(p, mask).log(), per_token, ignore_index=-100) for p in probe.probs
     ]
-    loss = task + weight * torch.stack(cross_entropy).mean()
+    loss = task + weight * torch.stack(cross_entropy).sum()  # the weight is per router
     if rsl:
         loss = loss + torch.stack([autograd_rsl(valid_tokens(p, mask), 2, 0.5, 0.3, 1) for p in probe.probs]).mean()
     loss.backward()
@@ -55,7 +55,10 @@ def test_label_loss_gradient_equals_an_autograd_cross_entropy(rsl, compiled):
     router = next(name for name in expected if "router" in name)
     assert (expected[router] - without[router]).norm() > 0.05 * expected[router].norm()  # the labels matter here
     reported = model.routing_loss()
-    assert reported.label > 0 and reported.total >= 0.7 * reported.label - 1e-6
+    routers = sum(name.endswith("loramixer_router.default.weight") for name, _ in model.named_parameters())
+    assert reported.label > 0
+    if not rsl:  # the label loss alone: its weight counts once per router
+        torch.testing.assert_close(reported.total, 0.7 * routers * reported.label)
 
 
 def test_arrow_slots_share_their_expert_label():
@@ -136,11 +139,11 @@ def test_trainer_with_labels_teaches_the_routers_the_labelled_expert(tmp_path):
         samples.append({"input_ids": ids, "labels": ids, "expert_id": expert})
     args = TrainingArguments(
         output_dir=str(tmp_path),
-        max_steps=30,
+        max_steps=60,
         per_device_train_batch_size=8,
         learning_rate=5e-2,
         lr_scheduler_type="constant",
-        logging_steps=10,
+        logging_steps=20,
         use_cpu=True,
         save_strategy="no",
         report_to=[],

@@ -5,6 +5,7 @@ Importing this package registers the method with PEFT, so `get_peft_model`, `Pef
 """
 
 from .config import LoraMixerConfig, LoraMixerPeftType
+from .experts.best_expert import best_expert_labels
 from .experts.plug_and_play import from_experts
 from .experts.sources import ExpertError, hub_options
 from .export import export_static_lora, export_static_lora_per_group, mean_gates
@@ -36,6 +37,7 @@ __all__ = [
     "RoutingCollapseWarning",
     "RoutingLoss",
     "RoutingLossMixin",
+    "best_expert_labels",
     "evaluate_mixer",
     "export_static_lora",
     "export_static_lora_per_group",

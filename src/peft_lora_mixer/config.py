@@ -302,9 +302,10 @@ class LoraMixerConfig(PeftConfig):
             "help": (
                 "Weight of the router label loss, a finite number >= 0; used only when a training batch carries "
                 "`router_labels` (each sample's expert index, -100 for none; `ExpertIdsCollator(key='router_labels')` "
-                "makes them from a column), and 0 refuses them. Every router then adds the cross-entropy from its "
-                "probabilities to the sample's expert, averaged over the labelled tokens and the routers, to the loss "
-                "its gradient comes from (with `add_routing_loss=False`, this term alone). For router data labelled "
+                "makes them from a column), and 0 refuses them. Every router then adds this weight times the "
+                "cross-entropy from its probabilities to the sample's expert, averaged over its labelled tokens, to "
+                "the loss its gradient comes from (with `add_routing_loss=False`, this term alone); the weight is per "
+                "router, so a deep model's routers are pulled as hard as a shallow one's. For router data labelled "
                 "by task (plug-and-play over task LoRAs): routers trained from the task loss alone can stall on wrong "
                 "experts (docs/plug_and_play.md#routers-from-task-labels)."
             )

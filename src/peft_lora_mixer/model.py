@@ -242,7 +242,9 @@ class LoraMixerModel(BaseTuner):
         collector = self.routing_collector
         training = self.training and torch.is_grad_enabled()
         labelled = training and router_labels is not None
-        settings = self._loss_settings(labelled) if training else {}
+        adapters = self._loss_adapters(labelled) if training else []
+        num_routers = self._num_routers(adapters) if adapters else 1  # no loop over the layers when not training
+        settings = self._loss_settings(adapters, num_routers)
         labels = self._checked_router_labels(router_labels, settings) if labelled else None
         record_stats = collector.record_stats and (self.training or not collector.stats_training_only)
         if not settings and not record_stats and collector.record_gates_of is None:
@@ -252,30 +254,45 @@ class LoraMixerModel(BaseTuner):
             masks=token_masks(kwargs, is_encoder_decoder),
             settings=settings,
             scale=loss_scale(kwargs, is_encoder_decoder, self.routing_loss_accumulation_steps) if settings else 1.0,
-            num_routers=max(1, sum(name in layer.expert_rank for layer in self._mixer_layers() for name in settings)),
+            num_routers=num_routers,
             anchors=self.trainable.anchors_for(self.model, self.peft_config, self._rsl_adapters(settings)),
             record_stats=record_stats,
             record_gates=collector.record_gates_of,
             router_labels=labels,
         )
 
-    def _loss_settings(self, labelled: bool = False) -> dict[str, RouterLossSettings]:
-        """The router loss of each active adapter that has one in this forward: its RSL (weights 0 without
-        `add_routing_loss`) and, in a forward given `router_labels` (`labelled`), its label-loss weight."""
+    def _loss_adapters(self, labelled: bool) -> list[str]:
+        """The active adapters with a router loss in this forward: those with the RSL and, in a forward given
+        `router_labels` (`labelled`), those with a label weight."""
+        return [
+            name
+            for name in self.active_adapters
+            if self.peft_config[name].add_routing_loss or (labelled and self.peft_config[name].router_label_weight)
+        ]
+
+    def _loss_settings(self, adapters: list[str], num_routers: int) -> dict[str, RouterLossSettings]:
+        """Each of `adapters`' router loss: its RSL (weights 0 without `add_routing_loss`) and its label weight.
+
+        The step divides every router's term by `num_routers` (the RSL is the routers' mean), while
+        `router_label_weight` weighs each router's own cross-entropy, so that a 30-layer model's routers are pulled
+        to their labels as hard as a 2-layer model's: the label weight is multiplied back by `num_routers` here."""
         settings = {}
-        for name in self.active_adapters:  # a loop: Dynamo cannot trace a comprehension's walrus (a cell variable)
+        for name in adapters:
             config = self.peft_config[name]
-            if config.add_routing_loss or (labelled and config.router_label_weight):
-                rsl = config.add_routing_loss
-                settings[name] = RouterLossSettings(
-                    config.rsl_balance_weight if rsl else 0.0,
-                    self.entropy_weights.current(name, self.peft_config) if rsl else 0.0,
-                    config.rsl_entropy_sign,
-                    global_balance=rsl and config.rsl_balance_scope == "global_batch",
-                    label_weight=config.router_label_weight,
-                    label_copies=config.copies_per_expert,
-                )
+            rsl = config.add_routing_loss
+            settings[name] = RouterLossSettings(
+                config.rsl_balance_weight if rsl else 0.0,
+                self.entropy_weights.current(name, self.peft_config) if rsl else 0.0,
+                config.rsl_entropy_sign,
+                global_balance=rsl and config.rsl_balance_scope == "global_batch",
+                label_weight=config.router_label_weight * num_routers,
+                label_copies=config.copies_per_expert,
+            )
         return settings
+
+    def _num_routers(self, adapters: list[str]) -> int:
+        """The routers of `adapters` in the model (at least 1): what a step's router terms are averaged over."""
+        return max(1, sum(name in layer.expert_rank for layer in self._mixer_layers() for name in adapters))
 
     def _rsl_adapters(self, settings: dict[str, RouterLossSettings]) -> list[str]:
         """The adapters of `settings` that build the RSL (and so its preservation term), not the label loss alone."""

@@ -31,8 +31,9 @@ class RoutingLoss:
 
     `balance` and `entropy` are the unweighted terms averaged over the routers, `preservation` the unweighted
     sum of squared distances. The routers received the gradient of `scale * total`, where (one adapter)
-    `total = alpha * balance + sign * entropy_weight * entropy + label_weight * label + beta * preservation`;
-    `label` is the routers' mean label loss (0 in a forward without `router_labels`). `scale` is the micro-batch's
+    `total = alpha * balance + sign * entropy_weight * entropy + label_weight * routers * label + beta *
+    preservation`; `label` is the routers' mean label loss (0 in a forward without `router_labels`), weighted per
+    router (times the number of routers) so that depth does not dilute it. `scale` is the micro-batch's
     weight in its optimizer step (see `routing_loss.batch.loss_scale`). `outputs.loss` holds the task loss only.
     """
 
