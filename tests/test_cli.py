@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -290,6 +291,28 @@ def test_train_router_with_label_field_teaches_the_labelled_experts(tmp_path, ba
     assert changed and all("loramixer_router" in name for name in changed)
 
 
+def test_train_router_with_best_expert_labels_labels_every_line_then_teaches_them(
+    tmp_path, base_dir, mixer_dir, capsys
+):
+    """`--best-expert-labels`: every line gets its lowest-loss expert, the counts are printed, and the routers train
+    otherwise than without labels; it cannot be combined with --label-field."""
+    records = [{"text": " ".join(f"w{(i * 7 + j) % 120 + 2}" for j in range(12))} for i in range(16)]
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    options = ("--steps", "3", "--batch-size", "4", "--lr", "0.05")
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "plain", *options) == 0
+    capsys.readouterr()
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "labelled", *options, "--best-expert-labels") == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("best-expert labels"))
+    counts = dict(re.findall(r"(\d+): (\d+)", line))
+    assert set(counts) <= {"0", "1"} and sum(map(int, counts.values())) == len(records)
+    changed = changed_parameters(
+        router_weights(tmp_path / "plain", base_dir), router_weights(tmp_path / "labelled", base_dir)
+    )
+    assert changed and all("loramixer_router" in name for name in changed)
+    with pytest.raises(SystemExit):
+        train_router(base_dir, mixer_dir, data, tmp_path / "x", "--best-expert-labels", "--label-field", "task")
+
+
 @pytest.mark.parametrize(
     ("records", "message"),
     [
@@ -310,12 +333,13 @@ def test_bad_router_labels_are_refused_before_writing(tmp_path, base_dir, mixer_
     assert not output.exists()
 
 
-def test_label_field_needs_a_label_weight(tmp_path, base_dir, mixer_dir, capsys):
+@pytest.mark.parametrize("options", [("--label-field", "task"), ("--best-expert-labels",)])
+def test_router_labels_need_a_label_weight(tmp_path, base_dir, mixer_dir, capsys, options):
     config = json.loads((mixer_dir / "adapter_config.json").read_text())
     (mixer_dir / "adapter_config.json").write_text(json.dumps({**config, "router_label_weight": 0.0}))
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": "w3 w4", "task": 0}])
-    assert train_router(base_dir, mixer_dir, data, tmp_path / "trained", "--label-field", "task") == 2
-    assert "`router_label_weight` is 0" in capsys.readouterr().err
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "trained", *options) == 2
+    assert f"{options[0]} was given, but the mixer's `router_label_weight` is 0" in capsys.readouterr().err
     assert not (tmp_path / "trained").exists()
 
 

@@ -76,11 +76,18 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the routers")
     train.add_argument("--batch-size", type=positive_int, default=8, help="examples per step")
     train.add_argument("--max-length", type=positive_int, default=256, help="tokens kept per example")
-    train.add_argument(
+    labels = train.add_mutually_exclusive_group()
+    labels.add_argument(
         "--label-field",
         metavar="FIELD",
         help="JSONL field holding each line's expert index (0-based, in the mixer's expert order; null: no label): "
         "the routers are also taught that expert (router label loss, the mixer's `router_label_weight`)",
+    )
+    labels.add_argument(
+        "--best-expert-labels",
+        action="store_true",
+        help="for data without a label field: label each line with the expert whose forced routing gives it the "
+        "lowest loss (one forward per expert and line, before training), and teach the routers those labels",
     )
     train.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the trained mixer to this repo")
     train.set_defaults(handler=train_router_command)
@@ -168,11 +175,13 @@ def build_command(args: argparse.Namespace) -> int:
 
 def train_router_command(args: argparse.Namespace) -> int:
     import tempfile
+    from collections import Counter
 
     from peft import PeftModel
     from transformers import Trainer, TrainingArguments
 
     from ..base_model import is_encoder_decoder, load_base_model, load_tokenizer
+    from ..experts.best_expert import best_expert_labels
     from ..integrations.trainer import ExpertIdsCollator, RoutingCallback
     from .data import (
         ROUTER_LABEL,
@@ -191,14 +200,23 @@ def train_router_command(args: argparse.Namespace) -> int:
     samples = tokenize_records(records, tokenizer, args.max_length, encoder_decoder, args.data)
     model = PeftModel.from_pretrained(load_base_model(args.base, args.dtype), args.mixer, is_trainable=True)
     model.set_trainable(routers=True, experts=False)
+    config = model.peft_config[model.active_adapter]
+    if (args.label_field or args.best_expert_labels) and not config.router_label_weight:
+        flag = "--label-field" if args.label_field else "--best-expert-labels"
+        raise ValueError(
+            f"{flag} was given, but the mixer's `router_label_weight` is 0; set it in {args.mixer}'s "
+            "adapter_config.json (1 is the default) or leave the labels out."
+        )
     if args.label_field:
-        config = model.peft_config[model.active_adapter]
-        if not config.router_label_weight:
-            raise ValueError(
-                f"--label-field was given, but the mixer's `router_label_weight` is 0; set it in {args.mixer}'s "
-                "adapter_config.json (1 is the default) or leave the labels out."
-            )
         check_router_labels(records, config.num_experts // config.copies_per_expert, args.data)
+    collator = training_collator(tokenizer, model if encoder_decoder else None)
+    if args.best_expert_labels:
+        found = best_expert_labels(model, samples, collator, args.batch_size)
+        samples = [{**sample, ROUTER_LABEL: None if label < 0 else label} for sample, label in zip(samples, found)]
+        counts = ", ".join(
+            f"{'no label' if expert < 0 else expert}: {count}" for expert, count in sorted(Counter(found).items())
+        )
+        print(f"best-expert labels, lines per expert: {counts}", flush=True)
     routers = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     plan = training_plan(samples, args.steps, args.batch_size, args.max_length)
     print(f"training {routers:,} router parameters on {plan}", flush=True)
@@ -213,8 +231,7 @@ def train_router_command(args: argparse.Namespace) -> int:
             logging_steps=10,
             remove_unused_columns=False,
         )
-        collator = training_collator(tokenizer, model if encoder_decoder else None)
-        if args.label_field:
+        if args.label_field or args.best_expert_labels:
             collator = ExpertIdsCollator(collator, column=ROUTER_LABEL, key="router_labels")
         trainer = Trainer(
             model=model,

@@ -33,7 +33,8 @@ def best_expert_labels(
         model: a LoRA-Mixer model (a `PeftModel` or the bare `LoraMixerModel`) with one active adapter.
         samples: the router training samples, each holding the model's inputs and `labels` (-100: not scored), as
             `collate` takes them.
-        collate: batches samples into the model's keyword arguments (padding `labels` with -100).
+        collate: batches samples into the model's keyword arguments (padding `labels` with -100); the batch is
+            moved to the device of the model's first parameter.
         batch_size: samples per forward.
 
     The model is run in eval mode without gradients and left in the mode it was in; nothing else changes.
@@ -50,6 +51,7 @@ def best_expert_labels(
     copies = config.copies_per_expert  # under router_init="arrow" expert e takes slots 2e and 2e + 1
     experts = config.num_experts // copies
     encoder_decoder = bool(getattr(getattr(mixer.model, "config", None), "is_encoder_decoder", False))
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -57,6 +59,7 @@ def best_expert_labels(
         with torch.no_grad():
             for start in range(0, len(samples), batch_size):
                 batch = collate(list(samples[start : start + batch_size]))
+                batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
                 per_expert = []
                 for expert in range(experts):
                     with mixer.route_to(expert * copies):
