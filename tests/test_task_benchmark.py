@@ -219,7 +219,7 @@ def test_smoke_size_runs_every_row(tmp_path, monkeypatch, tiny_base):
     assert {"base", "expert", "uniform merge", "Arrow", "X-LoRA", "LoRAHub", "joint", "multi-task LoRA"} <= methods
     assert {"static export, one LoRA for all tasks", "static export, one LoRA per task", "oracle"} <= methods
     assert {"LoRA-Mixer top-2 RSL", "LoRA-Mixer top-1 no RSL", "LoRA-Mixer 0 steps"} <= methods
-    assert "LoRA-Mixer top-2 RSL, task labels" in methods
+    assert {"LoRA-Mixer top-2 RSL, task labels", "LoRA-Mixer top-2 RSL, best-expert labels"} <= methods
 
 
 def test_full_size_counts_router_examples_per_task(tiny_base):
@@ -236,5 +236,9 @@ def test_full_size_counts_router_examples_per_task(tiny_base):
     assert "LoRA-Mixer top-2 RSL, Arrow init, 5 router examples per task" in few_shot
     assert "LoRA-Mixer top-2 RSL, task labels, 20 router examples per task" in few_shot
     assert {"PEFT X-LoRA, 20 router examples per task", "LoRAHub-style weights, 5 router examples per task"} <= few_shot
-    assert not any("top-1" in group or "no RSL" in group for group in few_shot)
-    assert "LoRA-Mixer top-1 no RSL, all router examples" in {row.group for row in rows}
+    assert not any("top-1" in group or "no RSL" in group or "best-expert" in group for group in few_shot)
+    groups = {row.group for row in rows}
+    assert {
+        "LoRA-Mixer top-1 no RSL, all router examples",
+        "LoRA-Mixer top-2 RSL, best-expert labels, all router examples",
+    } <= groups

@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from scipy.optimize import minimize
 
-from peft_lora_mixer import LoraMixerConfig, export_static_lora, export_static_lora_per_group
+from peft_lora_mixer import LoraMixerConfig, best_expert_labels, export_static_lora, export_static_lora_per_group
 from peft_lora_mixer.integrations.trainer import ExpertIdsCollator
 
 from ..mixers import RSL_WEIGHTS, plug_and_play
@@ -190,6 +190,9 @@ def xlora(ctx: Context, count: Optional[int], seed: int) -> PeftModel:
     return model
 
 
+LABEL_SUFFIXES = {None: "", "task": "-labels", "best-expert": "-bestlabels"}  # in cache folders and row keys
+
+
 def mixer(
     ctx: Context,
     top_k: int,
@@ -198,24 +201,36 @@ def mixer(
     count: Optional[int],
     seed: int,
     steps: int,
-    labels: bool = False,
+    labels: Optional[str] = None,
 ) -> PeftModel:
-    """LoRA-Mixer plug-and-play: the frozen experts, routers trained `steps` steps on `count` router examples
-    (`labels`: each example's task expert is also its router label). A trained mixer is saved as the PEFT adapter a
-    user would save, and loaded from there when asked again (the static-export rows read it)."""
-    name = f"k{top_k}-{'rsl' if rsl else 'norsl'}-{router_init}{'-labels' if labels else ''}-{count or 'all'}-s{seed}"
+    """LoRA-Mixer plug-and-play: the frozen experts, routers trained `steps` steps on `count` router examples, and
+    taught router labels with `labels`: each example's `task` expert, or its `best-expert` (`best_expert_labels`, as
+    for data without task labels). A trained mixer is saved as the PEFT adapter a user would save, and loaded from
+    there when asked again (the static-export rows read it)."""
+    name = f"k{top_k}-{'rsl' if rsl else 'norsl'}-{router_init}{LABEL_SUFFIXES[labels]}-{count or 'all'}-s{seed}"
     folder = ctx.cache / "mixers" / name
     if steps and (folder / "adapter_config.json").is_file():
         return PeftModel.from_pretrained(ctx.base(), folder)
     torch.manual_seed(seed)
     model = plug_and_play(ctx.base(), ctx.expert_dirs, top_k, rsl, router_init)
     if steps:
+        samples = ctx.samples("router", count, seed)
+        if labels == "best-expert":
+            samples = _with_best_expert_labels(ctx, model, samples)
         taught = dict(keep_columns=True, data_collator=ExpertIdsCollator(collator(ctx.tokenizer), key="router_labels"))
-        ctx.train(
-            model, ctx.samples("router", count, seed), steps, ctx.size.router_lr, seed, **(taught if labels else {})
-        )
+        ctx.train(model, samples, steps, ctx.size.router_lr, seed, **(taught if labels else {}))
         model.save_pretrained(folder)
     return model
+
+
+def _with_best_expert_labels(ctx: Context, model: PeftModel, samples: list[dict]) -> list[dict]:
+    """`samples` with each `expert_id` (the router label) replaced by the sample's best expert; logs how often that
+    is its own task's expert."""
+    inputs = [{key: sample[key] for key in ("input_ids", "attention_mask", "labels")} for sample in samples]
+    found = best_expert_labels(model, inputs, collator(ctx.tokenizer), ctx.size.eval_batch_size)
+    agree = sum(label == sample["expert_id"] for label, sample in zip(found, samples))
+    ctx.log(f"best-expert labels: the example's own task's expert for {agree} of {len(samples)}")
+    return [{**sample, "expert_id": label} for sample, label in zip(samples, found)]
 
 
 def calibration_batches(ctx: Context, samples: list[dict]) -> list[dict]:

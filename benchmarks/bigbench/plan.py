@@ -47,17 +47,17 @@ def _mixer_row(
     count: Optional[int],
     seed: int,
     router_init: str = "random",
-    labels: bool = False,
+    labels: Optional[str] = None,
 ) -> Row:
-    """A trained LoRA-Mixer row; `labels`: its routers are also taught each example's task expert
-    (`router_label_weight`)."""
+    """A trained LoRA-Mixer row; `labels`: its routers are also taught (`router_label_weight`) each example's `task`
+    expert or its `best-expert` (the expert that fits it best, for data without task labels)."""
     method = f"LoRA-Mixer top-{top_k} {'RSL' if rsl else 'no RSL'}"
     method += "" if router_init == "random" else f", {ROUTER_INIT_NAMES[router_init]} init"
-    method += ", task labels" if labels else ""
+    method += {None: "", "task": ", task labels", "best-expert": ", best-expert labels"}[labels]
     n = _examples(count)
     init = "" if router_init == "random" else f"{router_init}-"  # the random rows keep the keys of their caches
     return Row(
-        f"mixer-{init}k{top_k}-{'rsl' if rsl else 'norsl'}{'-labels' if labels else ''}-{n}-s{seed}",
+        f"mixer-{init}k{top_k}-{'rsl' if rsl else 'norsl'}{methods.LABEL_SUFFIXES[labels]}-{n}-s{seed}",
         f"{method}, {_examples_label(ctx, count)}",
         method,
         partial(methods.mixer, ctx, top_k, rsl, router_init, count, seed, ctx.size.router_steps, labels),
@@ -105,7 +105,7 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
             n = _examples(count)
             rows.append(_mixer_row(ctx, 2, True, count, seed))
             rows.append(_mixer_row(ctx, 2, True, count, seed, router_init="arrow"))  # Arrow's routing, then trained
-            rows.append(_mixer_row(ctx, 2, True, count, seed, labels=True))  # the examples' tasks as router labels
+            rows.append(_mixer_row(ctx, 2, True, count, seed, labels="task"))  # the examples' tasks as router labels
             rows.append(
                 Row(
                     f"xlora-{n}-s{seed}",
@@ -128,6 +128,7 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
                 )
             if size.ablation_router_examples is None or count in size.ablation_router_examples:
                 rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((1, True), (2, False), (1, False))]
+                rows.append(_mixer_row(ctx, 2, True, count, seed, labels="best-expert"))
     for per_task, scope in ((False, "one LoRA for all tasks"), (True, "one LoRA per task")):
         rows.append(
             Row(
