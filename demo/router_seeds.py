@@ -69,6 +69,8 @@ VARIANTS = {
     "soft": RouterVariant(soft_share=1.0),
     "labels": RouterVariant(labels="domain"),
     "labels-top-1": RouterVariant(top_k=1, labels="domain"),
+    "labels-weight-1": RouterVariant({"router_label_weight": 1.0}, labels="domain"),
+    "labels-weight-1-top-1": RouterVariant({"router_label_weight": 1.0}, top_k=1, labels="domain"),
     "best-expert-labels": RouterVariant(labels="best-expert"),
     "best-expert-labels-top-1": RouterVariant(top_k=1, labels="best-expert"),
 }

@@ -297,7 +297,7 @@ class LoraMixerConfig(PeftConfig):
     )
 
     router_label_weight: float = field(
-        default=1.0,
+        default=2.0,
         metadata={
             "help": (
                 "Weight of the router label loss, a finite number >= 0; used only when a training batch carries "

@@ -205,7 +205,7 @@ def train_router_command(args: argparse.Namespace) -> int:
         flag = "--label-field" if args.label_field else "--best-expert-labels"
         raise ValueError(
             f"{flag} was given, but the mixer's `router_label_weight` is 0; set it in {args.mixer}'s "
-            "adapter_config.json (1 is the default) or leave the labels out."
+            "adapter_config.json (2 is the default) or leave the labels out."
         )
     if args.label_field:
         check_router_labels(records, config.num_experts // config.copies_per_expert, args.data)
