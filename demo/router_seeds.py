@@ -22,9 +22,9 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from benchmarks.mixers import plug_and_play
+from benchmarks.mixers import plug_and_play, with_best_expert_labels
 from benchmarks.tables import markdown_table
-from peft_lora_mixer import ExpertIdsCollator, best_expert_labels
+from peft_lora_mixer import ExpertIdsCollator
 
 from .run import SIZES, Demo, DemoSize, oracle_share, plug_and_play_rows
 from .tiny import TinyWorkload
@@ -108,13 +108,8 @@ def train_row(demo: Demo, rsl: bool, router_init: str, variant: RouterVariant) -
     soft = [SoftUntil(round(steps * variant.soft_share), model.peft_config[model.active_adapter].routing)]
     samples = demo.mixed_samples(demo.seed + 17, steps)
     if variant.labels == "best-expert":  # each sample's `expert_id` (its router label) becomes its best expert's
-        inputs = [{key: sample[key] for key in ("input_ids", "attention_mask", "labels")} for sample in samples]
-        found = best_expert_labels(model, inputs, batch_size=256)
-        print(
-            f"best-expert labels equal the domain on {sum(f == s['expert_id'] for f, s in zip(found, samples))}"
-            f" of {len(samples)} samples"
-        )
-        samples = [{**sample, "expert_id": label} for sample, label in zip(samples, found)]
+        samples, kept = with_best_expert_labels(model, samples, batch_size=256)
+        print(f"best-expert labels equal the domain on {kept} of {len(samples)} samples")
     labels = dict(keep_columns=True, data_collator=ExpertIdsCollator(key="router_labels"))
     demo.train(
         model,

@@ -20,10 +20,10 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from scipy.optimize import minimize
 
-from peft_lora_mixer import LoraMixerConfig, best_expert_labels, export_static_lora, export_static_lora_per_group
+from peft_lora_mixer import LoraMixerConfig, export_static_lora, export_static_lora_per_group
 from peft_lora_mixer.integrations.trainer import ExpertIdsCollator
 
-from ..mixers import RSL_WEIGHTS, plug_and_play
+from ..mixers import RSL_WEIGHTS, plug_and_play, with_best_expert_labels
 from ..peers import xlora_over
 from .data import Example
 from .experts import collator, mixed, train
@@ -216,21 +216,12 @@ def mixer(
     if steps:
         samples = ctx.samples("router", count, seed)
         if labels == "best-expert":
-            samples = _with_best_expert_labels(ctx, model, samples)
+            samples, kept = with_best_expert_labels(model, samples, collator(ctx.tokenizer), ctx.size.eval_batch_size)
+            ctx.log(f"best-expert labels: the example's own task's expert for {kept} of {len(samples)}")
         taught = dict(keep_columns=True, data_collator=ExpertIdsCollator(collator(ctx.tokenizer), key="router_labels"))
         ctx.train(model, samples, steps, ctx.size.router_lr, seed, **(taught if labels else {}))
         model.save_pretrained(folder)
     return model
-
-
-def _with_best_expert_labels(ctx: Context, model: PeftModel, samples: list[dict]) -> list[dict]:
-    """`samples` with each `expert_id` (the router label) replaced by the sample's best expert; logs how often that
-    is its own task's expert."""
-    inputs = [{key: sample[key] for key in ("input_ids", "attention_mask", "labels")} for sample in samples]
-    found = best_expert_labels(model, inputs, collator(ctx.tokenizer), ctx.size.eval_batch_size)
-    agree = sum(label == sample["expert_id"] for label, sample in zip(found, samples))
-    ctx.log(f"best-expert labels: the example's own task's expert for {agree} of {len(samples)}")
-    return [{**sample, "expert_id": label} for sample, label in zip(samples, found)]
 
 
 def calibration_batches(ctx: Context, samples: list[dict]) -> list[dict]:
