@@ -8,7 +8,7 @@ from tiny_models import VOCAB, tiny_model
 
 from peft_lora_mixer import best_expert_labels, from_experts
 
-TARGETS = {"llama": ["q_proj", "v_proj"], "t5": ["q", "v"]}
+TARGETS = {"llama": ["q_proj", "v_proj"], "t5": ["q", "v"], "mamba": ["in_proj"]}
 
 
 def samples(count: int, length: int = 6, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -29,7 +29,9 @@ def peft_lora_loss(model_type: str, folder: str, sample: dict) -> float:
         return float(lora(**{key: value[None] for key, value in sample.items()}).loss)
 
 
-@pytest.mark.parametrize("model_type, router_init", [("llama", "random"), ("llama", "arrow"), ("t5", "random")])
+@pytest.mark.parametrize(
+    "model_type, router_init", [("llama", "random"), ("llama", "arrow"), ("t5", "random"), ("mamba", "random")]
+)
 def test_labels_are_each_samples_lowest_loss_expert_under_plain_peft_lora(tmp_path, model_type, router_init):
     base = tiny_model(model_type)
     folders = [
