@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import tiny_model
 from torch import nn
 
-from peft_lora_mixer import ExpertIdsCollator, LoraMixerConfig, LoraMixerLayer, from_experts
+from peft_lora_mixer import ExpertIdsCollator, LoraMixerConfig, LoraMixerLayer, best_expert_labels, from_experts
 
 
 def llama() -> nn.Module:
@@ -80,6 +80,16 @@ def route_to(ids: Any, input_ids: torch.Tensor = ONE_SAMPLE) -> Callable[[Setup]
 
 def collate(*expert_ids: Any) -> Callable[[Setup], Any]:
     return lambda setup: ExpertIdsCollator()([{"input_ids": torch.tensor([1, 2]), "expert_id": e} for e in expert_ids])
+
+
+def train_with_labels(labels: Any) -> Callable[[Setup], Any]:
+    """A training forward of two samples given `router_labels`."""
+
+    def call(setup: Setup) -> Any:
+        setup.mixer.train()
+        return setup.mixer(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), router_labels=labels)
+
+    return call
 
 
 CASES: dict[str, Case] = {
@@ -156,6 +166,13 @@ CASES: dict[str, Case] = {
     "collator negative id": Case(collate(-1), ValueError, ">= 0"),
     "collator missing column": Case(
         lambda s: ExpertIdsCollator()([{"input_ids": torch.tensor([1])}]), KeyError, "remove_unused_columns=False"
+    ),
+    # router labels (a training forward) and best-expert labels
+    "router_labels out of range": Case(train_with_labels(torch.tensor([4, 0])), ValueError, r"in \[0, 4\)"),
+    "router_labels float": Case(train_with_labels(torch.tensor([1.0, 0.0])), ValueError, "whole-number"),
+    "router_labels one per batch": Case(train_with_labels(torch.tensor([[1, 0]])), ValueError, "whole-number"),
+    "best_expert_labels on a model without a mixer": Case(
+        lambda s: best_expert_labels(s.base, [{"input_ids": [1, 2], "labels": [1, 2]}]), TypeError, "LoRA-Mixer"
     ),
     # what trains
     "set_trainable float expert": Case(

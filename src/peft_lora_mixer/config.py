@@ -328,6 +328,11 @@ class LoraMixerConfig(PeftConfig):
         """How many router slots each of `experts` takes: 2 with router_init='arrow' (a +v_e and a -v_e row)."""
         return 2 if self.router_init == "arrow" and self.experts else 1
 
+    @property
+    def num_distinct_experts(self) -> int:
+        """The experts a router label can name: the router slots over `copies_per_expert`."""
+        return self.num_experts // self.copies_per_expert
+
     def _validate(self) -> None:
         """Refuse values that cannot work, before any model is touched."""
         if self.experts is not None:

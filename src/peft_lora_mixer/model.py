@@ -325,7 +325,7 @@ class LoraMixerModel(BaseTuner):
         labels = ids
         if not torch.compiler.is_compiling():  # a data-dependent check: left out of a compiled graph
             for name in users:
-                experts = self.peft_config[name].num_experts // settings[name].label_copies
+                experts = self.peft_config[name].num_distinct_experts
                 wrong = labels[(labels != -100) & ((labels < 0) | (labels >= experts))]
                 if wrong.numel():
                     raise ValueError(

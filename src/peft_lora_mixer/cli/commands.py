@@ -208,7 +208,7 @@ def train_router_command(args: argparse.Namespace) -> int:
             "adapter_config.json (2 is the default) or leave the labels out."
         )
     if args.label_field:
-        check_router_labels(records, config.num_experts // config.copies_per_expert, args.data)
+        check_router_labels(records, config.num_distinct_experts, args.data)
     collator = training_collator(tokenizer, model if encoder_decoder else None)
     if args.best_expert_labels:
         found = best_expert_labels(model, samples, collator, args.batch_size)

@@ -49,7 +49,6 @@ def best_expert_labels(
         )
     config = mixer.peft_config[mixer.active_adapters[0]]
     copies = config.copies_per_expert  # under router_init="arrow" expert e takes slots 2e and 2e + 1
-    experts = config.num_experts // copies
     encoder_decoder = bool(getattr(getattr(mixer.model, "config", None), "is_encoder_decoder", False))
     device = next(model.parameters()).device
     was_training = model.training
@@ -61,7 +60,7 @@ def best_expert_labels(
                 batch = collate(list(samples[start : start + batch_size]))
                 batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
                 per_expert = []
-                for expert in range(experts):
+                for expert in range(config.num_distinct_experts):
                     with mixer.route_to(expert * copies):
                         per_expert.append(sample_losses(model(**batch).logits, batch["labels"], encoder_decoder))
                 losses.append(torch.stack(per_expert, dim=-1))  # (batch, experts)
