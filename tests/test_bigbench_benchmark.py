@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -15,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 
 from benchmarks.bigbench import data, run
 from benchmarks.bigbench.__main__ import TASKS, main
+from benchmarks.bigbench.claims import claim
 from benchmarks.bigbench.lm_eval_tasks import lm_eval_name, write_tasks
 from benchmarks.bigbench.models import load_base, load_tokenizer, prepare_base
 from benchmarks.bigbench.scoring import evaluate_mixer, score, task_manager
@@ -304,3 +309,24 @@ def test_few_shot_pairs_each_mixer_row_with_the_peers_of_its_own_count(tmp_path)
         macro(by_group["LoRA-Mixer top-2 RSL, 5"]) - macro(by_group["LoRAHub, 5"])
     )
     assert "| LoRA-Mixer top-2 RSL, 5 | LoRAHub, 5 |" in markdown(summary)
+
+
+def test_a_claim_is_exclusive_released_and_taken_over_only_from_a_dead_run(tmp_path):
+    path = tmp_path / "rows" / "row.claim"
+    with claim(path) as mine:
+        assert mine and path.read_text() == f"{socket.gethostname()} {os.getpid()}"
+        with claim(path) as again:  # held by a live run (this one)
+            assert not again
+        assert path.exists()  # the refused claim did not release the holder's
+    assert not path.exists()
+    with pytest.raises(RuntimeError), claim(path):
+        raise RuntimeError("the row failed")
+    assert not path.exists()  # released on an error too, so a rerun retries the row
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(f"{socket.gethostname()} {finished.stdout.strip()}")  # its run died
+    with claim(path) as mine:
+        assert mine
+    path.write_text(f"another-machine {os.getpid()}")  # cannot be checked from here: left to its run
+    with claim(path) as mine:
+        assert not mine and path.read_text() == f"another-machine {os.getpid()}"

@@ -6,7 +6,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
+import socket
 from collections import Counter
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -74,6 +77,8 @@ def test_every_task_is_deterministic_distinct_and_has_its_format():
         assert duplicates == 0
         multiple_choice = TASKS[name].format.startswith("multiple choice")
         assert all((example.choices is not None) == multiple_choice for example in examples)
+        # a classifier's fixed labels are learned, not listed: the prompt is the name alone
+        assert all("choice:" not in example.prompt and example.prompt.endswith("\nA:") for example in examples)
     assert generate("roman_numerals", 1, 50) != generate("roman_numerals", 0, 50)
     with pytest.raises(ValueError, match="choose from"):
         generate("no_such_task", 0, 10)
@@ -158,6 +163,10 @@ def test_an_edited_task_file_gets_its_own_cache_and_big_bench_keeps_its_folders(
     before = run.run_folder("smoke", ["roman_numerals", "mine"], source)
     write_lines(path, [{"prompt": "a", "answer": "c"}])
     assert run.run_folder("smoke", ["roman_numerals", "mine"], source) != before
+    edited = replace(TASKS["roman_numerals"], prefix=TASKS["roman_numerals"].prefix + " ")
+    with pytest.MonkeyPatch.context() as patch:  # a generator's prompt changes: its rows are not reused either
+        patch.setitem(TASKS, "roman_numerals", edited)
+        assert run.run_folder("smoke", ["roman_numerals", "mine"], source) != before
     assert before.name.startswith("tasks-smoke-")
     digest = hashlib.sha256(b"hyperbaton\nnavigate").hexdigest()[:8]  # as before task sources existed
     assert run.run_folder("full", ["hyperbaton", "navigate"]) == run.BENCH_CACHE / f"full-{digest}"
@@ -170,8 +179,11 @@ def tiny_base(tmp_path_factory):
     return folder
 
 
-def smoke(tmp_path, monkeypatch, tiny_base, rows: list[str] | None) -> tuple[dict, list[str], object]:
-    """Run the smoke size on two generated tasks and a multiple-choice task file; return the summary."""
+def smoke(
+    tmp_path, monkeypatch, tiny_base, rows: list[str] | None, claimed_elsewhere: tuple[str, ...] = ()
+) -> tuple[dict, list[str], object]:
+    """Run the smoke size on two generated tasks and a multiple-choice task file; return the summary.
+    `claimed_elsewhere`: rows that another live run on the cache (here: pytest's parent process) holds."""
     monkeypatch.setattr(run, "BENCH_CACHE", tmp_path / "bench")
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "base-tiny").symlink_to(tiny_base)
@@ -181,15 +193,20 @@ def smoke(tmp_path, monkeypatch, tiny_base, rows: list[str] | None) -> tuple[dic
     path = tmp_path / "parity.jsonl"
     write_lines(path, lines)
     tasks = ["roman_numerals", "clock_time", "parity"]
+    folder = run.run_folder("smoke", tasks, task_source({"parity": path}))
+    for row in claimed_elsewhere:
+        (folder / "rows").mkdir(parents=True, exist_ok=True)
+        (folder / "rows" / f"{row}.claim").write_text(f"{socket.gethostname()} {os.getppid()}")
     selected = ["--rows", *rows] if rows else []
     assert main(["--size", "smoke", "--tasks", *tasks[:2], "--task-file", f"parity={path}", *selected]) == 0
-    folder = run.run_folder("smoke", tasks, task_source({"parity": path}))
     return json.loads((folder / "results.json").read_text()), tasks, folder
 
 
 def test_smoke_size_scores_rows_on_generated_tasks_and_a_task_file(tmp_path, monkeypatch, tiny_base):
-    rows = ["base", "expert", "arrow", "mixer-arrow-init", "mixer-k2-rsl-all"]
-    summary, tasks, folder = smoke(tmp_path, monkeypatch, tiny_base, rows)
+    rows = ["base", "expert", "arrow", "mixer-arrow-init", "mixer-k2-rsl-all", "uniform-merge"]
+    summary, tasks, folder = smoke(tmp_path, monkeypatch, tiny_base, rows, claimed_elsewhere=("uniform-merge",))
+    assert not (folder / "rows" / "uniform-merge.json").exists()  # left to the run that holds it
+    assert [path.name for path in (folder / "rows").glob("*.claim")] == ["uniform-merge.claim"]  # ours released
     splits = load_splits({"parity": tmp_path / "parity.jsonl"}, tasks, "smoke", seed=0)
     heldout = {task: {example.id for example in splits[task]["heldout"]} for task in tasks}
     for path in (folder / "rows").glob("*.json"):

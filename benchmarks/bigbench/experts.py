@@ -7,7 +7,9 @@ the loss covers the answer and the end-of-sequence token, not the prompt.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
@@ -16,6 +18,7 @@ from transformers import DataCollatorForSeq2Seq
 from ..training import fit
 from .data import Example
 
+EXPERT_WEIGHTS = "adapter_model.safetensors"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # the i-th task's expert takes the i-th layout (cycling); the rsLoRA one is not first, since PEFT's
 # add_weighted_adapter copies the first adapter's `use_rslora` into the merged adapter
@@ -72,10 +75,13 @@ def train_expert(
     base, index: int, examples: list[Example], folder: Path, size, tokenizer, seed: int, log=print
 ) -> None:
     """Train the task's expert (skipped when `folder` already holds it) and save it there."""
-    if (folder / "adapter_model.safetensors").is_file():
+    if (folder / EXPERT_WEIGHTS).is_file():
         return
     log(f"training expert {index} ({folder.name}): {EXPERT_LAYOUTS[index % len(EXPERT_LAYOUTS)]}")
     model = get_peft_model(base, expert_config(index))
     samples = [encode(example, tokenizer, size.max_length) for example in examples]
     train(model, samples, size.expert_steps, size.expert_lr, seed, size.batch_size, tokenizer)
-    model.save_pretrained(folder)
+    unfinished = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    model.save_pretrained(unfinished)
+    shutil.rmtree(folder, ignore_errors=True)  # what a run that died while saving left
+    unfinished.replace(folder)  # whole, so that a run waiting on the weights never loads half a folder

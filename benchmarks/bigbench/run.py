@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .claims import claim
 from .data import CACHE, SLICE, load_task, task_files
-from .experts import train_expert
+from .experts import EXPERT_WEIGHTS, train_expert
 from .lm_eval_tasks import lm_eval_name, write_tasks
 from .methods import Context
 from .models import load_base, load_tokenizer, prepare_base
@@ -53,6 +54,16 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     partial.write_text(text)
     partial.replace(path)
+
+
+def _wait_for(paths: list[Path], log, poll_seconds: float = 30.0) -> None:
+    """Block until every path exists (written by another run sharing the cache)."""
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        log(f"waiting for {len(missing)} expert(s) another run is training")
+    while missing:
+        time.sleep(poll_seconds)
+        missing = [path for path in missing if not path.is_file()]
 
 
 def _score_row(built, tokenizer, tasks: list[str], folder: Path, batch_size: int) -> tuple[dict, dict]:
@@ -101,14 +112,23 @@ def run(
     selected = [row for row in planned if rows is None or row.key.startswith(tuple(rows))]
     if any(row.method != "base" for row in selected):  # every other row needs the experts
         for index, (task, expert_dir) in enumerate(zip(tasks, expert_dirs)):
-            train_expert(load_base(base_dir), index, splits[task]["expert"], expert_dir, size, tokenizer, seed, log)
+            with claim(expert_dir.with_name(expert_dir.name + ".claim")) as mine:
+                if mine:
+                    train_expert(
+                        load_base(base_dir), index, splits[task]["expert"], expert_dir, size, tokenizer, seed, log
+                    )
+        _wait_for([expert_dir / EXPERT_WEIGHTS for expert_dir in expert_dirs], log)  # those other runs train
     row_path = {row: folder / "rows" / f"{row.key}.json" for row in planned}
     for row in tqdm(selected, desc="rows"):
-        if not row_path[row].is_file():
-            log(f"row {row.key}: building and scoring")
-            torch.manual_seed(seed)
-            scores, routing = _score_row(row.build(), tokenizer, tasks, folder / "lm-eval-tasks", size.eval_batch_size)
-            _write_atomically(row_path[row], json.dumps({"row": row.key, "scores": scores, "routing": routing}))
+        with claim(row_path[row].with_suffix(".claim")) as mine:
+            if not mine:
+                log(f"row {row.key}: another run is scoring it")
+            elif not row_path[row].is_file():
+                log(f"row {row.key}: building and scoring")
+                torch.manual_seed(seed)
+                built = row.build()
+                scores, routing = _score_row(built, tokenizer, tasks, folder / "lm-eval-tasks", size.eval_batch_size)
+                _write_atomically(row_path[row], json.dumps({"row": row.key, "scores": scores, "routing": routing}))
     results = {row: json.loads(path.read_text()) for row, path in row_path.items() if path.is_file()}
     per_task = size.router_examples_per_task
     router_all = size.splits.router * (1 if per_task else len(tasks))

@@ -176,4 +176,10 @@ def generate(name: str, seed: int, count: int) -> dict:
     if name not in TASKS:
         raise ValueError(f"No generated task {name!r}; choose from {', '.join(TASKS)}, or give a --task-file.")
     task = TASKS[name]
-    return {"task_prefix": task.prefix, "examples": task.generate(random.Random(f"{seed}:{name}"), count)}
+    # a classifier's labels are fixed and learned by its expert: listing them in every prompt would make the
+    # prompt six times longer, and training and scoring (every option scored against the prompt) as much slower
+    return {
+        "task_prefix": task.prefix,
+        "append_choices_to_input": False,
+        "examples": task.generate(random.Random(f"{seed}:{name}"), count),
+    }

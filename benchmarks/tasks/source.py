@@ -52,15 +52,19 @@ def load_splits(files: dict[str, Path], tasks: list[str], size_name: str, seed: 
     return splits
 
 
-def _files_key(files: dict[str, Path], tasks: list[str]) -> str:
-    return "".join(
-        f"\n{name}:{hashlib.sha256(files[name].read_bytes()).hexdigest()}" for name in tasks if name in files
-    )
+def _cache_key(files: dict[str, Path], tasks: list[str]) -> str:
+    """The content of every task: a file's bytes, a generated task's records and prompt format (so that a change
+    to a generator never reuses rows scored on the old examples)."""
+    content = {
+        name: files[name].read_bytes() if name in files else json.dumps(generate(name, DATA_SEED, POOL)).encode()
+        for name in tasks
+    }
+    return "".join(f"\n{name}:{hashlib.sha256(data).hexdigest()}" for name, data in content.items())
 
 
 def task_source(files: dict[str, Path]) -> TaskSource:
     """The source of a run over generated tasks and the user's `files` ({task name: JSONL path})."""
-    return TaskSource(SIZES, partial(load_splits, files), "tasks-", partial(_files_key, files))
+    return TaskSource(SIZES, partial(load_splits, files), "tasks-", partial(_cache_key, files))
 
 
 def write_manifest(tasks: list[str], seed: int, path: Path = MANIFEST) -> dict:
