@@ -7,12 +7,14 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections import Counter
 from dataclasses import replace
 from decimal import Decimal
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from benchmarks.bigbench import run
 from benchmarks.bigbench.data import task_examples
@@ -202,7 +204,7 @@ def smoke(
     return json.loads((folder / "results.json").read_text()), tasks, folder
 
 
-def test_smoke_size_scores_rows_on_generated_tasks_and_a_task_file(tmp_path, monkeypatch, tiny_base):
+def test_smoke_size_scores_rows_on_generated_tasks_and_a_task_file(tmp_path, monkeypatch, capsys, tiny_base):
     rows = ["base", "expert", "arrow", "mixer-arrow-init", "mixer-k2-rsl-all", "uniform-merge"]
     summary, tasks, folder = smoke(tmp_path, monkeypatch, tiny_base, rows, claimed_elsewhere=("uniform-merge",))
     assert not (folder / "rows" / "uniform-merge.json").exists()  # left to the run that holds it
@@ -227,6 +229,40 @@ def test_smoke_size_scores_rows_on_generated_tasks_and_a_task_file(tmp_path, mon
     monkeypatch.setattr(run, "score", no_scoring)
     parity = f"parity={tmp_path / 'parity.jsonl'}"
     assert main(["--size", "smoke", "--tasks", *tasks[:2], "--task-file", parity, "--rows", "base", "expert"]) == 0
+    assert_rows_restore_elsewhere_only_with_the_same_experts(
+        tmp_path, monkeypatch, capsys, folder, [*tasks[:2], parity]
+    )
+
+
+def assert_rows_restore_elsewhere_only_with_the_same_experts(
+    tmp_path, monkeypatch, capsys, folder, tasks: list[str]
+) -> None:
+    """Another machine (a fresh cache) restores the committed results' rows unscored when it holds the same
+    experts, and refuses them, writing no row, when one expert differs."""
+    results = tmp_path / "committed.json"
+    shutil.copy(folder / "results.json", results)
+    scored = {path.name: json.loads(path.read_text()) for path in (folder / "rows").glob("*.json")}
+    argv = ["--size", "smoke", "--tasks", *tasks[:2], "--task-file", tasks[2], "--restore-from", str(results)]
+    for name, experts_kept in (("elsewhere", True), ("other-experts", False)):
+        cache = tmp_path / name
+        cache.mkdir()
+        (cache / "base-tiny").symlink_to(folder.parent / "base-tiny")
+        shutil.copytree(folder / "experts", cache / folder.name / "experts")
+        if not experts_kept:
+            weights = next((cache / folder.name / "experts").glob("1-*")) / "adapter_model.safetensors"
+            tensors = load_file(weights)
+            save_file({key: value + 1 for key, value in tensors.items()}, weights)
+        monkeypatch.setattr(run, "BENCH_CACHE", cache)
+        if experts_kept:
+            assert main([*argv, "--rows", "expert"]) == 0  # every row is in the file: none is scored
+            restored = {path.name: json.loads(path.read_text()) for path in (cache / folder.name / "rows").glob("*")}
+            assert restored == scored
+        else:
+            capsys.readouterr()
+            with pytest.raises(SystemExit):
+                main(argv)
+            assert "(1-clock_time differ)" in capsys.readouterr().err
+            assert not (cache / folder.name / "rows").exists()
 
 
 @pytest.mark.slow  # every row of the plan at tiny budgets: minutes on 2 shared cores

@@ -13,9 +13,11 @@ sdist where a package index serves it; pypi.org's 0.0.1 holds no data):
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
+from .carry import RestoreError
 from .prepare import write_manifest, write_slice
 from .run import run
 from .sizes import SIZES
@@ -42,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument(
+        "--restore-from",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="an earlier run's results.json: its rows enter the cache unscored when its experts are this run's",
+    )
+    parser.add_argument(
         "--write-manifest", action="store_true", help="write the split manifest and the test slice, then stop"
     )
     args = parser.parse_args(argv)
@@ -50,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_manifest:
         write_slice(args.tasks, args.seed, write_manifest(args.tasks, args.seed))
         return 0
-    run(args.tasks, args.size, args.seed, args.rows)
+    try:
+        run(args.tasks, args.size, args.seed, args.rows, restore_from=args.restore_from)
+    except RestoreError as error:
+        parser.error(str(error))
     return 0
 
 

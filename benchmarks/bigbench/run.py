@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .carry import expert_digests, pack, read_results, restorable_rows
 from .claims import claim
 from .data import CACHE, SLICE, load_task, task_files
 from .experts import EXPERT_WEIGHTS, train_expert
@@ -93,12 +94,15 @@ def run(
     rows: list[str] | None = None,
     log=print,
     source: TaskSource = BIGBENCH,
+    restore_from: Path | None = None,
 ) -> dict:
     """Run (or resume) the benchmark on `source`'s tasks; return and write the summary of every row in the cache,
-    computed now or before. `rows`: compute only the rows whose key starts with one of these prefixes."""
+    computed now or before. `rows`: compute only the rows whose key starts with one of these prefixes.
+    `restore_from`: an earlier run's results file, whose rows enter the cache unscored if its experts are these."""
     started = time.perf_counter()
     size = source.sizes[size_name]
     splits = source.splits(tasks, size_name, seed)  # first: bad data stops the run before the cache is touched
+    earlier = read_results(restore_from) if restore_from is not None else None
     folder = run_folder(size_name, tasks, source)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tasks.json").write_text(json.dumps(tasks))
@@ -110,7 +114,7 @@ def run(
     ctx = Context(base_dir, expert_dirs, tokenizer, size, splits, folder, log)
     planned = plan(ctx, tasks)
     selected = [row for row in planned if rows is None or row.key.startswith(tuple(rows))]
-    if any(row.method != "base" for row in selected):  # every other row needs the experts
+    if earlier is not None or any(row.method != "base" for row in selected):  # every other row needs the experts
         for index, (task, expert_dir) in enumerate(zip(tasks, expert_dirs)):
             with claim(expert_dir.with_name(expert_dir.name + ".claim")) as mine:
                 if mine:
@@ -119,6 +123,14 @@ def run(
                     )
         _wait_for([expert_dir / EXPERT_WEIGHTS for expert_dir in expert_dirs], log)  # those other runs train
     row_path = {row: folder / "rows" / f"{row.key}.json" for row in planned}
+    if earlier is not None:
+        restored = restorable_rows(earlier, restore_from, expert_digests(expert_dirs), splits)
+        missing = [(row, path) for row, path in row_path.items() if row.key in restored and not path.is_file()]
+        for row, path in missing:
+            _write_atomically(path, json.dumps(restored[row.key]))
+        log(
+            f"restored {len(missing)} rows from {restore_from} (the cache held the other {len(restored) - len(missing)})"
+        )
     for row in tqdm(selected, desc="rows"):
         with claim(row_path[row].with_suffix(".claim")) as mine:
             if not mine:
@@ -133,6 +145,9 @@ def run(
     per_task = size.router_examples_per_task
     router_all = size.splits.router * (1 if per_task else len(tasks))
     summary = summarize(results, tasks, size_name, folder, router_all, per_task)
+    if all((expert_dir / EXPERT_WEIGHTS).is_file() for expert_dir in expert_dirs):
+        summary["experts"] = expert_digests(expert_dirs)  # what makes the rows restorable elsewhere
+    summary["per_example"] = pack({row.key: result for row, result in results.items()}, splits)
     summary["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     (folder / "results.json").write_text(json.dumps(summary, indent=2))
     (folder / "results.md").write_text(markdown(summary))

@@ -13,9 +13,11 @@ strings), or {"prompt": ..., "options": [...], "answer": one of the options} for
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
+from benchmarks.bigbench.carry import RestoreError
 from benchmarks.bigbench.run import run
 
 from .generators import TASKS
@@ -38,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rows", nargs="+", default=None, help="run only the rows whose key starts with one of these (e.g. expert)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument(
+        "--restore-from",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="an earlier run's results.json: its rows enter the cache unscored when its experts are this run's",
+    )
     parser.add_argument("--write-manifest", action="store_true", help="write the generated tasks' split manifest")
     args = parser.parse_args(argv)
     unknown = [task for task in args.tasks if task not in TASKS]
@@ -56,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        run(tasks, args.size, args.seed, args.rows, source=task_source(files))
-    except TaskFileError as error:  # raised while reading the files, before the run writes anything
+        run(tasks, args.size, args.seed, args.rows, source=task_source(files), restore_from=args.restore_from)
+    except (TaskFileError, RestoreError) as error:  # a bad file or results to restore: nothing is scored
         parser.error(str(error))
     return 0
 
