@@ -66,6 +66,33 @@ def _mixer_row(
     )
 
 
+def _peer_rows(ctx: Context, count: Optional[int], seed: int, with_lorahub: bool) -> list[Row]:
+    """LoRA-Mixer top-2 with the RSL, X-LoRA and (`with_lorahub`: its fit has no seed) LoRAHub on `count` examples."""
+    n = _examples(count)
+    rows = [
+        _mixer_row(ctx, 2, True, count, seed),
+        Row(
+            f"xlora-{n}-s{seed}",
+            f"PEFT X-LoRA, {_examples_label(ctx, count)}",
+            "X-LoRA",
+            partial(methods.xlora, ctx, count, seed),
+            count,
+            seed,
+        ),
+    ]
+    if with_lorahub:
+        rows.append(
+            Row(
+                f"lorahub-{n}",
+                f"LoRAHub-style weights, {_examples_label(ctx, count)}",
+                "LoRAHub",
+                partial(methods.lorahub, ctx, count, seed),
+                count,
+            )
+        )
+    return rows
+
+
 def plan(ctx: Context, tasks: list[str]) -> list[Row]:
     size = ctx.size
     rows = [Row("base", "base model", "base", ctx.base)]
@@ -101,33 +128,14 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
             )
         )
     for seed in size.seeds:
-        for count in size.router_examples[::-1]:  # all router examples first
-            n = _examples(count)
-            rows.append(_mixer_row(ctx, 2, True, count, seed))
-            rows.append(_mixer_row(ctx, 2, True, count, seed, router_init="arrow"))  # Arrow's routing, then trained
+        counts = size.router_examples[::-1]  # all router examples first
+        for count in counts:  # the few-shot comparison first: LoRA-Mixer against its peers on the same examples
+            rows += _peer_rows(ctx, count, seed, seed == size.seeds[0])
+        for count in counts:
             rows.append(_mixer_row(ctx, 2, True, count, seed, labels="task"))  # the examples' tasks as router labels
-            rows.append(
-                Row(
-                    f"xlora-{n}-s{seed}",
-                    f"PEFT X-LoRA, {_examples_label(ctx, count)}",
-                    "X-LoRA",
-                    partial(methods.xlora, ctx, count, seed),
-                    count,
-                    seed,
-                )
-            )
-            if seed == size.seeds[0]:
-                rows.append(
-                    Row(
-                        f"lorahub-{n}",
-                        f"LoRAHub-style weights, {_examples_label(ctx, count)}",
-                        "LoRAHub",
-                        partial(methods.lorahub, ctx, count, seed),
-                        count,
-                    )
-                )
+            rows.append(_mixer_row(ctx, 2, True, count, seed, router_init="arrow"))  # Arrow's routing, then trained
             if size.ablation_router_examples is None or count in size.ablation_router_examples:
-                rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((1, True), (2, False), (1, False))]
+                rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((2, False), (1, True), (1, False))]
                 rows.append(_mixer_row(ctx, 2, True, count, seed, labels="best-expert"))
     for per_task, scope in ((False, "one LoRA for all tasks"), (True, "one LoRA per task")):
         rows.append(
