@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorForSeq2Seq
+from transformers import DataCollatorForSeq2Seq, set_seed
 
 from ..training import fit
 from .data import Example
@@ -78,6 +78,9 @@ def train_expert(
     if (folder / EXPERT_WEIGHTS).is_file():
         return
     log(f"training expert {index} ({folder.name}): {EXPERT_LAYOUTS[index % len(EXPERT_LAYOUTS)]}")
+    # LoRA's A is drawn here, before the Trainer seeds: seeded so that an expert does not depend on what the process
+    # did before (which expert it trained first, in which of several runs), and a rerun makes the same bytes
+    set_seed(seed + index)
     model = get_peft_model(base, expert_config(index))
     samples = [encode(example, tokenizer, size.max_length) for example in examples]
     train(model, samples, size.expert_steps, size.expert_lr, seed, size.batch_size, tokenizer)
