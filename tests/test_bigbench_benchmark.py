@@ -330,3 +330,19 @@ def test_a_claim_is_exclusive_released_and_taken_over_only_from_a_dead_run(tmp_p
     path.write_text(f"another-machine {os.getpid()}")  # cannot be checked from here: left to its run
     with claim(path) as mine:
         assert not mine and path.read_text() == f"another-machine {os.getpid()}"
+
+
+def test_an_expert_does_not_depend_on_what_its_process_did_before(tiny_base, tmp_path):
+    """Byte-identical experts are what lets `--restore-from` carry rows to another run: the expert's LoRA init is
+    seeded, so a run that trained other experts first (or drew other random numbers) makes the same weights."""
+    from benchmarks.bigbench.experts import EXPERT_WEIGHTS, train_expert
+    from benchmarks.bigbench.sizes import SIZES
+
+    examples = data.load_task(data.SLICE, "hyperbaton", 0)[0][:4]
+    weights = []
+    for history in (0, 1000):
+        torch.rand(history)
+        folder = tmp_path / f"after-{history}"
+        train_expert(load_base(tiny_base), 1, examples, folder, SIZES["smoke"], load_tokenizer(tiny_base), 0, print)
+        weights.append((folder / EXPERT_WEIGHTS).read_bytes())
+    assert weights[0] == weights[1]
