@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -346,3 +347,30 @@ def test_an_expert_does_not_depend_on_what_its_process_did_before(tiny_base, tmp
         train_expert(load_base(tiny_base), 1, examples, folder, SIZES["smoke"], load_tokenizer(tiny_base), 0, print)
         weights.append((folder / EXPERT_WEIGHTS).read_bytes())
     assert weights[0] == weights[1]
+
+
+def test_runs_sharing_a_cache_train_each_expert_once_and_take_over_a_dead_run(tmp_path):
+    from benchmarks.bigbench.experts import EXPERT_WEIGHTS
+
+    dirs = [tmp_path / "experts" / f"{i}-task" for i in range(3)]
+    trained = []
+
+    def train(index: int) -> None:
+        if not (dirs[index] / EXPERT_WEIGHTS).is_file():
+            trained.append(index)
+            write_weights(index)
+
+    def write_weights(index: int) -> None:
+        dirs[index].mkdir(parents=True)
+        (dirs[index] / EXPERT_WEIGHTS).write_text("weights")
+
+    write_weights(0)  # trained before
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "experts" / "1-task.claim").write_text(f"{socket.gethostname()} {finished.stdout.strip()}")  # died
+    (tmp_path / "experts" / "2-task.claim").write_text(f"{socket.gethostname()} {os.getppid()}")  # alive, training
+    other_run = threading.Timer(0.3, write_weights, [2])
+    other_run.start()
+    run._train_experts(train, dirs, log=print, poll_seconds=0.05)
+    other_run.join()
+    assert trained == [1] and all((path / EXPERT_WEIGHTS).is_file() for path in dirs)
+    assert not (tmp_path / "experts" / "1-task.claim").exists()

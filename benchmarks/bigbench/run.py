@@ -57,14 +57,20 @@ def _write_atomically(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-def _wait_for(paths: list[Path], log, poll_seconds: float = 30.0) -> None:
-    """Block until every path exists (written by another run sharing the cache)."""
-    missing = [path for path in paths if not path.is_file()]
-    if missing:
-        log(f"waiting for {len(missing)} expert(s) another run is training")
-    while missing:
+def _train_experts(train, expert_dirs: list[Path], log, poll_seconds: float = 30.0) -> None:
+    """Train (`train(index)`) every expert no other live run is training, then wait for those it is, taking over
+    any whose run dies meanwhile."""
+    pending = list(range(len(expert_dirs)))
+    while True:
+        for index in pending:
+            with claim(expert_dirs[index].with_name(expert_dirs[index].name + ".claim")) as mine:
+                if mine:
+                    train(index)  # returns at once when the expert is already there
+        pending = [index for index in pending if not (expert_dirs[index] / EXPERT_WEIGHTS).is_file()]
+        if not pending:
+            return
+        log(f"waiting for expert(s) {pending}, which another run is training")
         time.sleep(poll_seconds)
-        missing = [path for path in missing if not path.is_file()]
 
 
 def _score_row(built, tokenizer, tasks: list[str], folder: Path, batch_size: int) -> tuple[dict, dict]:
@@ -115,13 +121,13 @@ def run(
     planned = plan(ctx, tasks)
     selected = [row for row in planned if rows is None or row.key.startswith(tuple(rows))]
     if earlier is not None or any(row.method != "base" for row in selected):  # every other row needs the experts
-        for index, (task, expert_dir) in enumerate(zip(tasks, expert_dirs)):
-            with claim(expert_dir.with_name(expert_dir.name + ".claim")) as mine:
-                if mine:
-                    train_expert(
-                        load_base(base_dir), index, splits[task]["expert"], expert_dir, size, tokenizer, seed, log
-                    )
-        _wait_for([expert_dir / EXPERT_WEIGHTS for expert_dir in expert_dirs], log)  # those other runs train
+        _train_experts(
+            lambda i: train_expert(
+                load_base(base_dir), i, splits[tasks[i]]["expert"], expert_dirs[i], size, tokenizer, seed, log
+            ),
+            expert_dirs,
+            log,
+        )
     row_path = {row: folder / "rows" / f"{row.key}.json" for row in planned}
     if earlier is not None:
         restored = restorable_rows(earlier, restore_from, expert_digests(expert_dirs), splits)
