@@ -13,13 +13,12 @@ sdist where a package index serves it; pypi.org's 0.0.1 holds no data):
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from .carry import RestoreError
 from .prepare import write_manifest, write_slice
-from .run import run
+from .run import add_run_options, run
 from .sizes import SIZES
 
 TASKS = [
@@ -37,19 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.bigbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", nargs="+", default=TASKS, help="BIG-bench task or task:subtask names")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, option shuffles and training")
-    parser.add_argument(
-        "--rows", nargs="+", default=None, help="run only the rows whose key starts with one of these (e.g. expert)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument(
-        "--restore-from",
-        type=Path,
-        default=None,
-        metavar="RESULTS_JSON",
-        help="an earlier run's results.json: its rows enter the cache unscored when its experts are this run's",
-    )
+    add_run_options(parser, SIZES)
     parser.add_argument(
         "--write-manifest", action="store_true", help="write the split manifest and the test slice, then stop"
     )

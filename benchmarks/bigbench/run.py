@@ -6,10 +6,12 @@ model, each expert, each row's per-example scores.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -30,6 +32,23 @@ from .source import TaskSource
 from .splits import read_manifest, split_task
 
 BENCH_CACHE = CACHE / "bench"
+
+
+def add_run_options(parser: argparse.ArgumentParser, sizes: Mapping) -> None:
+    """The options every benchmark's command line shares: size, seed, rows, threads, rows to restore."""
+    parser.add_argument("--size", choices=sorted(sizes), default="full")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, option shuffles and training")
+    parser.add_argument(
+        "--rows", nargs="+", default=None, help="run only the rows whose key starts with one of these (e.g. expert)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument(
+        "--restore-from",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="an earlier run's results.json: its rows enter the cache unscored when its experts are this run's",
+    )
 
 
 def run_folder(size: str, tasks: list[str], source: TaskSource | None = None) -> Path:

@@ -13,12 +13,11 @@ strings), or {"prompt": ..., "options": [...], "answer": one of the options} for
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from benchmarks.bigbench.carry import RestoreError
-from benchmarks.bigbench.run import run
+from benchmarks.bigbench.run import add_run_options, run
 
 from .generators import TASKS
 from .sizes import SIZES
@@ -34,19 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--task-file", action="append", default=[], metavar="NAME=PATH", help="a task of your own, as JSONL"
     )
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, option shuffles and training")
-    parser.add_argument(
-        "--rows", nargs="+", default=None, help="run only the rows whose key starts with one of these (e.g. expert)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument(
-        "--restore-from",
-        type=Path,
-        default=None,
-        metavar="RESULTS_JSON",
-        help="an earlier run's results.json: its rows enter the cache unscored when its experts are this run's",
-    )
+    add_run_options(parser, SIZES)
     parser.add_argument("--write-manifest", action="store_true", help="write the generated tasks' split manifest")
     args = parser.parse_args(argv)
     unknown = [task for task in args.tasks if task not in TASKS]
