@@ -21,10 +21,15 @@ def expert_digests(expert_dirs: list[Path]) -> dict[str, str]:
     return {path.name: hashlib.sha256((path / EXPERT_WEIGHTS).read_bytes()).hexdigest() for path in expert_dirs}
 
 
+def heldout_ids(splits: Splits) -> dict[str, list[str]]:
+    """Every task's held-out example ids, in the order the packed scores follow."""
+    return {task: [example.id for example in parts["heldout"]] for task, parts in splits.items()}
+
+
 def pack(rows: dict[str, dict], splits: Splits) -> dict:
     """Every row's scores as one "0"/"1" string per task, in the order of `heldout` (the held-out ids, listed once):
     about 600 characters a row instead of a JSON object per example."""
-    heldout = {task: [example.id for example in parts["heldout"]] for task, parts in splits.items()}
+    heldout = heldout_ids(splits)
     packed = {}
     for key, row in rows.items():
         bits = {}
@@ -79,7 +84,7 @@ def restorable_rows(earlier: dict, results_file: Path, digests: dict[str, str], 
             f"the experts that scored {results_file} are not this cache's ({', '.join(differ)} differ): its rows "
             "would not compare with this run's. Copy those experts into the cache, or run without restoring."
         )
-    heldout = {task: [example.id for example in parts["heldout"]] for task, parts in splits.items()}
+    heldout = heldout_ids(splits)
     if earlier["per_example"]["heldout"] != heldout:
         raise RestoreError(f"{results_file} was scored on other held-out examples than this run's: nothing restored.")
     return unpack(earlier["per_example"])

@@ -79,17 +79,20 @@ def _write_atomically(path: Path, text: str) -> None:
 def _train_experts(train, expert_dirs: list[Path], log, poll_seconds: float = 30.0) -> None:
     """Train (`train(index)`) every expert no other live run is training, then wait for those it is, taking over
     any whose run dies meanwhile."""
-    pending = list(range(len(expert_dirs)))
-    while True:
+
+    def missing(indices) -> list[int]:
+        return [index for index in indices if not (expert_dirs[index] / EXPERT_WEIGHTS).is_file()]
+
+    pending = missing(range(len(expert_dirs)))
+    while pending:
         for index in pending:
             with claim(expert_dirs[index].with_name(expert_dirs[index].name + ".claim")) as mine:
                 if mine:
-                    train(index)  # returns at once when the expert is already there
-        pending = [index for index in pending if not (expert_dirs[index] / EXPERT_WEIGHTS).is_file()]
-        if not pending:
-            return
-        log(f"waiting for expert(s) {pending}, which another run is training")
-        time.sleep(poll_seconds)
+                    train(index)  # returns at once when another run finished the expert meanwhile
+        pending = missing(pending)
+        if pending:
+            log(f"waiting for expert(s) {pending}, which another run is training")
+            time.sleep(poll_seconds)
 
 
 def _score_row(built, tokenizer, tasks: list[str], folder: Path, batch_size: int) -> tuple[dict, dict]:
