@@ -155,6 +155,17 @@ def test_bad_task_files_stop_the_run_before_its_cache_is_written(tmp_path, monke
     ):
         with pytest.raises(SystemExit):
             main(["--size", "smoke", "--tasks", "roman_numerals", *argv])
+    (tmp_path / "corrupt.json").write_text("{")
+    old_summary = write_lines(tmp_path / "old.json", [{"rows": {}}])  # written before per-example scores were kept
+    capsys.readouterr()
+    for results, message in (
+        (tmp_path / "missing.json", "cannot read the results to restore"),
+        (tmp_path / "corrupt.json", "cannot read the results to restore"),
+        (old_summary, "holds no per-example scores"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--size", "smoke", "--tasks", "roman_numerals", "clock_time", "--restore-from", str(results)])
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()
 
 
