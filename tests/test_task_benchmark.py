@@ -287,7 +287,8 @@ def test_smoke_size_runs_every_row(tmp_path, monkeypatch, tiny_base):
 
 
 def test_full_size_counts_router_examples_per_task(tiny_base):
-    """The few-shot rows see 5 and 20 examples of every task (LoRAHub's protocol), the ablations only all of them."""
+    """The few-shot rows see 5 and 20 examples of every task (LoRAHub's protocol), the ablations only all of them;
+    routers taught labels (the task's, top-2 and top-1, or the best expert's) run at every count."""
     tasks = list(TASKS)
     splits = load_splits({}, tasks, "full", seed=0)
     ctx = Context(tiny_base, [tiny_base] * len(tasks), load_tokenizer(tiny_base), SIZES["full"], splits, tiny_base)
@@ -298,9 +299,13 @@ def test_full_size_counts_router_examples_per_task(tiny_base):
     rows = plan(ctx, tasks)
     few_shot = {row.group for row in rows if row.router_examples in (5, 20)}
     assert "LoRA-Mixer top-2 RSL, Arrow init, 5 router examples per task" in few_shot
-    assert "LoRA-Mixer top-2 RSL, task labels, 20 router examples per task" in few_shot
+    for count in (5, 20):
+        assert {
+            f"LoRA-Mixer top-{k} RSL, {labels} labels, {count} router examples per task"
+            for k, labels in ((2, "task"), (1, "task"), (2, "best-expert"))
+        } <= few_shot
     assert {"PEFT X-LoRA, 20 router examples per task", "LoRAHub-style weights, 5 router examples per task"} <= few_shot
-    assert not any("top-1" in group or "no RSL" in group or "best-expert" in group for group in few_shot)
+    assert not any("no RSL" in group or ("top-1" in group and "labels" not in group) for group in few_shot)
     groups = {row.group for row in rows}
     assert {
         "LoRA-Mixer top-1 no RSL, all router examples",

@@ -132,11 +132,12 @@ def plan(ctx: Context, tasks: list[str]) -> list[Row]:
         for count in counts:  # the few-shot comparison first: LoRA-Mixer against its peers on the same examples
             rows += _peer_rows(ctx, count, seed, seed == size.seeds[0])
         for count in counts:
-            rows.append(_mixer_row(ctx, 2, True, count, seed, labels="task"))  # the examples' tasks as router labels
+            # the examples' tasks as router labels; top-1 then sends each token to one expert, as the oracle does
+            rows += [_mixer_row(ctx, k, True, count, seed, labels="task") for k in (2, 1)]
+            rows.append(_mixer_row(ctx, 2, True, count, seed, labels="best-expert"))  # labels without task labels
             rows.append(_mixer_row(ctx, 2, True, count, seed, router_init="arrow"))  # Arrow's routing, then trained
             if size.ablation_router_examples is None or count in size.ablation_router_examples:
                 rows += [_mixer_row(ctx, k, rsl, count, seed) for k, rsl in ((2, False), (1, True), (1, False))]
-                rows.append(_mixer_row(ctx, 2, True, count, seed, labels="best-expert"))
     for per_task, scope in ((False, "one LoRA for all tasks"), (True, "one LoRA per task")):
         rows.append(
             Row(
