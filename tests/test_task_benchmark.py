@@ -311,3 +311,27 @@ def test_full_size_counts_router_examples_per_task(tiny_base):
         "LoRA-Mixer top-1 no RSL, all router examples",
         "LoRA-Mixer top-2 RSL, best-expert labels, all router examples",
     } <= groups
+
+
+def test_routing_share_counts_the_tokens_whose_top_1_is_the_tasks_own_expert_per_depth():
+    """Routers fixed to expert 0 in the first layer and expert 1 below it: task 0's tokens meet their own expert in
+    the first third of the layers only, task 1's in the other two."""
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.tasks.routing_share import own_expert_share
+    from peft_lora_mixer import LoraMixerConfig
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config), LoraMixerConfig(num_experts=2, top_k=1, r=2, target_modules=["q_proj", "v_proj"])
+    )
+    for name, module in model.named_modules():
+        if name.endswith("loramixer_router.default"):
+            torch.nn.init.zeros_(module.weight)
+            module.bias.data = torch.tensor([5.0, 0.0] if ".layers.0." in name else [0.0, 5.0])
+    batch = {"input_ids": torch.randint(0, 64, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    assert own_expert_share(model, [batch, batch]) == [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
