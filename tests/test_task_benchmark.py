@@ -335,3 +335,12 @@ def test_routing_share_counts_the_tokens_whose_top_1_is_the_tasks_own_expert_per
             module.bias.data = torch.tensor([5.0, 0.0] if ".layers.0." in name else [0.0, 5.0])
     batch = {"input_ids": torch.randint(0, 64, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
     assert own_expert_share(model, [batch, batch]) == [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    assert own_expert_share(model, [batch, batch], bands=1) == [[1 / 3], [2 / 3]]
+
+
+def test_routing_share_names_a_mixer_the_cache_lacks_before_loading_anything(capsys):
+    from benchmarks.tasks.routing_share import main as routing_share
+
+    with pytest.raises(SystemExit):
+        routing_share(["no-such-mixer"])
+    assert "no saved mixer no-such-mixer" in capsys.readouterr().err

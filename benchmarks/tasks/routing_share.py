@@ -1,8 +1,10 @@
 """Whether trained routers send each task's tokens to its own expert: for mixers a run saved in its cache, the share
 of each task's held-out tokens (prompt and answer, teacher-forced) whose top-1 expert is the task's, per third of
-the model's layers. A score says how well a row does; this says whether its routers learned the tasks.
+the model's layers (`--bands`); with `--router-examples N`, of the router examples that the rows with N per task
+trained on. A score says how well a row does; this says whether its routers learned the tasks.
 
     python -m benchmarks.tasks.routing_share k2-rsl-random-20-s0 k2-rsl-random-labels-20-s0
+    python -m benchmarks.tasks.routing_share k2-rsl-random-20-s0 --router-examples 20
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ from .sizes import SIZES
 from .source import task_source
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
-BANDS = 3  # early, middle and late layers
 
 
 @torch.no_grad()
-def own_expert_share(model: PeftModel, batches: list[dict]) -> list[list[float]]:
+def own_expert_share(model: PeftModel, batches: list[dict], bands: int = 3) -> list[list[float]]:
     """For batch t (task t's tokens), the share of its tokens whose top-1 expert is expert t, averaged over the routed
-    modules of each third of the layers (of each layer, below three layers): [task][band]. A router slot pair (router_init='arrow') counts as one
-    expert."""
+    modules of each of `bands` equal spans of the layers (early, middle, late; at most one a layer): [task][band].
+    A router slot pair (router_init='arrow') counts as one expert."""
     model.eval()
     shares = []
     for expert, batch in enumerate(batches):
@@ -39,11 +40,11 @@ def own_expert_share(model: PeftModel, batches: list[dict]) -> list[list[float]]
             stats = model.routing_stats(reset=True)
         layers = {name: int(LAYER.search(name).group(1)) for name in stats}
         depth = max(layers.values()) + 1
-        bands: list[list[float]] = [[] for _ in range(min(BANDS, depth))]
+        spans: list[list[float]] = [[] for _ in range(min(bands, depth))]
         for name, module in stats.items():
             usage = module.usage.reshape(len(batches), -1).sum(-1)  # slots per expert: 1, or 2 under Arrow init
-            bands[layers[name] * len(bands) // depth].append(float(usage[expert]))
-        shares.append([sum(band) / len(band) for band in bands])
+            spans[layers[name] * len(spans) // depth].append(float(usage[expert]))
+        shares.append([sum(span) / len(span) for span in spans])
     return shares
 
 
@@ -52,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mixers", nargs="+", help="folder names under the run's mixers/ (e.g. k2-rsl-random-20-s0)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (its splits)")
-    parser.add_argument("--examples", type=int, default=16, help="held-out examples per task")
+    parser.add_argument("--examples", type=int, default=16, help="examples per task")
+    parser.add_argument("--bands", type=int, default=3, help="spans of layers to average over (the depth: per layer)")
+    parser.add_argument(
+        "--router-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read the router examples a row with N per task trained on, not held-out ones",
+    )
     args = parser.parse_args(argv)
     tasks, source = list(TASKS), task_source({})
     folder = run_folder(args.size, tasks, source)
@@ -63,15 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = BENCH_CACHE / f"base-{SIZES[args.size].model}"
     tokenizer = load_tokenizer(base_dir)
     pad = collator(tokenizer)
-    batches = []
-    for task in tasks:
-        samples = mixed({task: splits[task]["heldout"]}, tokenizer, SIZES[args.size].max_length, args.examples, 0)
-        batches.append(pad([{k: v for k, v in sample.items() if k != "expert_id"} for sample in samples]))
-    print("| mixer | task | early layers | middle layers | late layers |\n|---|---|---|---|---|")
+    max_length = SIZES[args.size].max_length
+    if args.router_examples:  # drawn as `Context.samples("router", N, seed)` draws them for the rows
+        drawn = mixed(
+            {task: splits[task]["router"] for task in tasks},
+            tokenizer,
+            max_length,
+            args.router_examples * len(tasks),
+            args.seed,
+        )
+        by_task = [[sample for sample in drawn if sample["expert_id"] == t][: args.examples] for t in range(len(tasks))]
+    else:
+        by_task = [mixed({task: splits[task]["heldout"]}, tokenizer, max_length, args.examples, 0) for task in tasks]
+    batches = [
+        pad([{k: v for k, v in sample.items() if k != "expert_id"} for sample in samples]) for samples in by_task
+    ]
+    spans = "early, middle, late layers" if args.bands == 3 else f"{args.bands} spans of layers, first to last"
+    print(f"| mixer | task | share whose top-1 is the task's expert: {spans} |\n|---|---|---|")
     for name in args.mixers:
         model = PeftModel.from_pretrained(load_base(base_dir), folder / "mixers" / name)
-        for task, bands in zip(tasks, own_expert_share(model, batches)):
-            print(f"| {name} | `{task}` | " + " | ".join(f"{share:.2f}" for share in bands) + " |")
+        for task, bands in zip(tasks, own_expert_share(model, batches, args.bands)):
+            print(f"| {name} | `{task}` | " + " ".join(f"{share:.2f}" for share in bands) + " |")
     return 0
 
 
