@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 
 from benchmarks.bigbench.experts import collator, mixed
+from benchmarks.bigbench.methods import Context
 from benchmarks.bigbench.models import load_base, load_tokenizer
 from benchmarks.bigbench.run import BENCH_CACHE, run_folder
 
@@ -73,14 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(base_dir)
     pad = collator(tokenizer)
     max_length = SIZES[args.size].max_length
-    if args.router_examples:  # drawn as `Context.samples("router", N, seed)` draws them for the rows
-        drawn = mixed(
-            {task: splits[task]["router"] for task in tasks},
-            tokenizer,
-            max_length,
-            args.router_examples * len(tasks),
-            args.seed,
-        )
+    if args.router_examples:  # the rows' own draw
+        ctx = Context(base_dir, [], tokenizer, SIZES[args.size], splits, folder)
+        drawn = ctx.samples("router", args.router_examples, args.seed)
         by_task = [[sample for sample in drawn if sample["expert_id"] == t][: args.examples] for t in range(len(tasks))]
     else:
         by_task = [mixed({task: splits[task]["heldout"]}, tokenizer, max_length, args.examples, 0) for task in tasks]
