@@ -283,7 +283,7 @@ def test_train_router_with_label_field_teaches_the_labelled_experts(tmp_path, ba
     ]
     data = write_jsonl(tmp_path / "data.jsonl", records)
     options = ("--steps", "3", "--batch-size", "4", "--lr", "0.05")
-    assert train_router(base_dir, mixer_dir, data, tmp_path / "plain", *options) == 0
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "plain", *options, "--no-best-expert-labels") == 0
     assert train_router(base_dir, mixer_dir, data, tmp_path / "labelled", *options, "--label-field", "task") == 0
     changed = changed_parameters(
         router_weights(tmp_path / "plain", base_dir), router_weights(tmp_path / "labelled", base_dir)
@@ -294,21 +294,24 @@ def test_train_router_with_label_field_teaches_the_labelled_experts(tmp_path, ba
 def test_train_router_with_best_expert_labels_labels_every_line_then_teaches_them(
     tmp_path, base_dir, mixer_dir, capsys
 ):
-    """`--best-expert-labels`: every line gets its lowest-loss expert, the counts are printed, and the routers train
-    otherwise than without labels; it cannot be combined with --label-field."""
+    """Best-expert labels, the default without --label-field: every line gets its lowest-loss expert, the counts are
+    printed, and the routers train otherwise than with `--no-best-expert-labels`; the explicit flag trains the same
+    routers as the default and cannot be combined with --label-field."""
     records = [{"text": " ".join(f"w{(i * 7 + j) % 120 + 2}" for j in range(12))} for i in range(16)]
     data = write_jsonl(tmp_path / "data.jsonl", records)
     options = ("--steps", "3", "--batch-size", "4", "--lr", "0.05")
-    assert train_router(base_dir, mixer_dir, data, tmp_path / "plain", *options) == 0
-    capsys.readouterr()
-    assert train_router(base_dir, mixer_dir, data, tmp_path / "labelled", *options, "--best-expert-labels") == 0
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "plain", *options, "--no-best-expert-labels") == 0
+    assert "best-expert labels" not in capsys.readouterr().out
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "default", *options) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("best-expert labels"))
     counts = dict(re.findall(r"(\d+): (\d+)", line))
     assert set(counts) <= {"0", "1"} and sum(map(int, counts.values())) == len(records)
-    changed = changed_parameters(
-        router_weights(tmp_path / "plain", base_dir), router_weights(tmp_path / "labelled", base_dir)
-    )
+    assert "--no-best-expert-labels trains without" in line
+    default = router_weights(tmp_path / "default", base_dir)
+    changed = changed_parameters(router_weights(tmp_path / "plain", base_dir), default)
     assert changed and all("loramixer_router" in name for name in changed)
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "explicit", *options, "--best-expert-labels") == 0
+    assert not changed_parameters(default, router_weights(tmp_path / "explicit", base_dir))
     with pytest.raises(SystemExit):
         train_router(base_dir, mixer_dir, data, tmp_path / "x", "--best-expert-labels", "--label-field", "task")
 
@@ -341,6 +344,16 @@ def test_router_labels_need_a_label_weight(tmp_path, base_dir, mixer_dir, capsys
     assert train_router(base_dir, mixer_dir, data, tmp_path / "trained", *options) == 2
     assert f"{options[0]} was given, but the mixer's `router_label_weight` is 0" in capsys.readouterr().err
     assert not (tmp_path / "trained").exists()
+
+
+def test_without_a_label_weight_the_default_trains_untaught(tmp_path, base_dir, mixer_dir, capsys):
+    """A mixer saved with `router_label_weight` 0 cannot learn from labels, so the default finds none."""
+    config = json.loads((mixer_dir / "adapter_config.json").read_text())
+    (mixer_dir / "adapter_config.json").write_text(json.dumps({**config, "router_label_weight": 0.0}))
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "w3 w4 w5"}] * 4)
+    assert train_router(base_dir, mixer_dir, data, tmp_path / "trained", "--steps", "1", "--batch-size", "2") == 0
+    assert "best-expert labels" not in capsys.readouterr().out
+    assert (tmp_path / "trained" / "adapter_config.json").exists()
 
 
 def test_bad_lengths_and_empty_text_are_refused(tmp_path, base_dir, mixer_dir, capsys):

@@ -85,9 +85,11 @@ def parser() -> argparse.ArgumentParser:
     )
     labels.add_argument(
         "--best-expert-labels",
-        action="store_true",
-        help="for data without a label field: label each line with the expert whose forced routing gives it the "
-        "lowest loss (one forward per expert and line, before training), and teach the routers those labels",
+        action=argparse.BooleanOptionalAction,
+        help="label each line with the expert whose forced routing gives it the lowest loss (one forward per expert "
+        "and line, before training), and teach the routers those labels; on by default unless --label-field is "
+        "given or the mixer's `router_label_weight` is 0 (routers trained from the task loss alone can stall on "
+        "wrong experts, most on few examples: docs/plug_and_play.md)",
     )
     train.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the trained mixer to this repo")
     train.set_defaults(handler=train_router_command)
@@ -209,14 +211,18 @@ def train_router_command(args: argparse.Namespace) -> int:
         )
     if args.label_field:
         check_router_labels(records, config.num_distinct_experts, args.data)
+    best_expert = args.best_expert_labels
+    if best_expert is None:  # not given: on wherever the routers can learn from labels and none were given
+        best_expert = not args.label_field and bool(config.router_label_weight)
     collator = training_collator(tokenizer, model if encoder_decoder else None)
-    if args.best_expert_labels:
+    if best_expert:
         found = best_expert_labels(model, samples, collator, args.batch_size)
         samples = [{**sample, ROUTER_LABEL: None if label < 0 else label} for sample, label in zip(samples, found)]
         counts = ", ".join(
             f"{'no label' if expert < 0 else expert}: {count}" for expert, count in sorted(Counter(found).items())
         )
-        print(f"best-expert labels, lines per expert: {counts}", flush=True)
+        default = " (the default; --no-best-expert-labels trains without)" if args.best_expert_labels is None else ""
+        print(f"best-expert labels, lines per expert: {counts}{default}", flush=True)
     routers = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     plan = training_plan(samples, args.steps, args.batch_size, args.max_length)
     print(f"training {routers:,} router parameters on {plan}", flush=True)
@@ -231,7 +237,7 @@ def train_router_command(args: argparse.Namespace) -> int:
             logging_steps=10,
             remove_unused_columns=False,
         )
-        if args.label_field or args.best_expert_labels:
+        if args.label_field or best_expert:
             collator = ExpertIdsCollator(collator, column=ROUTER_LABEL, key="router_labels")
         trainer = Trainer(
             model=model,
