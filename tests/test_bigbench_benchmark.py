@@ -312,6 +312,37 @@ def test_few_shot_pairs_each_mixer_row_with_the_peers_of_its_own_count(tmp_path)
     assert "| LoRA-Mixer top-2 RSL, 5 | LoRAHub, 5 |" in markdown(summary)
 
 
+def test_rsl_rows_are_paired_with_their_twins_without_it(tmp_path):
+    """The RSL's effect: a row with the RSL minus its twin without it at the same top-k and router examples; a row
+    with no twin (another count, or labels) is left out."""
+    from benchmarks.bigbench.plan import Row
+    from benchmarks.bigbench.report import markdown, summarize
+
+    rng = np.random.default_rng(1)
+
+    def scores(accuracy: float) -> dict:
+        return {task: {f"{task}-{i}": float(rng.random() < accuracy) for i in range(40)} for task in ("a", "b")}
+
+    rows = {
+        Row("k2", "k2 RSL all", "LoRA-Mixer top-2 RSL", None, None, 0): scores(0.8),
+        Row("k2n", "k2 no RSL all", "LoRA-Mixer top-2 no RSL", None, None, 0): scores(0.6),
+        Row("k1", "k1 RSL all", "LoRA-Mixer top-1 RSL", None, None, 0): scores(0.5),
+        Row("k1n", "k1 no RSL all", "LoRA-Mixer top-1 no RSL", None, None, 0): scores(0.7),
+        Row("k2-5", "k2 RSL 5", "LoRA-Mixer top-2 RSL", None, 5, 0): scores(0.4),
+        Row("k2l", "k2 RSL labels all", "LoRA-Mixer top-2 RSL, task labels", None, None, 0): scores(0.9),
+    }
+    results = {row: {"scores": value} for row, value in rows.items()}
+    summary = summarize(results, ["a", "b"], "test", tmp_path, 100)
+    effect = summary["rsl_minus_no_rsl"]
+    assert set(effect) == {"k2 RSL all", "k1 RSL all"}
+    by_group = {row.group: value for row, value in rows.items()}
+    assert effect["k1 RSL all"] == paired_difference(by_group["k1 RSL all"], by_group["k1 no RSL all"])
+    assert effect["k2 RSL all"]["difference"] == pytest.approx(
+        macro(by_group["k2 RSL all"]) - macro(by_group["k2 no RSL all"])
+    )
+    assert f"| k2 RSL all | {effect['k2 RSL all']['difference']:+.3f} |" in markdown(summary)
+
+
 def test_a_claim_is_exclusive_released_and_taken_over_only_from_a_dead_run(tmp_path):
     path = tmp_path / "rows" / "row.claim"
     with claim(path) as mine:

@@ -69,6 +69,7 @@ def summarize(
         }
     summary["paired_vs_best_mixer"] = _paired(pooled, meta)
     summary["few_shot"] = _few_shot(pooled, meta)
+    summary["rsl_minus_no_rsl"] = _rsl_effect(pooled, meta)
     if ARROW in pooled and ARROW_INIT in pooled:  # the zero-shot bar: LoRA-Mixer's Arrow init not below Arrow
         summary["arrow_init_minus_arrow"] = paired_difference(pooled[ARROW_INIT], pooled[ARROW])
     summary["plot"] = plot(summary, folder / "macro_by_router_examples.png")
@@ -119,6 +120,20 @@ def _few_shot(pooled: dict[str, Scores], meta: dict) -> dict[str, dict[str, dict
     return result
 
 
+def _rsl_effect(pooled: dict[str, Scores], meta: dict) -> dict[str, dict[str, float]]:
+    """Whether the RSL earns its default: each trained LoRA-Mixer row with it minus its twin without it (same top-k,
+    routers and router examples, seeds pooled alike), paired."""
+    twins = {(row.method, row.router_examples): group for group, row in meta.items()}
+    effect = {}
+    for group, row in meta.items():
+        if not row.method.startswith("LoRA-Mixer top") or " RSL" not in row.method or " no RSL" in row.method:
+            continue
+        twin = twins.get((row.method.replace(" RSL", " no RSL", 1), row.router_examples))
+        if twin is not None:
+            effect[group] = paired_difference(pooled[group], pooled[twin])
+    return effect
+
+
 def markdown(summary: dict, aligned: bool = False) -> str:
     """The expert x task matrix, the rows and the paired differences as Markdown tables: `aligned` pads the columns
     for a terminal, unaligned they paste into the docs as they are."""
@@ -164,6 +179,12 @@ def _tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
         tables.append(
             (["LoRA-Mixer row", "minus (same router examples)", "difference in macro", "paired 95% CI"], few_shot)
         )
+    rsl = [
+        [group, f"{diff['difference']:+.3f}", f"[{diff['low']:+.3f}, {diff['high']:+.3f}]"]
+        for group, diff in summary.get("rsl_minus_no_rsl", {}).items()
+    ]
+    if rsl:
+        tables.append((["LoRA-Mixer row with the RSL", "minus the same without it", "paired 95% CI"], rsl))
     zero_shot = summary.get("arrow_init_minus_arrow")
     if zero_shot:
         cells = [ARROW, f"{zero_shot['difference']:+.3f}", f"[{zero_shot['low']:+.3f}, {zero_shot['high']:+.3f}]"]
