@@ -13,7 +13,7 @@ With adapters on the Hub the same code takes their ids; a revision pins a branch
     model = peft_lora_mixer.from_experts(
         base, ["org/lora-math", "org/lora-code@v1.2", "./my-local-lora",
                {"id": "org/multi", "subfolder": "medical", "revision": "abc123"}], top_k=2)
-    ...train the routers...
+    ...train the routers, taught each sample's expert (`best_expert_labels`, or its task)...
     model.push_to_hub("me/my-router")                 # routers + the experts' pinned commits: a small upload
     PeftModel.from_pretrained(base, "me/my-router")   # fetches the experts again at those commits
 """
@@ -63,12 +63,17 @@ def save_experts(args: argparse.Namespace, root: str) -> list[str]:
     return folders
 
 
-def train_routers(model: PeftModel, args: argparse.Namespace, steps: int = 5) -> None:
+def train_routers(model: PeftModel, args: argparse.Namespace, steps: int = 5, batch: int = 4) -> None:
+    """A few router steps, the routers taught each sample's best expert: routers trained from the task loss alone
+    can settle on wrong experts (docs/plug_and_play.md). With task labels, pass those as `router_labels` instead."""
+    samples = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, args.vocab, (steps * batch, 16)).tolist()]
+    experts = torch.tensor(peft_lora_mixer.best_expert_labels(model, samples, batch_size=batch))
+    print(f"best expert per sample: {experts.tolist()}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for _ in range(steps):
-        tokens = torch.randint(0, args.vocab, (4, 16))
-        loss = model(tokens, labels=tokens).loss
+    for start in range(0, len(samples), batch):
+        tokens = torch.tensor([sample["input_ids"] for sample in samples[start : start + batch]])
+        loss = model(tokens, labels=tokens, router_labels=experts[start : start + batch]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

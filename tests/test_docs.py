@@ -94,6 +94,15 @@ def resolves(dotted: str) -> bool:
     return False
 
 
+def test_plug_and_play_example_teaches_best_expert_labels_and_reloads_identically(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["plug_and_play.py"])
+    runpy.run_path(str(ROOT / "examples" / "plug_and_play.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    labels = re.search(r"best expert per sample: \[([\d, ]+)\]", out).group(1).split(", ")
+    assert len(labels) == 20 and set(labels) <= {"0", "1", "2"}
+    assert out.count("reloads identically: True") == 2
+
+
 def test_quickstart_example_runs_and_reloads_identically(capsys):
     """The README's first example: it exits with an error itself if the reloaded adapter differs."""
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
