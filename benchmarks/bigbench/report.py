@@ -146,6 +146,11 @@ def _render(header: list[str], rows: list[list[str]], aligned: bool) -> str:
     return "\n".join(markdown_row(line) for line in [header, ["---"] * len(header), *rows])
 
 
+def _difference_cells(diff: dict[str, float]) -> list[str]:
+    """A paired difference and its interval as two table cells."""
+    return [f"{diff['difference']:+.3f}", f"[{diff['low']:+.3f}, {diff['high']:+.3f}]"]
+
+
 def _tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
     """(header, rows) of each table the summary prints."""
     tasks = summary["tasks"]
@@ -164,13 +169,10 @@ def _tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
     tables.append((["row", *columns, "macro [95% CI]", "/oracle"], rows))
     paired = summary["paired_vs_best_mixer"]
     if paired:
-        differences = [
-            [peer, f"{diff['difference']:+.3f}", f"[{diff['low']:+.3f}, {diff['high']:+.3f}]"]
-            for peer, diff in paired["against"].items()
-        ]
+        differences = [[peer, *_difference_cells(diff)] for peer, diff in paired["against"].items()]
         tables.append(([f"{paired['best']} minus", "difference in macro", "paired 95% CI"], differences))
     few_shot = [
-        [group, peer, f"{diff['difference']:+.3f}", f"[{diff['low']:+.3f}, {diff['high']:+.3f}]"]
+        [group, peer, *_difference_cells(diff)]
         for rows_at_count in summary.get("few_shot", {}).values()
         for group, peers in rows_at_count.items()
         for peer, diff in peers.items()
@@ -179,15 +181,12 @@ def _tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
         tables.append(
             (["LoRA-Mixer row", "minus (same router examples)", "difference in macro", "paired 95% CI"], few_shot)
         )
-    rsl = [
-        [group, f"{diff['difference']:+.3f}", f"[{diff['low']:+.3f}, {diff['high']:+.3f}]"]
-        for group, diff in summary.get("rsl_minus_no_rsl", {}).items()
-    ]
+    rsl = [[group, *_difference_cells(diff)] for group, diff in summary.get("rsl_minus_no_rsl", {}).items()]
     if rsl:
         tables.append((["LoRA-Mixer row with the RSL", "minus the same without it", "paired 95% CI"], rsl))
     zero_shot = summary.get("arrow_init_minus_arrow")
     if zero_shot:
-        cells = [ARROW, f"{zero_shot['difference']:+.3f}", f"[{zero_shot['low']:+.3f}, {zero_shot['high']:+.3f}]"]
+        cells = [ARROW, *_difference_cells(zero_shot)]
         tables.append(([f"{ARROW_INIT} minus", "difference in macro", "paired 95% CI"], [cells]))
     return tables
 
